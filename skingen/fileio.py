@@ -1,0 +1,114 @@
+"""Atomic writes and line-numbered JSONL reading: outputs are never left half-written, inputs never overwritten."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import SkingenError
+
+
+def _temp_path_beside(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temp file beside ``path`` and rename it into place."""
+    path = Path(path)
+    tmp = _temp_path_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
+
+
+def atomic_save_image(image, path: str | os.PathLike, **save_kwargs) -> Path:
+    """Save a PIL image atomically; the format comes from the file suffix."""
+    path = Path(path)
+    tmp = _temp_path_beside(path)
+    try:
+        fmt = (path.suffix.lstrip(".") or "png").upper()
+        image.save(tmp, format="JPEG" if fmt == "JPG" else fmt, **save_kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for each non-blank line; bad JSON names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SkingenError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SkingenError(
+                    f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno}); "
+                    "each line must be one JSON object"
+                ) from None
+            if not isinstance(obj, dict):
+                raise SkingenError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Write rows as JSONL atomically (UTF-8, non-ASCII kept readable)."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return atomic_write_text(path, text)
+
+
+class AtomicDirectory:
+    """Build a directory under a temp name and rename it into place on success.
+
+    Used for checkpoints and skin packages: a kill mid-write leaves the previous
+    version (or nothing) and never a half-written folder under the final name.
+    """
+
+    def __init__(self, final_path: str | os.PathLike):
+        self.final_path = Path(final_path)
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_path = Path(tempfile.mkdtemp(prefix=f".{self.final_path.name}.", dir=self.final_path.parent))
+
+    def __enter__(self) -> Path:
+        return self.tmp_path
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp_path, ignore_errors=True)
+            return
+        if self.final_path.exists():
+            # Move the old version aside first so a crash between the two renames keeps one complete copy.
+            old = self.final_path.with_name(f".{self.final_path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.final_path, old)
+            os.replace(self.tmp_path, self.final_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp_path, self.final_path)

@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny SDXL pipeline (+ ControlNet) built once per session, and a CJK font."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A diffusers-format tiny SDXL pipeline with a matching ControlNet in ``<dir>/controlnet``."""
+    from skingen.models import build_tiny_sdxl
+
+    out = tmp_path_factory.mktemp("tiny_sdxl")
+    build_tiny_sdxl(out, preset="tiny", seed=0, controlnet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cjk_font():
+    from skingen.glyphs import find_cjk_font
+
+    return find_cjk_font()
