@@ -1,0 +1,459 @@
+"""SDXL models: a tiny pipeline built from configs, loading SDXL components and ControlNets, prompt encoding, time ids.
+
+The tiny pipeline is saved in diffusers format, so everything downstream loads it through the
+same ``from_pretrained`` code path as the real ``stable-diffusion-xl-base-1.0``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SkingenError
+from .fileio import AtomicDirectory
+
+# Subfolders of a diffusers SDXL pipeline that training needs (scheduler config is read by DDPMScheduler).
+SDXL_SUBFOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "unet", "scheduler")
+
+SDXL_LAYOUT_HELP = (
+    "expected a diffusers SDXL pipeline folder (like stable-diffusion-xl-base-1.0) holding model_index.json and "
+    "the subfolders " + ", ".join(f"{name}/" for name in SDXL_SUBFOLDERS) + "; "
+    "build a tiny one offline with `python scripts/make_tiny_sdxl.py --out DIR`"
+)
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+TOKENIZER_MAX_LENGTH = 77  # CLIP's context length, as in SDXL
+
+# Per-preset sizes. Text encoder widths add up to cross_attention_dim (SDXL concatenates both encoders'
+# penultimate hidden states); the pooled embedding (encoder 2's projection) plus 6 time ids of
+# addition_time_embed_dim each make projection_class_embeddings_input_dim.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "text_hidden": (32, 32),
+        "text_layers": 2,
+        "text_heads": 2,
+        "projection_dim": 32,
+        "unet_blocks": (32, 64),
+        "unet_down": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "unet_up": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "unet_heads": (2, 4),
+        "unet_transformer_layers": (1, 1),
+        "unet_layers_per_block": 1,
+        "unet_norm_groups": 16,
+        "time_embed_dim": 8,
+        "default_resolution": 128,
+        "vae_blocks": (8, 8, 16, 16),
+        "vae_norm_groups": 4,
+        "vae_layers_per_block": 1,
+        "controlnet_conditioning_channels": (8, 8, 16, 16),
+    },
+    "small": {
+        "text_hidden": (64, 64),
+        "text_layers": 4,
+        "text_heads": 4,
+        "projection_dim": 64,
+        "unet_blocks": (64, 128, 256),
+        "unet_down": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "unet_up": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "unet_heads": (2, 4, 8),
+        "unet_transformer_layers": (1, 1, 2),
+        "unet_layers_per_block": 2,
+        "unet_norm_groups": 32,
+        "time_embed_dim": 32,
+        "default_resolution": 256,
+        "vae_blocks": (32, 64, 64, 64),
+        "vae_norm_groups": 32,
+        "vae_layers_per_block": 1,
+        "controlnet_conditioning_channels": (16, 32, 64, 128),
+    },
+}
+
+
+@dataclass
+class SDXLComponents:
+    """What SDXL ControlNet training needs from a base pipeline."""
+
+    tokenizer_one: Any
+    tokenizer_two: Any
+    text_encoder_one: Any
+    text_encoder_two: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer_one, self.tokenizer_two]
+
+    @property
+    def text_encoders(self) -> list:
+        return [self.text_encoder_one, self.text_encoder_two]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building a tiny SDXL pipeline offline
+
+
+def _byte_level_symbols() -> list[str]:
+    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for raw bytes, in byte order."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codepoints = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codepoints.append(256 + extra)
+            extra += 1
+    by_byte = dict(zip(printable, codepoints))
+    return [chr(by_byte[byte]) for byte in range(256)]
+
+
+def build_clip_tokenizer(pad_token: str = EOS_TOKEN):
+    """A CLIP tokenizer with only byte-level symbols (no merges): every string tokenizes, nothing is downloaded.
+
+    Vocabulary: the 256 byte symbols, their end-of-word forms, then the two special tokens (last, as in CLIP).
+    """
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_level_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    # Load through the files a real CLIP tokenizer ships (vocab.json + merges.txt), the same path users take.
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        Path(tmp, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        tokenizer = CLIPTokenizer(
+            vocab=str(Path(tmp, "vocab.json")),
+            merges=str(Path(tmp, "merges.txt")),
+            pad_token=pad_token,
+            model_max_length=TOKENIZER_MAX_LENGTH,
+        )
+    return tokenizer
+
+
+def _text_encoder_config(preset: dict, index: int, vocab_size: int, bos_id: int, eos_id: int, pad_id: int):
+    from transformers import CLIPTextConfig
+
+    hidden = preset["text_hidden"][index]
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=preset["text_layers"],
+        num_attention_heads=preset["text_heads"],
+        max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        projection_dim=preset["projection_dim"],
+        hidden_act="gelu" if index == 1 else "quick_gelu",  # SDXL: OpenCLIP bigG uses gelu, CLIP-L quick_gelu
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+
+
+def _sdxl_euler_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        use_karras_sigmas=False,
+    )
+
+
+def build_tiny_sdxl(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0, controlnet: bool = False) -> Path:
+    """Write a randomly initialised SDXL pipeline (diffusers format, safetensors) to ``out_dir``.
+
+    Same architecture family and file layout as SDXL base (text_time conditioning, two CLIP text encoders,
+    VAE downsampling by 8), small enough for CPU. ``controlnet=True`` also writes a matching
+    ``ControlNetModel`` to ``out_dir/controlnet``. The same seed gives byte-identical weights.
+    """
+    from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if preset not in PRESETS:
+        raise SkingenError(f"unknown tiny SDXL preset {preset!r}; choose one of {sorted(PRESETS)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
+        raise SkingenError(
+            f"{out_dir}: folder exists, is not empty and is not a diffusers pipeline; "
+            "choose a new or empty --out folder (a previous tiny SDXL there would be replaced)"
+        )
+    p = PRESETS[preset]
+
+    tokenizer_one = build_clip_tokenizer(pad_token=EOS_TOKEN)
+    tokenizer_two = build_clip_tokenizer(pad_token=EOS_TOKEN)
+    ids = {
+        "vocab_size": len(tokenizer_one),
+        "bos_id": tokenizer_one.bos_token_id,
+        "eos_id": tokenizer_one.eos_token_id,
+        "pad_id": tokenizer_one.pad_token_id,
+    }
+
+    # Each component gets its own seed so its weights do not depend on what was built before it.
+    torch.manual_seed(seed)
+    text_encoder_one = CLIPTextModel(_text_encoder_config(p, 0, **ids))
+    torch.manual_seed(seed + 1)
+    text_encoder_two = CLIPTextModelWithProjection(_text_encoder_config(p, 1, **ids))
+
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        sample_size=p["default_resolution"] // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=p["unet_down"],
+        up_block_types=p["unet_up"],
+        block_out_channels=p["unet_blocks"],
+        layers_per_block=p["unet_layers_per_block"],
+        attention_head_dim=p["unet_heads"],
+        transformer_layers_per_block=p["unet_transformer_layers"],
+        norm_num_groups=p["unet_norm_groups"],
+        cross_attention_dim=sum(p["text_hidden"]),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=p["time_embed_dim"],
+        projection_class_embeddings_input_dim=p["projection_dim"] + 6 * p["time_embed_dim"],
+    )
+
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(p["vae_blocks"]),
+        up_block_types=("UpDecoderBlock2D",) * len(p["vae_blocks"]),
+        block_out_channels=p["vae_blocks"],
+        layers_per_block=p["vae_layers_per_block"],
+        norm_num_groups=p["vae_norm_groups"],
+        latent_channels=4,
+        sample_size=p["default_resolution"],
+        scaling_factor=0.13025,  # SDXL's VAE scaling factor
+    )
+
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder_one,
+        text_encoder_2=text_encoder_two,
+        tokenizer=tokenizer_one,
+        tokenizer_2=tokenizer_two,
+        unet=unet,
+        scheduler=_sdxl_euler_scheduler(),
+        add_watermarker=False,
+    )
+    with AtomicDirectory(out_dir) as tmp_dir:
+        pipeline.save_pretrained(tmp_dir, safe_serialization=True)
+        if controlnet:
+            torch.manual_seed(seed + 4)
+            control = ControlNetModel.from_unet(
+                unet, conditioning_embedding_out_channels=p["controlnet_conditioning_channels"]
+            )
+            control.save_pretrained(Path(tmp_dir) / "controlnet", safe_serialization=True)
+    return out_dir
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(param.numel() for param in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_pipeline_folder(path: str) -> None:
+    """A local SDXL folder must have the diffusers layout; report every missing piece at once."""
+    folder = Path(path)
+    missing = [name + "/" for name in SDXL_SUBFOLDERS if not (folder / name).is_dir()]
+    if missing:
+        raise SkingenError(f"{folder}: not an SDXL pipeline folder (missing {', '.join(missing)}); {SDXL_LAYOUT_HELP}")
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """Anything that is not shaped like a hub id (``name`` or ``owner/name``) is meant as a local folder."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", name) is None
+
+
+def _load(what: str, source: str, loader, **kwargs):
+    """Call ``loader(source, **kwargs)``; turn load failures into a SkingenError naming the part and the source."""
+    try:
+        return loader(source, **kwargs)
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        sub = kwargs.get("subfolder")
+        where = f"{source}/{sub}" if sub else source
+        raise SkingenError(
+            f"{where}: could not load the {what} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"{SDXL_LAYOUT_HELP}. Without internet, pass a local folder (the model hub is used only for hub ids)."
+        ) from None
+
+
+def load_sdxl_components(
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    vae_model_name_or_path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> SDXLComponents:
+    """Load what SDXL ControlNet training needs, as diffusers' ``train_controlnet_sdxl.py`` does.
+
+    Works the same for the real SDXL base (local folder or hub id) and a tiny pipeline from ``build_tiny_sdxl``.
+    The noise scheduler is a ``DDPMScheduler`` configured from the pipeline's ``scheduler/`` subfolder.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    source = str(pretrained_model_name_or_path)
+    if Path(source).expanduser().exists():
+        source = str(Path(source).expanduser())
+        _check_pipeline_folder(source)
+    elif _looks_like_local_path(source):
+        raise SkingenError(f"--pretrained_model_name_or_path {source}: folder not found; {SDXL_LAYOUT_HELP}")
+    common = {"revision": revision, "cache_dir": None if cache_dir is None else str(cache_dir)}
+
+    tokenizer_one = _load("first tokenizer", source, AutoTokenizer.from_pretrained, subfolder="tokenizer", **common)
+    tokenizer_two = _load("second tokenizer", source, AutoTokenizer.from_pretrained, subfolder="tokenizer_2", **common)
+    text_encoder_one = _load(
+        "first text encoder", source, CLIPTextModel.from_pretrained, subfolder="text_encoder", variant=variant, **common
+    )
+    text_encoder_two = _load(
+        "second text encoder",
+        source,
+        CLIPTextModelWithProjection.from_pretrained,
+        subfolder="text_encoder_2",
+        variant=variant,
+        **common,
+    )
+    if vae_model_name_or_path is not None:
+        # A separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix) is a model folder of its own, as in diffusers.
+        vae_source = str(vae_model_name_or_path)
+        if not Path(vae_source).expanduser().exists() and _looks_like_local_path(vae_source):
+            raise SkingenError(
+                f"--pretrained_vae_model_name_or_path {vae_source}: folder not found; "
+                "expected a diffusers AutoencoderKL folder with config.json and diffusion_pytorch_model.safetensors"
+            )
+        vae = _load("VAE", vae_source, AutoencoderKL.from_pretrained, **common)
+    else:
+        vae = _load("VAE", source, AutoencoderKL.from_pretrained, subfolder="vae", variant=variant, **common)
+    unet = _load("UNet", source, UNet2DConditionModel.from_pretrained, subfolder="unet", variant=variant, **common)
+    noise_scheduler = _load("noise scheduler", source, DDPMScheduler.from_pretrained, subfolder="scheduler", **common)
+
+    if getattr(unet.config, "addition_embed_type", None) != "text_time":
+        raise SkingenError(
+            f"{source}/unet: addition_embed_type is {unet.config.addition_embed_type!r}, not 'text_time'; "
+            "this is not an SDXL UNet (SD 1.x/2.x pipelines are not supported)"
+        )
+    return SDXLComponents(
+        tokenizer_one=tokenizer_one,
+        tokenizer_two=tokenizer_two,
+        text_encoder_one=text_encoder_one,
+        text_encoder_two=text_encoder_two,
+        vae=vae,
+        unet=unet,
+        noise_scheduler=noise_scheduler,
+    )
+
+
+def load_or_init_controlnet(
+    unet,
+    controlnet_model_name_or_path: str | os.PathLike | None = None,
+    *,
+    conditioning_embedding_out_channels: Sequence[int] | None = None,
+):
+    """Load a ControlNet (e.g. an SDXL Canny one to fine-tune) or initialise one from the UNet's weights.
+
+    ``conditioning_embedding_out_channels`` only applies to a new ControlNet (default: diffusers' ``from_unet`` one).
+    """
+    from diffusers import ControlNetModel
+
+    if controlnet_model_name_or_path is None:
+        kwargs = {}
+        if conditioning_embedding_out_channels is not None:
+            kwargs["conditioning_embedding_out_channels"] = tuple(conditioning_embedding_out_channels)
+        return ControlNetModel.from_unet(unet, **kwargs)
+
+    source = str(controlnet_model_name_or_path)
+    help_text = (
+        "expected a diffusers ControlNetModel folder with config.json and diffusion_pytorch_model.safetensors "
+        "(e.g. the output of training, or <tiny_sdxl>/controlnet)"
+    )
+    if Path(source).expanduser().exists():
+        folder = Path(source).expanduser()
+        if not (folder / "config.json").is_file():
+            raise SkingenError(f"--controlnet_model_name_or_path {folder}: no config.json there; {help_text}")
+        source = str(folder)
+    elif _looks_like_local_path(source):
+        raise SkingenError(f"--controlnet_model_name_or_path {source}: folder not found; {help_text}")
+    try:
+        controlnet = ControlNetModel.from_pretrained(source)
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise SkingenError(
+            f"--controlnet_model_name_or_path {source}: could not load a ControlNet "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); {help_text}"
+        ) from None
+    if controlnet.config.cross_attention_dim != unet.config.cross_attention_dim:
+        raise SkingenError(
+            f"--controlnet_model_name_or_path {source}: cross_attention_dim {controlnet.config.cross_attention_dim} "
+            f"does not match the UNet's {unet.config.cross_attention_dim}; the ControlNet was made for another base model"
+        )
+    return controlnet
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conditioning inputs
+
+
+@torch.no_grad()
+def encode_prompt(
+    prompts: Sequence[str], tokenizers: Sequence, text_encoders: Sequence
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL prompt embeddings as diffusers' trainer computes them (text encoders frozen, so no gradients).
+
+    Returns ``prompt_embeds`` (B, 77, hidden_1 + hidden_2): the penultimate hidden states of both encoders,
+    concatenated; and ``pooled_prompt_embeds`` (B, projection_dim): the projected pooled output of the last encoder.
+    """
+    prompts = list(prompts)
+    embeds = []
+    pooled = None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        input_ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        output = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True, return_dict=True)
+        pooled = output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
+        hidden = output.hidden_states[-2]
+        embeds.append(hidden.view(hidden.shape[0], hidden.shape[1], -1))
+    prompt_embeds = torch.cat(embeds, dim=-1)
+    pooled_prompt_embeds = pooled.view(len(prompts), -1)
+    return prompt_embeds, pooled_prompt_embeds
+
+
+def compute_time_ids(
+    original_size: Sequence[int],
+    crops_coords_top_left: Sequence[int],
+    target_size: Sequence[int],
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """SDXL's 6 micro-conditioning ids: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+    values = list(original_size) + list(crops_coords_top_left) + list(target_size)
+    if len(values) != 6:
+        raise ValueError(f"time ids need 2 + 2 + 2 values (height, width pairs), got {values}")
+    return torch.tensor(values, dtype=dtype if dtype is not None else torch.float32)
