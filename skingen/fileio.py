@@ -13,9 +13,17 @@ from typing import Any
 from .errors import SkingenError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _temp_path_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes owner-only files; outputs should be readable like any other file (shared clusters).
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return Path(tmp)
 
@@ -96,6 +104,7 @@ class AtomicDirectory:
         self.final_path = Path(final_path)
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_path = Path(tempfile.mkdtemp(prefix=f".{self.final_path.name}.", dir=self.final_path.parent))
+        os.chmod(self.tmp_path, 0o777 & ~_umask())
 
     def __enter__(self) -> Path:
         return self.tmp_path

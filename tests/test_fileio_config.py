@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 
 import pytest
 from PIL import Image
@@ -107,3 +109,15 @@ def test_run_cli_prints_error_and_exits_2(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: data/train.jsonl:4: missing key 'image'")
     assert "Traceback" not in err
+
+
+def test_outputs_get_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "a.txt", "x")
+        with AtomicDirectory(tmp_path / "pkg") as tmp:
+            (tmp / "f").write_text("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "pkg").stat().st_mode) == 0o755

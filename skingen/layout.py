@@ -1,0 +1,323 @@
+"""Layout specs (``configs/layouts/*.yaml``): where each skin element goes on the training canvas.
+
+A spec gives the canvas size its boxes are written in (``canvas``, pixels, or ``units: fraction``
+for boxes as fractions of the canvas), the canvas widths it may be rendered at (``resolutions``;
+boxes scale with the width), a background colour, and per element: ``id``, ``box``
+``[x0, y0, x1, y1]`` (x1/y1 exclusive), ``z`` (drawing order, low first), ``fit``, ``patterns``
+(file-name globs that find it in a package, tried in order), ``required`` and ``split_name``
+(the file ``--split`` writes it back to). From a spec: merge a package into one atlas image,
+cut an atlas back into a package, and draw the layout template (the shared conditioning image).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+import yaml
+from PIL import Image, ImageColor, ImageDraw
+
+from .errors import SkingenError
+from .fileio import AtomicDirectory
+from .ninepatch import NinePatch, stretch
+from .skins import SkinPackage, find_elements, open_package
+
+LAYOUTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "layouts"
+FITS = ("stretch", "contain", "cover", "nine_patch")
+RESAMPLE = Image.Resampling.LANCZOS
+
+_LAYOUT_KEYS = {"name", "description", "canvas", "units", "resolutions", "background", "elements"}
+_ELEMENT_KEYS = {"id", "box", "z", "fit", "patterns", "required", "split_name", "description"}
+
+
+@dataclass(frozen=True)
+class Element:
+    id: str
+    box: tuple[int, int, int, int]
+    z: int = 0
+    fit: str = "stretch"
+    patterns: tuple[str, ...] = ()
+    required: bool = True
+    split_name: str | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        x0, y0, x1, y1 = self.box
+        return x1 - x0, y1 - y0
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    width: int
+    height: int
+    background: tuple[int, int, int]
+    elements: tuple[Element, ...]
+    resolution: int
+    resolutions: tuple[int, ...]
+    path: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def to_dict(self) -> dict:
+        """The resolved spec (boxes in this canvas's pixels), as written to a dataset's ``layout.json``."""
+        data = asdict(self)
+        data["background"] = list(self.background)
+        data["resolutions"] = list(self.resolutions)
+        data["elements"] = [{**asdict(e), "box": list(e.box), "patterns": list(e.patterns)} for e in self.elements]
+        return data
+
+
+def available_layouts() -> list[str]:
+    return sorted(p.stem for p in LAYOUTS_DIR.glob("*.yaml"))
+
+
+def _layout_path(name_or_path: str | os.PathLike) -> Path:
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")) or os.sep in text or "/" in text:
+        path = Path(text)
+        if not path.is_file():
+            raise SkingenError(f"--layout {path}: file not found")
+        return path
+    path = LAYOUTS_DIR / f"{text}.yaml"
+    if not path.is_file():
+        raise SkingenError(
+            f"--layout {text}: no such layout in {LAYOUTS_DIR}; available: {', '.join(available_layouts()) or 'none'} "
+            "(or pass a path to a .yaml spec)"
+        )
+    return path
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise SkingenError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+    except UnicodeDecodeError:
+        raise SkingenError(f"{path}: not UTF-8 text; save the layout spec as UTF-8") from None
+    if not isinstance(data, dict):
+        raise SkingenError(f"{path}: a layout spec must be a mapping with 'name', 'canvas' and 'elements'")
+    unknown = sorted(set(data) - _LAYOUT_KEYS)
+    if unknown:
+        raise SkingenError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(_LAYOUT_KEYS)}")
+    return data
+
+
+def _positive_int_pair(value, what: str, path: Path) -> tuple[int, int]:
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
+        raise SkingenError(f"{path}: '{what}' must be [width, height] in positive whole pixels, got {value!r}")
+    return value[0], value[1]
+
+
+def _parse_background(value, path: Path) -> tuple[int, int, int]:
+    try:
+        if isinstance(value, str):
+            return ImageColor.getrgb(value)[:3]
+        if isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in value):
+            return tuple(value)
+    except ValueError:
+        pass
+    raise SkingenError(f"{path}: 'background' must be [r, g, b] (0-255) or a colour like '#20242a', got {value!r}")
+
+
+def _parse_element(raw, index: int, path: Path, canvas: tuple[int, int], units: str, scale: float) -> Element:
+    label = f"{path}: element #{index + 1}"
+    if not isinstance(raw, dict):
+        raise SkingenError(f"{label}: expected a mapping with id, box, patterns, got {raw!r}")
+    element_id = raw.get("id")
+    if not isinstance(element_id, str) or not element_id:
+        raise SkingenError(f"{label}: missing 'id' (a short name such as key_shift)")
+    label = f"{path}: element '{element_id}'"
+    unknown = sorted(set(raw) - _ELEMENT_KEYS)
+    if unknown:
+        raise SkingenError(f"{label}: unknown key(s) {unknown}; allowed: {sorted(_ELEMENT_KEYS)}")
+
+    box = raw.get("box")
+    number = (int, float) if units == "fraction" else (int,)
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, number) and not isinstance(v, bool) for v in box)):
+        kind = "fractions of the canvas (0..1)" if units == "fraction" else "whole pixels"
+        raise SkingenError(f"{label}: 'box' must be [x0, y0, x1, y1] in {kind}, got {box!r}")
+    limit_w, limit_h = (1, 1) if units == "fraction" else canvas
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= limit_w and 0 <= y0 < y1 <= limit_h):
+        extent = "the unit square [0, 1]" if units == "fraction" else f"the {canvas[0]}x{canvas[1]} canvas"
+        raise SkingenError(f"{label}: box {box} is empty or lies outside {extent} (need 0 <= x0 < x1 <= width, same for y)")
+    if units == "fraction":
+        x0, x1 = x0 * canvas[0], x1 * canvas[0]
+        y0, y1 = y0 * canvas[1], y1 * canvas[1]
+    scaled = tuple(round(v * scale) for v in (x0, y0, x1, y1))
+    if scaled[2] <= scaled[0] or scaled[3] <= scaled[1]:
+        raise SkingenError(f"{label}: box {box} shrinks to nothing at this resolution; make it larger")
+
+    fit = raw.get("fit", "stretch")
+    if fit not in FITS:
+        raise SkingenError(f"{label}: unknown fit {fit!r}; use one of {', '.join(FITS)}")
+    z = raw.get("z", 0)
+    if not isinstance(z, int) or isinstance(z, bool):
+        raise SkingenError(f"{label}: 'z' must be a whole number (drawing order, low first), got {z!r}")
+    required = raw.get("required", True)
+    if not isinstance(required, bool):
+        raise SkingenError(f"{label}: 'required' must be true or false, got {required!r}")
+    patterns = raw.get("patterns")
+    if not (isinstance(patterns, list) and patterns and all(isinstance(p, str) and p for p in patterns)):
+        raise SkingenError(f"{label}: 'patterns' must be a non-empty list of file-name globs, e.g. [\"key_shift*.png\"]")
+
+    split_name = raw.get("split_name")
+    if split_name is not None:
+        if not isinstance(split_name, str) or PurePosixPath(split_name).name != split_name or split_name in (".", ".."):
+            raise SkingenError(f"{label}: 'split_name' must be a plain file name such as key_shift.png, got {split_name!r}")
+        if not split_name.lower().endswith(".png"):
+            raise SkingenError(f"{label}: 'split_name' {split_name!r} must end in .png (split writes PNG files)")
+        if not any(fnmatch.fnmatchcase(split_name.lower(), p.lower()) for p in patterns):
+            raise SkingenError(
+                f"{label}: split_name {split_name!r} matches none of its patterns {patterns}, so a split package "
+                "would not merge back; add a pattern for it"
+            )
+    return Element(
+        id=element_id, box=scaled, z=z, fit=fit, patterns=tuple(patterns), required=required, split_name=split_name
+    )
+
+
+def load_layout(name_or_path: str | os.PathLike, resolution: int | None = None) -> Layout:
+    """Read and check a layout spec; ``resolution`` (canvas width, one of the spec's ``resolutions``;
+    default the first) scales every box."""
+    path = _layout_path(name_or_path)
+    data = _read_yaml(path)
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        raise SkingenError(f"{path}: 'name' must be a non-empty string")
+    canvas = _positive_int_pair(data.get("canvas"), "canvas", path)
+    units = data.get("units", "px")
+    if units not in ("px", "fraction"):
+        raise SkingenError(f"{path}: 'units' must be 'px' or 'fraction', got {units!r}")
+    resolutions = data.get("resolutions", [canvas[0]])
+    if not (isinstance(resolutions, list) and resolutions and all(isinstance(r, int) and r > 0 for r in resolutions)):
+        raise SkingenError(f"{path}: 'resolutions' must be a list of canvas widths in pixels, e.g. [512, 1024]")
+    if resolution is None:
+        resolution = resolutions[0]
+    if resolution not in resolutions:
+        raise SkingenError(
+            f"{path}: layout '{name}' has no {resolution} px variant; use one of {resolutions} "
+            "or add it to the spec's 'resolutions'"
+        )
+    scale = resolution / canvas[0]
+    background = _parse_background(data.get("background", [0, 0, 0]), path)
+
+    raw_elements = data.get("elements")
+    if not isinstance(raw_elements, list) or not raw_elements:
+        raise SkingenError(f"{path}: 'elements' must be a non-empty list of elements")
+    elements = [_parse_element(raw, i, path, canvas, units, scale) for i, raw in enumerate(raw_elements)]
+    seen_ids, seen_split = {}, {}
+    for element in elements:
+        if element.id in seen_ids:
+            raise SkingenError(f"{path}: element id '{element.id}' is used twice; every element needs its own id")
+        seen_ids[element.id] = element
+        if element.split_name is not None:
+            other = seen_split.setdefault(element.split_name.lower(), element.id)
+            if other != element.id:
+                raise SkingenError(
+                    f"{path}: elements '{other}' and '{element.id}' both split to {element.split_name!r}; give each its own split_name"
+                )
+    return Layout(
+        name=name,
+        width=resolution,
+        height=round(canvas[1] * scale),
+        background=background,
+        elements=tuple(elements),
+        resolution=resolution,
+        resolutions=tuple(resolutions),
+        path=str(path),
+    )
+
+
+def fit_image(image: Image.Image, fit: str, size: tuple[int, int]) -> Image.Image:
+    """An RGBA tile of exactly ``size``: the element resized by its fit mode (transparent where it does not reach)."""
+    if isinstance(image, NinePatch):
+        if fit == "nine_patch":
+            return stretch(image, size, RESAMPLE)
+        image = image.image
+    image = image.convert("RGBA")
+    if image.size == size:
+        return image
+    width, height = size
+    if fit in ("stretch", "nine_patch"):
+        return image.resize(size, RESAMPLE)
+    ratio = (min if fit == "contain" else max)(width / image.width, height / image.height)
+    scaled_w, scaled_h = max(1, round(image.width * ratio)), max(1, round(image.height * ratio))
+    scaled = image.resize((scaled_w, scaled_h), RESAMPLE)
+    if fit == "cover":
+        left, top = (scaled_w - width) // 2, (scaled_h - height) // 2
+        return scaled.crop((left, top, left + width, top + height))
+    tile = Image.new("RGBA", size, (0, 0, 0, 0))
+    tile.paste(scaled, ((width - scaled_w) // 2, (height - scaled_h) // 2))
+    return tile
+
+
+def merge_package(package: SkinPackage | str | os.PathLike, layout: Layout) -> tuple[Image.Image, list[dict]]:
+    """Compose a package's elements on the layout's canvas in z-order (alpha-composited) -> (RGB atlas, placements).
+
+    Each placement is ``{"id", "box", "source", "fit"}``: the element's box on the canvas and the
+    package file drawn there. A missing required element raises SkingenError listing what is missing.
+    """
+    if not isinstance(package, SkinPackage):
+        with open_package(package) as opened:
+            return merge_package(opened, layout)
+    matches = find_elements(package, layout)
+    if matches.missing:
+        raise SkingenError(matches.missing_message(package, layout))
+    canvas = Image.new("RGBA", layout.size, (*layout.background, 255))
+    placements = []
+    for element in sorted(layout.elements, key=lambda e: e.z):
+        source = matches.found.get(element.id)
+        if source is None:
+            continue
+        tile = fit_image(package.load_element(source), element.fit, element.size)
+        canvas.alpha_composite(tile, dest=element.box[:2])
+        placements.append({"id": element.id, "box": list(element.box), "source": source, "fit": element.fit})
+    return canvas.convert("RGB"), placements
+
+
+def split_atlas(image: Image.Image | str | os.PathLike, layout: Layout, out_dir: str | os.PathLike) -> list[Path]:
+    """Cut every element that has a ``split_name`` out of an atlas into ``out_dir`` (a package folder, written atomically).
+
+    An element covered by higher-z elements comes back as the composite seen in its box.
+    """
+    source = "atlas image"
+    if not isinstance(image, Image.Image):
+        source = str(image)
+        try:
+            with Image.open(image) as opened:
+                image = opened.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise SkingenError(f"{source}: not a readable image ({err})") from None
+    if image.size != layout.size:
+        raise SkingenError(
+            f"{source}: image is {image.width}x{image.height} but layout '{layout.name}' at {layout.resolution} px is "
+            f"{layout.width}x{layout.height}; pass the matching --resolution (one of {list(layout.resolutions)})"
+        )
+    image = image.convert("RGB")
+    out_dir = Path(out_dir)
+    written = []
+    with AtomicDirectory(out_dir) as tmp:
+        for element in layout.elements:
+            if element.split_name is None:
+                continue
+            image.crop(element.box).save(tmp / element.split_name, format="PNG")
+            written.append(out_dir / element.split_name)
+    return written
+
+
+def render_template(layout: Layout, line_width: int = 2) -> Image.Image:
+    """The layout template: white outlines of every element box on black, RGB, canvas size."""
+    template = Image.new("RGB", layout.size, (0, 0, 0))
+    draw = ImageDraw.Draw(template)
+    for element in layout.elements:
+        x0, y0, x1, y1 = element.box
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255), width=line_width)
+    return template
