@@ -1,0 +1,91 @@
+"""Caption every row of a dataset folder's train.jsonl (fills ``text``; every other field is kept).
+
+    python caption.py --dataset_dir datasets/keyboard_332_512 --model /models/blip-image-captioning-large
+    python caption.py --dataset_dir datasets/keyboard_332_512 --captioner template   # no weights needed
+
+A caption is the captioner's description (BLIP continues ``--prompt``), then ``--trigger_word``, then
+``writing "..."`` with the row's ``texts``. Rows that already have a caption are kept unless
+``--overwrite``; train.jsonl is rewritten atomically every ``--save_every`` images, so an interrupted
+run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from skingen.captioning import (
+    CAPTIONERS,
+    DEFAULT_BLIP_MODEL,
+    DEFAULT_PROMPT,
+    DTYPES,
+    TRIGGER_WORD,
+    build_captioner,
+    caption_rows,
+)
+from skingen.config import parse_args_with_config
+from skingen.data import read_rows, write_rows
+from skingen.errors import SkingenError, run_cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_dir", required=True, help="dataset folder holding train.jsonl")
+    parser.add_argument(
+        "--captioner", choices=CAPTIONERS, default="blip", help="blip (model weights) or template (no weights)"
+    )
+    parser.add_argument(
+        "--model", default=DEFAULT_BLIP_MODEL, help="BLIP: a local folder, or a hub id when there is internet"
+    )
+    parser.add_argument(
+        "--prompt",
+        default=DEFAULT_PROMPT,
+        help="text every caption starts with (BLIP's conditional prefix); '' for none",
+    )
+    parser.add_argument("--trigger_word", default=TRIGGER_WORD, help="appended to every caption; '' to leave it out")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="BLIP weights dtype; auto = float16 on cuda, float32 on cpu"
+    )
+    parser.add_argument(
+        "--max_new_tokens", type=int, default=30, help="BLIP: longest continuation of the prompt, in tokens"
+    )
+    parser.add_argument("--num_beams", type=int, default=1, help="BLIP: beam search width (1 = greedy)")
+    parser.add_argument("--overwrite", action="store_true", help="recaption rows that already have a caption")
+    parser.add_argument("--save_every", type=int, default=64, help="rewrite train.jsonl after this many new captions")
+    args = parse_args_with_config(parser, argv)
+    if args.max_new_tokens < 1 or args.save_every < 1 or args.num_beams < 1:
+        raise SkingenError("--max_new_tokens, --num_beams and --save_every must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = read_rows(args.dataset_dir)
+    captioner = build_captioner(
+        args.captioner,
+        model_name_or_path=args.model,
+        prompt=args.prompt,
+        device=args.device,
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+    )
+    stats = caption_rows(
+        rows,
+        args.dataset_dir,
+        captioner,
+        save=lambda updated: write_rows(args.dataset_dir, updated),
+        trigger_word=args.trigger_word,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        save_every=args.save_every,
+    )
+    print(f"{args.dataset_dir}: captioned {stats.captioned} of {stats.total} rows, kept {stats.kept} existing captions")
+    for row in rows[:3]:
+        print(f"  {row['image']}: {row['text']}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,270 @@
+"""Evaluate generated skins: layout adherence (Canny-edge F1 against the control), text accuracy on the
+known text boxes (OCR sentence accuracy and normalised edit distance), optional CLIP score.
+
+    python evaluate.py --results_dir outputs/infer_ctc              # an inference.py output folder
+    python evaluate.py --dataset_dir datasets/keyboard_332_512 --images_dir outputs/generated
+    python evaluate.py --compare outputs/infer_ctc outputs/infer_plain   # side by side (e.g. with vs without the text loss)
+
+Writes ``metrics.json`` (per image + summary) and ``metrics.md`` into ``--output_dir`` (default: the
+results or images folder); ``--compare`` writes ``comparison.json`` and ``comparison.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from skingen.config import parse_args_with_config
+from skingen.data import read_rows
+from skingen.errors import SkingenError, run_cli
+from skingen.fileio import atomic_write_json, atomic_write_text, read_jsonl
+from skingen.metrics import (
+    ClipScorer,
+    EvalPair,
+    compare_reports,
+    comparison_markdown,
+    evaluate_pairs,
+    metrics_markdown,
+    open_rgb,
+    summarize,
+)
+from skingen.ocr import BACKENDS, get_ocr
+
+RESULTS_FILE = "results.jsonl"
+METRICS_FILE = "metrics.json"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_argument_group("what to evaluate (one of)")
+    source.add_argument("--results_dir", help=f"an inference output folder with {RESULTS_FILE}")
+    source.add_argument("--dataset_dir", help="a dataset folder (train.jsonl); pair with --images_dir")
+    source.add_argument(
+        "--images_dir", help="generated images named like the dataset's images (same relative path or file name)"
+    )
+    source.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("DIR_A", "DIR_B"),
+        help="two folders to compare: their metrics.json (delete it to re-evaluate), else their results.jsonl is evaluated first",
+    )
+    parser.add_argument(
+        "--output_dir", help="where metrics.json/md (or comparison.json/md) go; default: the evaluated folder"
+    )
+    parser.add_argument("--tolerance", type=int, default=2, help="edge matching tolerance in pixels")
+    parser.add_argument("--low_threshold", type=int, default=50, help="Canny low threshold for the generated image")
+    parser.add_argument("--high_threshold", type=int, default=80, help="Canny high threshold for the generated image")
+    parser.add_argument(
+        "--ocr_backend", choices=(*BACKENDS, "none"), default="rapidocr", help="'none' skips the text metrics"
+    )
+    parser.add_argument("--clip_model", help="local folder of a transformers CLIP model; adds the CLIP score")
+    parser.add_argument("--device", default="cpu", help="device for the CLIP model")
+    args = parse_args_with_config(parser, argv)
+    modes = [bool(args.results_dir), bool(args.dataset_dir or args.images_dir), bool(args.compare)]
+    if sum(modes) != 1:
+        raise SkingenError(
+            "give exactly one of --results_dir, --dataset_dir with --images_dir, or --compare DIR_A DIR_B"
+        )
+    if bool(args.dataset_dir) != bool(args.images_dir):
+        raise SkingenError(
+            "--dataset_dir and --images_dir go together: the dataset gives controls and texts, the folder the generated images"
+        )
+    if args.tolerance < 0:
+        raise SkingenError(f"--tolerance must be >= 0 pixels, got {args.tolerance}")
+    return args
+
+
+def _resolve(base: Path, value, where: str, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SkingenError(f'{where}: "{field}" must be an image path, got {value!r}')
+    path = Path(value)
+    return str(path if path.is_absolute() else base / path)
+
+
+def _boxes_and_texts(row: dict, where: str) -> tuple[list, list[str]]:
+    boxes = row.get("box") or []
+    texts = row.get("texts") or []
+    if boxes and len(boxes) != len(texts):
+        raise SkingenError(f'{where}: {len(boxes)} boxes but {len(texts)} texts; "texts" needs one string per box')
+    return boxes, texts
+
+
+def _box_size(row: dict, control: str | None, where: str) -> tuple[int, int] | None:
+    """The (w, h) the boxes are measured in: ``box_size`` as inference.py writes it, else the control's size."""
+    size = row.get("box_size")
+    if size is not None:
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in size)):
+            raise SkingenError(f'{where}: "box_size" must be [width, height] in pixels, got {size!r}')
+        return int(size[0]), int(size[1])
+    return open_rgb(control, where).size if control else None
+
+
+def load_results_pairs(results_dir: str) -> list[EvalPair]:
+    """Pairs from an inference output folder: ``results.jsonl`` rows with ``output`` (relative to the folder),
+    ``conditioning_image``, ``prompt`` and optionally ``box`` + ``texts`` (+ ``box_size``, the (w, h) the boxes
+    are in; without it, the conditioning image's size)."""
+    folder = Path(results_dir)
+    listing = folder / RESULTS_FILE
+    if not listing.is_file():
+        raise SkingenError(
+            f"{listing}: not found; --results_dir must be an inference.py output folder holding {RESULTS_FILE}"
+        )
+    pairs = []
+    for lineno, row in read_jsonl(listing):
+        where = f"{listing}:{lineno}"
+        output = _resolve(folder, row.get("output"), where, "output")
+        control = (
+            _resolve(folder, row["conditioning_image"], where, "conditioning_image")
+            if row.get("conditioning_image")
+            else None
+        )
+        boxes, texts = _boxes_and_texts(row, where)
+        pairs.append(
+            EvalPair(
+                id=str(row["output"]),
+                output=output,
+                control=control,
+                prompt=str(row.get("prompt", "")),
+                boxes=boxes,
+                texts=texts,
+                box_size=_box_size(row, control, where) if boxes else None,
+                where=where,
+            )
+        )
+    if not pairs:
+        raise SkingenError(f"{listing}: no rows; nothing to evaluate")
+    return pairs
+
+
+def _find_generated(images_dir: Path, relative: str) -> Path | None:
+    """The generated image for a dataset image: same relative path, else same file name, else same stem."""
+    for candidate in (images_dir / relative, images_dir / Path(relative).name):
+        if candidate.is_file():
+            return candidate
+    stem = Path(relative).stem
+    for suffix in IMAGE_SUFFIXES:
+        candidate = images_dir / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_dataset_pairs(dataset_dir: str, images_dir: str) -> list[EvalPair]:
+    """Pairs from a dataset (controls, prompts, boxes, texts) and a folder of generated images named like its images."""
+    dataset, generated_dir = Path(dataset_dir), Path(images_dir)
+    if not generated_dir.is_dir():
+        raise SkingenError(f"--images_dir {generated_dir}: folder not found")
+    pairs, missing = [], []
+    for index, row in enumerate(read_rows(dataset), start=1):
+        where = f"{dataset / 'train.jsonl'} row {index}"
+        image = row.get("image")
+        if not isinstance(image, str):
+            raise SkingenError(f'{where}: "image" must be a path relative to the dataset folder, got {image!r}')
+        output = _find_generated(generated_dir, image)
+        if output is None:
+            missing.append(image)
+            continue
+        control = (
+            _resolve(dataset, row["conditioning_image"], where, "conditioning_image")
+            if row.get("conditioning_image")
+            else None
+        )
+        boxes, texts = _boxes_and_texts(row, where)
+        box_size = open_rgb(dataset / image, where).size if boxes else None
+        pairs.append(
+            EvalPair(
+                id=image,
+                output=str(output),
+                control=control,
+                prompt=str(row.get("text", "")),
+                boxes=boxes,
+                texts=texts,
+                box_size=box_size,
+                where=where,
+            )
+        )
+    if not pairs:
+        raise SkingenError(
+            f"--images_dir {generated_dir}: none of the {len(missing)} dataset images has a generated image there "
+            "(looked for the same relative path, file name or stem)"
+        )
+    if missing:
+        print(
+            f"note: {len(missing)} dataset rows have no generated image in {generated_dir} and are left out (e.g. {missing[0]})"
+        )
+    return pairs
+
+
+def evaluate_folder(pairs: list[EvalPair], source: str, output_dir: Path, args: argparse.Namespace) -> dict:
+    needs_ocr = args.ocr_backend != "none" and any(pair.boxes for pair in pairs)
+    records = evaluate_pairs(
+        pairs,
+        ocr=get_ocr(args.ocr_backend) if needs_ocr else None,
+        clip_scorer=ClipScorer(args.clip_model, device=args.device) if args.clip_model else None,
+        tolerance=args.tolerance,
+        low=args.low_threshold,
+        high=args.high_threshold,
+    )
+    report = {"source": source, "tolerance": args.tolerance, "summary": summarize(records), "images": records}
+    atomic_write_json(output_dir / METRICS_FILE, report)
+    atomic_write_text(output_dir / "metrics.md", metrics_markdown(report))
+    return report
+
+
+def load_or_evaluate(folder: str, args: argparse.Namespace) -> dict:
+    """A folder's metrics.json, evaluating its results.jsonl first when there is none yet."""
+    metrics_path = Path(folder) / METRICS_FILE
+    if metrics_path.is_file():
+        try:
+            return json.loads(metrics_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise SkingenError(
+                f"{metrics_path}: invalid JSON ({err.msg}); delete it to evaluate the folder again"
+            ) from None
+    if (Path(folder) / RESULTS_FILE).is_file():
+        return evaluate_folder(load_results_pairs(folder), folder, Path(folder), args)
+    raise SkingenError(
+        f"--compare {folder}: neither {METRICS_FILE} nor {RESULTS_FILE} there; evaluate it first or pass a results folder"
+    )
+
+
+def print_summary(summary: dict, where: Path) -> None:
+    numbers = ", ".join(f"{key} {value:.4f}" for key, value in summary.items() if isinstance(value, float))
+    print(f"{summary['images']} images, {summary['text_lines']} text lines: {numbers or 'no metric applied'}")
+    print(f"wrote {where}")
+
+
+def compare_folders(dir_a: str, dir_b: str, args: argparse.Namespace) -> Path:
+    """comparison.json/md of two folders (A then B, with B - A), evaluating a folder first if needed."""
+    name_a, name_b = Path(dir_a).name, Path(dir_b).name
+    labels = (name_a, name_b) if name_a != name_b else (dir_a, dir_b)
+    comparison = compare_reports(
+        load_or_evaluate(dir_a, args), load_or_evaluate(dir_b, args), *labels, sources=(dir_a, dir_b)
+    )
+    output_dir = Path(args.output_dir or Path(dir_a).parent / f"compare_{name_a}_vs_{name_b}")
+    markdown = comparison_markdown(comparison)
+    atomic_write_json(output_dir / "comparison.json", comparison)
+    atomic_write_text(output_dir / "comparison.md", markdown)
+    print(markdown)
+    return output_dir / "comparison.md"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.compare:
+        print(f"wrote {compare_folders(*args.compare, args)}")
+        return 0
+    if args.results_dir:
+        pairs, source = load_results_pairs(args.results_dir), args.results_dir
+    else:
+        pairs, source = load_dataset_pairs(args.dataset_dir, args.images_dir), f"{args.dataset_dir} + {args.images_dir}"
+    output_dir = Path(args.output_dir or args.results_dir or args.images_dir)
+    report = evaluate_folder(pairs, source, output_dir, args)
+    print_summary(report["summary"], output_dir / METRICS_FILE)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,230 @@
+"""Score every row of a dataset folder and keep the good ones: a filter for badly merged skins.
+
+The seed hand-picked 102 of 2,000 skins because the layers of most did not line up with the
+layout. This scores each row instead:
+
+- edge agreement: F1 between the image's Canny edges and the layout template's outlines
+  (``render_template`` of the row's layout), matched within ``--tolerance`` pixels;
+- blank: a near-uniform image (grey-level standard deviation below ``--min_std``);
+- duplicates: identical pixels, or a perceptual hash (192-bit colour DCT hash) within
+  ``--max_hash_distance`` bits of an earlier row; the first occurrence is kept.
+
+    python scripts/filter_dataset.py --dataset_dir datasets/keyboard2k --min_edge_f1 0.2
+
+Writes ``filter_report.json`` and ``filter_report.md`` (scores, reasons, the edge-F1 distribution to
+pick a threshold from) and the kept rows, unchanged, to ``train.filtered.jsonl`` in the dataset folder
+(or ``--output_jsonl``). train.jsonl itself is never modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from skingen.config import parse_args_with_config  # noqa: E402
+from skingen.data import read_rows  # noqa: E402
+from skingen.errors import SkingenError, run_cli  # noqa: E402
+from skingen.fileio import atomic_write_json, atomic_write_text, write_jsonl  # noqa: E402
+from skingen.layout import Layout, load_layout, render_template  # noqa: E402
+from skingen.metrics import edge_scores, open_rgb  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_dir", required=True, help="dataset folder holding train.jsonl")
+    parser.add_argument("--layout", help="layout name or YAML for every row; default: each row's `layout` field")
+    parser.add_argument(
+        "--min_edge_f1",
+        type=float,
+        default=0.2,
+        help="rows whose edge F1 with the layout template is lower are dropped",
+    )
+    parser.add_argument("--tolerance", type=int, default=3, help="edge matching tolerance in pixels")
+    parser.add_argument(
+        "--min_std",
+        type=float,
+        default=4.0,
+        help="grey-level standard deviation (0..255) below which an image counts as blank",
+    )
+    parser.add_argument(
+        "--max_hash_distance",
+        type=int,
+        default=8,
+        help="perceptual hashes this close (bits of 192) are near duplicates; -1 turns it off",
+    )
+    parser.add_argument("--output_jsonl", help="kept rows; default: <dataset_dir>/train.filtered.jsonl")
+    parser.add_argument("--report_dir", help="where filter_report.json/md go; default: the dataset folder")
+    args = parse_args_with_config(parser, argv)
+    if args.tolerance < 0:
+        raise SkingenError(f"--tolerance must be >= 0 pixels, got {args.tolerance}")
+    return args
+
+
+def perceptual_hash(image: Image.Image) -> int:
+    """192-bit colour DCT hash: per RGB channel, the 8x8 lowest frequencies of the 32x32 channel, each bit
+    above/below their median. Per channel, because skins on one layout share their grey-level structure:
+    a grey hash finds differently coloured skins of the same layout nearly identical."""
+    small = cv2.resize(np.asarray(image.convert("RGB"), dtype=np.float32), (32, 32), interpolation=cv2.INTER_AREA)
+    bits = []
+    for channel in range(3):
+        low = cv2.dct(np.ascontiguousarray(small[..., channel]))[:8, :8].flatten()
+        bits.extend(low > np.median(low[1:]))  # the DC term is left out of the median: it only tracks brightness
+    return int("".join("1" if bit else "0" for bit in bits), 2)
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+class TemplateCache:
+    """Layout templates by (layout, image width): the template is drawn at the image's width when the
+    layout has that resolution, else at its default and compared after resizing."""
+
+    def __init__(self, override: str | None, dataset_dir: Path):
+        self.override = override
+        self.dataset_dir = dataset_dir
+        self.cache: dict[tuple[str, int], Image.Image] = {}
+
+    def layout_name(self, row: dict, where: str) -> str:
+        name = self.override or row.get("layout")
+        if not name:
+            raise SkingenError(f'{where}: no "layout" field; pass --layout NAME_OR_YAML for rows that have none')
+        candidate = self.dataset_dir / str(name)
+        return str(candidate) if candidate.is_file() else str(name)
+
+    def template(self, row: dict, width: int, where: str) -> Image.Image:
+        name = self.layout_name(row, where)
+        key = (name, width)
+        if key not in self.cache:
+            layout: Layout = load_layout(name)
+            if width in layout.resolutions and width != layout.resolution:
+                layout = load_layout(name, resolution=width)
+            self.cache[key] = render_template(layout)
+        return self.cache[key]
+
+
+def score_rows(rows: list[dict], dataset_dir: Path, args: argparse.Namespace) -> list[dict]:
+    templates = TemplateCache(args.layout, dataset_dir)
+    first_by_pixels: dict[str, str] = {}
+    kept_hashes: list[tuple[int, str]] = []
+    scores = []
+    for index, row in enumerate(tqdm(rows, desc="scoring", unit="img"), start=1):
+        where = f"{dataset_dir / 'train.jsonl'} row {index}"
+        rel = row.get("image")
+        if not isinstance(rel, str):
+            raise SkingenError(f'{where}: "image" must be a path relative to the dataset folder, got {rel!r}')
+        image = open_rgb(dataset_dir / rel, where)
+        edges = edge_scores(image, templates.template(row, image.width, where), tolerance=args.tolerance)
+        std = float(np.asarray(image.convert("L"), dtype=np.float32).std())
+        digest = hashlib.sha1(np.asarray(image).tobytes() + str(image.size).encode()).hexdigest()
+        phash = perceptual_hash(image)
+        # Nearest earlier distinct image by hash; its distance is reported so a threshold can be chosen.
+        nearest_distance, nearest = min(((hamming(h, phash), other) for h, other in kept_hashes), default=(None, None))
+        duplicate_of = first_by_pixels.get(digest)
+        if duplicate_of is None and nearest is not None and nearest_distance <= args.max_hash_distance:
+            duplicate_of = nearest
+        reasons = []
+        if edges.f1 < args.min_edge_f1:
+            reasons.append("edges")
+        if std < args.min_std:
+            reasons.append("blank")
+        if duplicate_of is not None:
+            reasons.append("duplicate")
+        else:
+            first_by_pixels[digest] = rel
+            kept_hashes.append((phash, rel))
+        scores.append(
+            {
+                "row": index,
+                "image": rel,
+                "edge_f1": round(edges.f1, 4),
+                "edge_precision": round(edges.precision, 4),
+                "edge_recall": round(edges.recall, 4),
+                "std": round(std, 2),
+                "phash": f"{phash:048x}",
+                "nearest_hash_distance": nearest_distance,
+                "duplicate_of": duplicate_of,
+                "reasons": reasons,
+                "kept": not reasons,
+            }
+        )
+    return scores
+
+
+def summary_of(scores: list[dict], args: argparse.Namespace) -> dict:
+    f1 = np.array([s["edge_f1"] for s in scores])
+    return {
+        "rows": len(scores),
+        "kept": sum(s["kept"] for s in scores),
+        "dropped_edges": sum("edges" in s["reasons"] for s in scores),
+        "dropped_blank": sum("blank" in s["reasons"] for s in scores),
+        "dropped_duplicate": sum("duplicate" in s["reasons"] for s in scores),
+        "edge_f1_quantiles": {f"p{q}": round(float(np.percentile(f1, q)), 4) for q in (0, 10, 25, 50, 75, 90, 100)},
+        "settings": {
+            k: getattr(args, k) for k in ("layout", "min_edge_f1", "tolerance", "min_std", "max_hash_distance")
+        },
+    }
+
+
+def report_markdown(summary: dict, scores: list[dict]) -> str:
+    s = summary
+    settings = ", ".join(f"`--{key} {value}`" for key, value in s["settings"].items() if value is not None)
+    out = ["# Dataset filter report", "", f"Settings: {settings}.", ""]
+    out += ["| rows | kept | low edge F1 | blank | duplicate |", "|---|---|---|---|---|"]
+    out += [
+        f"| {s['rows']} | {s['kept']} | {s['dropped_edges']} | {s['dropped_blank']} | {s['dropped_duplicate']} |",
+        "",
+    ]
+    out += ["Edge F1 with the layout template (pick `--min_edge_f1` from this):", ""]
+    out += ["| " + " | ".join(s["edge_f1_quantiles"]) + " |", "|" + "---|" * len(s["edge_f1_quantiles"])]
+    out += ["| " + " | ".join(f"{v:.3f}" for v in s["edge_f1_quantiles"].values()) + " |", ""]
+    dropped = [score for score in scores if not score["kept"]]
+    out += [
+        "## Dropped rows",
+        "",
+        "| row | image | edge F1 | std | reasons | duplicate of |",
+        "|---|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {d['row']} | {d['image']} | {d['edge_f1']:.3f} | {d['std']:.1f} | {', '.join(d['reasons'])} | {d['duplicate_of'] or '-'} |"
+        for d in dropped
+    ]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dataset_dir = Path(args.dataset_dir)
+    output_jsonl = Path(args.output_jsonl or dataset_dir / "train.filtered.jsonl")
+    if output_jsonl.resolve() == (dataset_dir / "train.jsonl").resolve():
+        raise SkingenError(
+            f"--output_jsonl {output_jsonl}: that is the input; the filter never overwrites train.jsonl, pick another name"
+        )
+    rows = read_rows(dataset_dir)
+    if not rows:
+        raise SkingenError(f"{dataset_dir / 'train.jsonl'}: no rows to filter")
+    scores = score_rows(rows, dataset_dir, args)
+    summary = summary_of(scores, args)
+    report_dir = Path(args.report_dir or dataset_dir)
+    atomic_write_json(report_dir / "filter_report.json", {"summary": summary, "rows": scores})
+    atomic_write_text(report_dir / "filter_report.md", report_markdown(summary, scores))
+    write_jsonl(output_jsonl, [row for row, score in zip(rows, scores) if score["kept"]])
+    print(
+        f"kept {summary['kept']} of {summary['rows']} rows (low edge F1 {summary['dropped_edges']}, blank {summary['dropped_blank']}, "
+        f"duplicate {summary['dropped_duplicate']}); edge F1 median {summary['edge_f1_quantiles']['p50']:.3f}"
+    )
+    print(f"wrote {output_jsonl} and {report_dir / 'filter_report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

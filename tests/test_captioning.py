@@ -1,0 +1,274 @@
+"""caption.py and skingen.captioning: BLIP through transformers (a tiny BLIP built offline) and the template captioner."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import caption
+from skingen.captioning import PROGRESS_FILE, TemplateCaptioner, caption_rows, compose_caption
+from skingen.data import read_rows, texts_from_caption, write_rows
+from skingen.errors import SkingenError
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "a keyboard skin of"
+WORDS = "a keyboard skin of with the and pink blue cat flower girl hair long on white black".split()
+NEW_TOKENS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory) -> Path:
+    """A BLIP captioning model with random weights and a WordPiece tokenizer, saved like a hub download."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    out = tmp_path_factory.mktemp("tiny_blip")
+    (out / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n", encoding="utf-8"
+    )
+    tokenizer = BertTokenizer.from_pretrained(str(out))
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's decoder start token, as in the real tokenizer
+    config = BlipConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            encoder_hidden_size=32,
+            bos_token_id=tokenizer.bos_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config)
+    # Random weights could stop at once ([SEP]) or emit special tokens that decoding drops; forbid them so
+    # every caption continues the prompt by exactly max_new_tokens words.
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[tokenizer.all_special_ids] = -1e4
+    model.save_pretrained(out)
+    BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    ).save_pretrained(out)
+    return out
+
+
+def _make_dataset(folder: Path) -> Path:
+    """Three skins as merge_elements.py leaves them: image, package, layout, elements, empty text."""
+    (folder / "images").mkdir(parents=True)
+    colours = {"red": (220, 30, 30), "navy": (20, 30, 90), "white": (250, 250, 250)}
+    rows = []
+    for name, rgb in colours.items():
+        Image.new("RGB", (64, 64), rgb).save(folder / "images" / f"{name}.png")
+        rows.append(
+            {
+                "image": f"images/{name}.png",
+                "package": f"pkg_{name}",
+                "layout": "key_elements",
+                "elements": [{"id": "bg"}],
+                "text": "",
+            }
+        )
+    rows[1]["texts"] = ["前往", "搜索"]
+    rows[1]["box"] = [[[1, 1], [20, 1], [20, 9], [1, 9]], [[30, 1], [50, 1], [50, 9], [30, 9]]]
+    write_rows(folder, rows)
+    return folder
+
+
+def _caption_blip(dataset: Path, tiny_blip: Path, *extra: str) -> list[dict]:
+    flags = ["--dataset_dir", str(dataset), "--model", str(tiny_blip), "--device", "cpu", "--batch_size", "2"]
+    caption.main([*flags, "--max_new_tokens", str(NEW_TOKENS), *extra])
+    return read_rows(dataset)
+
+
+def test_blip_captions_every_row_with_prompt_trigger_and_writing(tmp_path, tiny_blip):
+    dataset = _make_dataset(tmp_path / "ds")
+    before = read_rows(dataset)
+    rows = _caption_blip(dataset, tiny_blip)
+
+    pattern = re.compile(rf"^{PROMPT} ((?:\w+ ){{{NEW_TOKENS - 1}}}\w+), iflyskin(, writing \"(.*)\")?$")
+    for old, new in zip(before, rows):
+        match = pattern.match(new["text"])
+        assert match, new["text"]
+        assert set(match.group(1).split()) <= set(WORDS)
+        assert {k: v for k, v in new.items() if k != "text"} == {k: v for k, v in old.items() if k != "text"}
+    assert pattern.match(rows[1]["text"]).group(3) == "前往 搜索"
+    assert pattern.match(rows[0]["text"]).group(2) is None
+    # The dataset loader reads the same text back out of the caption.
+    assert texts_from_caption(rows[1]["text"]) == ["前往 搜索"]
+
+
+def test_existing_captions_are_kept_unless_overwrite(tmp_path, tiny_blip):
+    dataset = _make_dataset(tmp_path / "ds")
+    rows = read_rows(dataset)
+    rows[0]["text"] = "hand written caption, iflyskin"
+    write_rows(dataset, rows)
+
+    kept = _caption_blip(dataset, tiny_blip)
+    assert kept[0]["text"] == "hand written caption, iflyskin"
+    assert kept[2]["text"].startswith(PROMPT)
+
+    overwritten = _caption_blip(dataset, tiny_blip, "--overwrite", "--trigger_word", "", "--dtype", "bfloat16")
+    assert overwritten[0]["text"].startswith(PROMPT)
+    assert all("iflyskin" not in row["text"] for row in overwritten)
+    assert not (dataset / PROGRESS_FILE).exists()
+
+
+def test_offline_hub_id_fails_with_a_clear_message(tmp_path):
+    dataset = _make_dataset(tmp_path / "ds")
+    with pytest.raises(SkingenError, match=r"--model Salesforce/blip-image-captioning-large.*local folder"):
+        caption.main(["--dataset_dir", str(dataset), "--model", "Salesforce/blip-image-captioning-large"])
+    with pytest.raises(SkingenError, match="folder not found"):
+        caption.main(["--dataset_dir", str(dataset), "--model", str(tmp_path / "no_such_blip")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SkingenError, match="empty: not a BLIP model folder"):
+        caption.main(["--dataset_dir", str(dataset), "--model", str(tmp_path / "empty")])
+    assert all(row["text"] == "" for row in read_rows(dataset))
+
+
+def test_template_captioner_names_the_dominant_colour_and_is_deterministic(tmp_path):
+    dataset = _make_dataset(tmp_path / "ds")
+    caption.main(["--dataset_dir", str(dataset), "--captioner", "template"])
+    first = [row["text"] for row in read_rows(dataset)]
+    caption.main(["--dataset_dir", str(dataset), "--captioner", "template", "--overwrite"])
+    assert [row["text"] for row in read_rows(dataset)] == first
+
+    red, navy, white = first
+    assert red.startswith(f"{PROMPT} a ") and " red " in red and red.endswith(", iflyskin")
+    assert " navy " in navy and "cool tones" in navy and navy.endswith(', iflyskin, writing "前往 搜索"')
+    assert " white " in white and "red" not in white
+
+
+def test_template_captioner_style_words():
+    captioner = TemplateCaptioner(prompt="")
+    ramp = np.zeros((256, 256, 3), np.uint8)
+    ramp[..., 0] = np.linspace(250, 40, 256)[None, :]
+    ramp[..., 2] = np.linspace(60, 240, 256)[None, :]
+    checker = ((np.indices((256, 256)) // 16).sum(axis=0) % 2 * 255).astype(np.uint8)
+    dark = Image.new("RGB", (256, 256), (200, 40, 40))
+    dark.paste((15, 15, 15), (0, 0, 256, 200))
+    gradient, busy, mostly_black = captioner.caption(
+        [Image.fromarray(ramp), Image.fromarray(np.stack([checker] * 3, -1)), dark]
+    )
+    assert "gradient" in gradient and "flat" not in gradient
+    assert "busy pattern" in busy and "black and white" in busy and "high-contrast" in busy
+    assert not mostly_black.startswith("a dark") and "black and red" in mostly_black
+
+
+def test_interrupted_run_resumes_without_recaptioning(tmp_path):
+    dataset = _make_dataset(tmp_path / "ds")
+    rows = read_rows(dataset)
+
+    class StopsAfterOneBatch(TemplateCaptioner):
+        calls = 0
+
+        def caption(self, images):
+            StopsAfterOneBatch.calls += 1
+            if StopsAfterOneBatch.calls > 1:
+                raise KeyboardInterrupt
+            return ["first description"] * len(images)
+
+    with pytest.raises(KeyboardInterrupt):
+        # save_every is larger than the run: the interruption itself must save the finished batch.
+        caption_rows(
+            rows, dataset, StopsAfterOneBatch(), save=lambda r: write_rows(dataset, r), batch_size=1, save_every=100
+        )
+    on_disk = read_rows(dataset)
+    assert on_disk[0]["text"] == "first description, iflyskin" and on_disk[1]["text"] == ""
+
+    stats = caption_rows(on_disk, dataset, TemplateCaptioner(), save=lambda r: write_rows(dataset, r), batch_size=1)
+    assert (stats.captioned, stats.kept) == (2, 1)
+    final = read_rows(dataset)
+    assert final[0]["text"] == "first description, iflyskin" and all(row["text"] for row in final)
+
+
+def test_interrupted_overwrite_run_resumes_from_its_progress_file(tmp_path):
+    dataset = _make_dataset(tmp_path / "ds")
+    rows = read_rows(dataset)
+    for row in rows:
+        row["text"] = "old caption"
+    write_rows(dataset, rows)
+
+    class Fails(TemplateCaptioner):
+        def caption(self, images):
+            raise AssertionError("rows captioned by the interrupted run must not be captioned again")
+
+    class StopsAfterTwo(TemplateCaptioner):
+        calls = 0
+
+        def caption(self, images):
+            StopsAfterTwo.calls += 1
+            if StopsAfterTwo.calls > 2:
+                raise KeyboardInterrupt
+            return ["new"] * len(images)
+
+    save = lambda r: write_rows(dataset, r)  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        caption_rows(
+            read_rows(dataset), dataset, StopsAfterTwo(), save=save, overwrite=True, batch_size=1, save_every=1
+        )
+    assert json.loads((dataset / PROGRESS_FILE).read_text())["done"] == ["images/navy.png", "images/red.png"]
+
+    class OnlyLast(TemplateCaptioner):
+        def caption(self, images):
+            return ["newest"] * len(images)
+
+    stats = caption_rows(read_rows(dataset), dataset, OnlyLast(), save=save, overwrite=True, batch_size=1)
+    assert stats.captioned == 1
+    assert [row["text"] for row in read_rows(dataset)] == [
+        "new, iflyskin",
+        'new, iflyskin, writing "前往 搜索"',
+        "newest, iflyskin",
+    ]
+    assert not (dataset / PROGRESS_FILE).exists()
+    with pytest.raises(AssertionError):
+        caption_rows(read_rows(dataset), dataset, Fails(), save=save, overwrite=True)
+
+
+def test_bad_rows_are_reported_with_the_row(tmp_path):
+    dataset = _make_dataset(tmp_path / "ds")
+    rows = read_rows(dataset)
+    rows[2]["image"] = "images/missing.png"
+    write_rows(dataset, rows)
+    with pytest.raises(SkingenError, match=r"train.jsonl row 3: image .*images/missing.png not found"):
+        caption.main(["--dataset_dir", str(dataset), "--captioner", "template"])
+    rows[2]["image"] = "images/white.png"
+    rows[0]["texts"] = "前往"
+    write_rows(dataset, rows)
+    with pytest.raises(SkingenError, match=r'row 1: "texts" must be a list of strings'):
+        caption.main(["--dataset_dir", str(dataset), "--captioner", "template"])
+
+
+def test_compose_caption_leaves_out_empty_parts():
+    assert compose_caption("a cat", "iflyskin", ["前往", " ", "搜索 "]) == 'a cat, iflyskin, writing "前往 搜索"'
+    assert compose_caption("a cat,", "", []) == "a cat"
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "caption.py", "--dataset_dir", str(tmp_path), "--captioner", "template"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "train.jsonl: not found" in result.stderr and "Traceback" not in result.stderr

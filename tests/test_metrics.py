@@ -1,0 +1,214 @@
+"""skingen.metrics: Canny-edge F1, OCR sentence accuracy / NED on known boxes, CLIP score (tiny CLIP built offline)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from skingen.errors import SkingenError
+from skingen.glyphs import canny_control
+from skingen.metrics import (
+    ClipScorer,
+    clip_score,
+    edge_f1,
+    edge_map_scores,
+    edge_scores,
+    levenshtein,
+    normalized_edit_distance,
+    sentence_accuracy,
+    text_metrics,
+)
+from skingen.ocr import get_ocr
+
+FONT_PATH = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
+SKIN_TEXTS = ["前往", "搜索", "设置"]
+
+
+def keyboard_like(size: int = 128, shift: int = 0) -> np.ndarray:
+    """Coloured blocks on a background, like merged skin elements; ``shift`` moves everything right."""
+    image = np.full((size, size, 3), (235, 225, 240), np.uint8)
+    blocks = [
+        ((8, 8), (120, 30), (200, 60, 90)),
+        ((8, 40), (60, 118), (40, 90, 200)),
+        ((70, 40), (120, 118), (30, 160, 70)),
+    ]
+    for (x0, y0), (x1, y1), colour in blocks:
+        cv2.rectangle(image, (x0 + shift, y0), (x1 + shift, y1), colour, -1)
+    cv2.circle(image, (34 + shift, 79), 14, (250, 250, 250), -1)
+    return image
+
+
+def skin_with_texts(texts=SKIN_TEXTS, size=(480, 160), font_size=44):
+    """``texts`` drawn in the CJK font at known places on a light skin; returns (image, quads)."""
+    image = Image.new("RGB", size, (240, 236, 228))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.truetype(FONT_PATH, font_size)
+    quads = []
+    for index, text in enumerate(texts):
+        x, y = 20 + index * 150, 50
+        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+        draw.text((x, y), text, font=font, fill=(30, 30, 30))
+        x0, y0, x1, y1 = left - 8, top - 8, right + 8, bottom + 8
+        quads.append([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    return image, quads
+
+
+@pytest.fixture(scope="module")
+def ocr():
+    return get_ocr("rapidocr")
+
+
+def test_edge_f1_is_one_for_the_image_against_its_own_canny_control():
+    image = keyboard_like()
+    control = canny_control(image)
+    assert edge_f1(image, control) == 1.0
+    assert edge_f1(Image.fromarray(image), control, tolerance=0) == 1.0
+
+
+def test_edge_f1_drops_when_the_layout_moves_and_tolerance_absorbs_small_shifts():
+    image = keyboard_like()
+    control = canny_control(image)
+    far = edge_f1(keyboard_like(shift=6), control)
+    near = edge_f1(keyboard_like(shift=1), control)
+    assert far < 0.6
+    assert near > 0.95
+    assert edge_f1(keyboard_like(shift=1), control, tolerance=0) < 0.6
+    assert edge_f1(keyboard_like(shift=6), control, tolerance=8) > 0.95
+
+
+def test_edge_f1_resizes_the_generated_image_to_the_control():
+    image = keyboard_like(size=128)
+    control = canny_control(image)
+    big = cv2.resize(image, (256, 256), interpolation=cv2.INTER_NEAREST)
+    assert edge_f1(big, control) > 0.9
+    assert edge_f1(cv2.resize(keyboard_like(shift=6), (256, 256), interpolation=cv2.INTER_NEAREST), control) < 0.6
+
+
+def test_edge_precision_and_recall_are_directional():
+    target = np.zeros((64, 64), bool)
+    target[10, 5:60] = True
+    extra = target.copy()
+    extra[40, 5:60] = True  # an extra line the control does not have
+    scores = edge_map_scores(extra, target, tolerance=1)
+    assert scores.recall == 1.0
+    assert scores.precision == pytest.approx(0.5)
+    assert scores.f1 == pytest.approx(2 / 3)
+    assert edge_map_scores(target, extra, tolerance=1).recall == pytest.approx(0.5)
+    assert edge_map_scores(np.zeros_like(target), target).f1 == 0.0
+    assert edge_map_scores(np.zeros_like(target), np.zeros_like(target)).f1 == 1.0
+
+
+def test_blank_generation_scores_zero_against_a_real_control():
+    control = canny_control(keyboard_like())
+    scores = edge_scores(np.full((128, 128, 3), 128, np.uint8), control)
+    assert (scores.precision, scores.recall, scores.f1) == (0.0, 0.0, 0.0)
+
+
+def test_normalized_edit_distance_on_known_pairs():
+    assert levenshtein("kitten", "sitting") == levenshtein("sitting", "kitten") == 3
+    assert normalized_edit_distance("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+    assert normalized_edit_distance("前往", "前往") == 1.0
+    assert normalized_edit_distance("前往", "前住") == pytest.approx(0.5)
+    assert normalized_edit_distance("搜索", "") == 0.0
+    assert normalized_edit_distance("", "") == 1.0
+    assert normalized_edit_distance("设置", "设置中心") == pytest.approx(0.5)
+
+
+def test_sentence_accuracy_counts_exact_lines():
+    assert sentence_accuracy(["前往", "搜素", "设置"], ["前往", "搜索", "设置"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        sentence_accuracy(["a"], ["a", "b"])
+
+
+def test_text_metrics_read_rendered_ground_truth_perfectly(ocr):
+    image, quads = skin_with_texts()
+    result = text_metrics(image, quads, SKIN_TEXTS, ocr)
+    assert [line.predicted for line in result.lines] == SKIN_TEXTS
+    assert result.sentence_accuracy == 1.0 and result.ned == 1.0
+
+
+def test_text_metrics_drop_when_the_image_shows_other_text(ocr):
+    image, quads = skin_with_texts(["前进", "搜索", "设定"])
+    result = text_metrics(image, quads, SKIN_TEXTS, ocr)
+    assert [line.correct for line in result.lines] == [False, True, False]
+    assert result.sentence_accuracy == pytest.approx(1 / 3)
+    assert result.ned == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+
+
+def test_text_metrics_scale_boxes_to_a_smaller_generated_image(ocr):
+    image, quads = skin_with_texts(font_size=60, size=(560, 200))
+    half = image.resize((image.width // 2, image.height // 2), Image.Resampling.LANCZOS)
+    assert text_metrics(half, quads, SKIN_TEXTS, ocr, box_scale=(0.5, 0.5)).sentence_accuracy == 1.0
+    # Unscaled boxes fall off the text.
+    assert text_metrics(half, quads, SKIN_TEXTS, ocr).sentence_accuracy < 1.0
+    with pytest.raises(SkingenError, match="2 boxes but 3 texts"):
+        text_metrics(image, quads[:2], SKIN_TEXTS, ocr)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A CLIP model with random weights, a byte-level tokenizer and an image processor, saved like a hub download."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from skingen.models import build_clip_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_clip")
+    tokenizer = build_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(out)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+def test_clip_score_matches_the_model_cosine(tiny_clip):
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    images = [keyboard_like(), keyboard_like(shift=30), np.full((64, 64, 3), 200, np.uint8)]
+    prompts = ["a pink keyboard skin, iflyskin", "a blue keyboard skin", 'a skin, writing "前往"']
+    scorer = ClipScorer(tiny_clip)
+    scores = scorer(images, prompts, batch_size=2)
+
+    model, processor = CLIPModel.from_pretrained(tiny_clip), CLIPProcessor.from_pretrained(tiny_clip)
+    expected = []
+    for image, prompt in zip(images, prompts):
+        with torch.no_grad():
+            pixel = processor(images=Image.fromarray(image), return_tensors="pt")["pixel_values"]
+            ids = processor(text=[prompt], return_tensors="pt")["input_ids"]
+            image_vec = model.visual_projection(model.vision_model(pixel_values=pixel).pooler_output)[0]
+            text_vec = model.text_projection(model.text_model(input_ids=ids).pooler_output)[0]
+        expected.append(100 * max(torch.nn.functional.cosine_similarity(image_vec, text_vec, dim=0).item(), 0.0))
+    assert scores == pytest.approx(expected, abs=1e-3)
+    assert all(0.0 <= s <= 100.0 for s in scores)
+    assert clip_score(images[:1], prompts[:1], tiny_clip) == pytest.approx(scores[:1], abs=1e-4)
+
+
+def test_clip_model_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(SkingenError, match="--clip_model .*local folder"):
+        ClipScorer(tmp_path / "no_clip")
