@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from skingen.config import parse_args_with_config
-from skingen.data import read_rows
+from skingen.data import open_rgb, read_rows
 from skingen.errors import SkingenError, run_cli
 from skingen.fileio import atomic_write_json, atomic_write_text, read_jsonl
 from skingen.metrics import (
@@ -26,7 +26,6 @@ from skingen.metrics import (
     comparison_markdown,
     evaluate_pairs,
     metrics_markdown,
-    open_rgb,
     summarize,
 )
 from skingen.ocr import BACKENDS, get_ocr
@@ -83,6 +82,13 @@ def _resolve(base: Path, value, where: str, field: str) -> str:
     return str(path if path.is_absolute() else base / path)
 
 
+def _control(row: dict, base: Path, where: str) -> str | None:
+    """The row's conditioning image (relative paths from ``base``), when it has one."""
+    if not row.get("conditioning_image"):
+        return None
+    return _resolve(base, row["conditioning_image"], where, "conditioning_image")
+
+
 def _boxes_and_texts(row: dict, where: str) -> tuple[list, list[str]]:
     boxes = row.get("box") or []
     texts = row.get("texts") or []
@@ -115,11 +121,7 @@ def load_results_pairs(results_dir: str) -> list[EvalPair]:
     for lineno, row in read_jsonl(listing):
         where = f"{listing}:{lineno}"
         output = _resolve(folder, row.get("output"), where, "output")
-        control = (
-            _resolve(folder, row["conditioning_image"], where, "conditioning_image")
-            if row.get("conditioning_image")
-            else None
-        )
+        control = _control(row, folder, where)
         boxes, texts = _boxes_and_texts(row, where)
         pairs.append(
             EvalPair(
@@ -166,11 +168,7 @@ def load_dataset_pairs(dataset_dir: str, images_dir: str) -> list[EvalPair]:
         if output is None:
             missing.append(image)
             continue
-        control = (
-            _resolve(dataset, row["conditioning_image"], where, "conditioning_image")
-            if row.get("conditioning_image")
-            else None
-        )
+        control = _control(row, dataset, where)
         boxes, texts = _boxes_and_texts(row, where)
         box_size = open_rgb(dataset / image, where).size if boxes else None
         pairs.append(

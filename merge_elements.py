@@ -15,10 +15,10 @@ packages are skipped on a rerun; every output is written atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
@@ -28,7 +28,7 @@ from skingen.config import parse_args_with_config
 from skingen.data import read_rows, write_rows
 from skingen.errors import SkingenError, run_cli
 from skingen.fileio import atomic_save_image, atomic_write_json
-from skingen.layout import Layout, load_layout, merge_package, split_atlas
+from skingen.layout import LAYOUT_RECORD, Layout, load_layout, merge_package, split_atlas
 from skingen.skins import check_unique_names, find_elements, list_packages, open_package, package_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -75,20 +75,16 @@ def remove_stale_temp_files(dataset_dir: Path) -> None:
 
 def check_layout_file(dataset_dir: Path, layout: Layout) -> None:
     """A dataset holds one layout at one size (the template is shared); refuse to mix."""
-    path = dataset_dir / "layout.json"
-    spec = layout.to_dict()
+    path = dataset_dir / LAYOUT_RECORD
     if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise SkingenError(f"{path}: unreadable ({err}); delete it to let this run write it again") from None
-        if {k: v for k, v in old.items() if k != "path"} != {k: v for k, v in spec.items() if k != "path"}:
+        recorded = load_layout(path)
+        if replace(recorded, path=layout.path) != layout:
             raise SkingenError(
-                f"{path}: this dataset was merged with layout '{old.get('name')}' at {old.get('width')}x{old.get('height')}, "
+                f"{path}: this dataset was merged with layout '{recorded.name}' at {recorded.width}x{recorded.height}, "
                 f"which differs from '{layout.name}' at {layout.width}x{layout.height} ({layout.path}); "
                 "use another --output_dir (one layout and resolution per dataset)"
             )
-    atomic_write_json(path, spec)
+    atomic_write_json(path, layout.to_dict())
 
 
 def merge_one(job: tuple[str, Layout, str, bool]) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from skingen.config import parse_args_with_config
 from skingen.errors import SkingenError, run_cli
 from skingen.fileio import atomic_save_image, atomic_write_json
 from skingen.glyphs import canny_control, find_cjk_font, render_glyph_control
-from skingen.layout import Layout, load_layout, render_template
+from skingen.layout import LAYOUT_RECORD, Layout, load_layout, render_template
 from skingen.ocr import BACKENDS, get_ocr
 
 CONDITIONING_DIR = "conditioning_images"
@@ -105,7 +106,9 @@ def run_settings(args, layout, font) -> dict:
     settings = {"mode": args.mode}
     if args.mode == "canny":
         return {**settings, "low_threshold": args.low_threshold, "high_threshold": args.high_threshold}
-    settings.update(layout=layout.path, resolution=layout.resolution)
+    # The boxes themselves, not where they came from: an edited spec redoes the images, a moved one does not.
+    boxes = json.dumps({k: v for k, v in layout.to_dict().items() if k != "path"}, sort_keys=True)
+    settings.update(layout=layout.name, resolution=layout.resolution, layout_sha256=sha256(boxes.encode()).hexdigest())
     if args.mode == "glyph":
         settings.update(min_confidence=args.min_confidence, font=str(font), ocr_backend=args.ocr_backend)
         if args.ocr_backend == "paddle":
@@ -200,8 +203,12 @@ def conditioning_path_for(image_rel: str) -> str:
     return (Path(CONDITIONING_DIR) / rel.with_suffix(".png")).as_posix()
 
 
+def row_where(dataset_dir: Path, index: int) -> str:
+    return f"{dataset_dir / 'train.jsonl'}: row {index + 1}"
+
+
 def row_image_path(dataset_dir: Path, row: dict, index: int) -> Path:
-    where = f"{dataset_dir / 'train.jsonl'}: row {index + 1}"
+    where = row_where(dataset_dir, index)
     rel = row.get("image")
     if not isinstance(rel, str) or not rel:
         raise SkingenError(f"{where}: no `image` path; every row needs one (relative to {dataset_dir})")
@@ -215,60 +222,36 @@ def row_image_path(dataset_dir: Path, row: dict, index: int) -> Path:
 
 def load_row_image(dataset_dir: Path, row: dict, index: int) -> Image.Image:
     """The row's image as RGB, converted the way the training loader converts it (transparency on white)."""
-    path = row_image_path(dataset_dir, row, index)
-    try:
-        with Image.open(path) as image:
-            return data.to_rgb(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise SkingenError(
-            f"{dataset_dir / 'train.jsonl'}: row {index + 1}: image {row['image']} is not a readable image ({err}); "
-            "replace it or drop the row"
-        ) from None
+    return data.open_rgb(row_image_path(dataset_dir, row, index), row_where(dataset_dir, index))
 
 
 def dataset_layout(args, dataset_dir: Path, rows: list[dict]) -> Layout:
-    """The layout to draw: --layout; else the one merge_elements.py recorded (layout.json, then the rows'
-    ``layout`` name). Size: --resolution, else the recorded one, else the first image's width."""
+    """The layout to draw: --layout; else the record merge_elements.py wrote (layout.json: exactly the boxes
+    the images were merged with); else the rows' ``layout`` name. Size: --resolution, else the record's,
+    else the first image's width."""
+    record = dataset_dir / LAYOUT_RECORD
+    if args.layout is None and record.is_file():
+        return load_layout(record, resolution=args.resolution)
+    name_or_path = args.layout or rows_layout_name(dataset_dir, rows)
     resolution = args.resolution
-    if args.layout is not None:
-        name_or_path = args.layout
-    elif (dataset_dir / "layout.json").is_file():
-        return recorded_layout(dataset_dir / "layout.json", resolution)
-    else:
-        names = sorted({row["layout"] for row in rows if isinstance(row.get("layout"), str) and row["layout"]})
-        if len(names) > 1:
-            raise SkingenError(
-                f"{dataset_dir / 'train.jsonl'}: rows use several layouts ({', '.join(names)}); "
-                "a template needs one: pass --layout"
-            )
-        if not names:
-            raise SkingenError(
-                f"{dataset_dir}: no layout recorded (no layout.json, no `layout` field in train.jsonl); "
-                "pass --layout NAME_OR_YAML"
-            )
-        name_or_path = names[0]
     if resolution is None and rows:
         resolution = load_row_image(dataset_dir, rows[0], 0).width
     return load_layout(name_or_path, resolution=resolution)
 
 
-def recorded_layout(path: Path, resolution: int | None) -> Layout:
-    """The spec merge_elements.py wrote: loaded again from its YAML (by path, else by name) and
-    checked to be unchanged, so the template shows the boxes the images were merged with."""
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-        source = recorded["path"] if Path(recorded["path"]).is_file() else recorded["name"]
-        layout = load_layout(source, resolution=resolution or recorded["resolution"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SkingenError(f"{path}: not a layout record merge_elements.py wrote ({err}); pass --layout") from None
-    if resolution is None and {k: v for k, v in layout.to_dict().items() if k != "path"} != {
-        k: v for k, v in recorded.items() if k != "path"
-    }:
+def rows_layout_name(dataset_dir: Path, rows: list[dict]) -> str:
+    names = sorted({row["layout"] for row in rows if isinstance(row.get("layout"), str) and row["layout"]})
+    if len(names) > 1:
         raise SkingenError(
-            f"{path}: layout '{recorded['name']}' ({layout.path}) has changed since these images were merged; "
-            "pass --layout with the spec they were merged with"
+            f"{dataset_dir / 'train.jsonl'}: rows use several layouts ({', '.join(names)}); "
+            "a template needs one: pass --layout"
         )
-    return layout
+    if not names:
+        raise SkingenError(
+            f"{dataset_dir}: no layout recorded (no {LAYOUT_RECORD}, no `layout` field in train.jsonl); "
+            "pass --layout NAME_OR_YAML"
+        )
+    return names[0]
 
 
 def check_same_size(template: Image.Image, image: Image.Image, row: dict, index: int) -> None:

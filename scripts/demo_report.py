@@ -69,7 +69,7 @@ def build_grid(demo_dir: Path, results: list[dict], rows: int) -> Path | None:
         return None
     generated_dir = demo_dir / "generated"
     lines = []
-    for row_id, items in list(by_row.items())[:rows]:
+    for items in list(by_row.values())[:rows]:
         first = items[0]
         tiles = []
         if first.get("reference_image"):

@@ -4,7 +4,8 @@ The seed hand-picked 102 of 2,000 skins because the layers of most did not line 
 layout. This scores each row instead:
 
 - edge agreement: F1 between the image's Canny edges and the layout template's outlines
-  (``render_template`` of the row's layout), matched within ``--tolerance`` pixels;
+  (``render_template`` of the dataset's layout.json, else of the row's layout), matched within
+  ``--tolerance`` pixels;
 - blank: a near-uniform image (grey-level standard deviation below ``--min_std``);
 - duplicates: identical pixels, or a perceptual hash (192-bit colour DCT hash) within
   ``--max_hash_distance`` bits of an earlier row; the first occurrence is kept.
@@ -31,17 +32,20 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from skingen.config import parse_args_with_config  # noqa: E402
-from skingen.data import read_rows  # noqa: E402
+from skingen.data import open_rgb, read_rows  # noqa: E402
 from skingen.errors import SkingenError, run_cli  # noqa: E402
 from skingen.fileio import atomic_write_json, atomic_write_text, write_jsonl  # noqa: E402
-from skingen.layout import Layout, load_layout, render_template  # noqa: E402
-from skingen.metrics import edge_scores, open_rgb  # noqa: E402
+from skingen.layout import LAYOUT_RECORD, load_layout, render_template  # noqa: E402
+from skingen.metrics import edge_scores  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", required=True, help="dataset folder holding train.jsonl")
-    parser.add_argument("--layout", help="layout name or YAML for every row; default: each row's `layout` field")
+    parser.add_argument(
+        "--layout",
+        help="layout name or YAML for every row; default: the dataset's layout.json, else each row's `layout` field",
+    )
     parser.add_argument(
         "--min_edge_f1",
         type=float,
@@ -86,28 +90,31 @@ def hamming(a: int, b: int) -> int:
 
 
 class TemplateCache:
-    """Layout templates by (layout, image width): the template is drawn at the image's width when the
-    layout has that resolution, else at its default and compared after resizing."""
+    """Layout templates: the dataset's layout.json (the boxes the images were merged with, at their size) unless
+    --layout is given; else --layout or each row's ``layout``, drawn at the image's width when the layout has that
+    resolution. An image of another size is compared after resizing it to the template."""
 
     def __init__(self, override: str | None, dataset_dir: Path):
+        record = dataset_dir / LAYOUT_RECORD
+        self.record = record if override is None and record.is_file() else None
         self.override = override
         self.dataset_dir = dataset_dir
-        self.cache: dict[tuple[str, int], Image.Image] = {}
-
-    def layout_name(self, row: dict, where: str) -> str:
-        name = self.override or row.get("layout")
-        if not name:
-            raise SkingenError(f'{where}: no "layout" field; pass --layout NAME_OR_YAML for rows that have none')
-        candidate = self.dataset_dir / str(name)
-        return str(candidate) if candidate.is_file() else str(name)
+        self.cache: dict[tuple[str, int | None], Image.Image] = {}
 
     def template(self, row: dict, width: int, where: str) -> Image.Image:
-        name = self.layout_name(row, where)
-        key = (name, width)
+        if self.record is not None:
+            key = (str(self.record), None)
+        else:
+            name = self.override or row.get("layout")
+            if not name:
+                raise SkingenError(f'{where}: no "layout" field; pass --layout NAME_OR_YAML for rows that have none')
+            candidate = self.dataset_dir / str(name)
+            key = (str(candidate) if candidate.is_file() else str(name), width)
         if key not in self.cache:
-            layout: Layout = load_layout(name)
-            if width in layout.resolutions and width != layout.resolution:
-                layout = load_layout(name, resolution=width)
+            source, size = key
+            layout = load_layout(source)
+            if size in layout.resolutions and size != layout.resolution:
+                layout = load_layout(source, resolution=size)
             self.cache[key] = render_template(layout)
         return self.cache[key]
 

@@ -19,10 +19,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import to_rgb
+from .data import open_rgb, to_rgb
 from .errors import SkingenError
 from .fileio import atomic_write_json
-from .metrics import open_rgb  # the one checked image opener (missing/unreadable -> SkingenError)
 
 DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-large"
 DEFAULT_PROMPT = "a keyboard skin of"
@@ -316,6 +315,10 @@ class CaptionStats:
     kept: int
 
 
+def _row_where(dataset_dir: Path, index: int) -> str:
+    return f"{dataset_dir / 'train.jsonl'} row {index + 1}"
+
+
 def _row_texts(row: dict, where: str) -> list[str]:
     texts = row.get("texts") or []
     if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
@@ -355,7 +358,7 @@ def caption_rows(
 
     todo = []
     for index, row in enumerate(rows):
-        where = f"{dataset_dir / 'train.jsonl'} row {index + 1}"
+        where = _row_where(dataset_dir, index)
         if "image" not in row:
             raise SkingenError(
                 f'{where}: no "image" field; every row needs the image path relative to the dataset folder'
@@ -372,7 +375,7 @@ def caption_rows(
     with tqdm(total=len(todo), desc="captioning", unit="img") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            images = [_open_image(dataset_dir, rows[i], f"{dataset_dir / 'train.jsonl'} row {i + 1}") for i in batch]
+            images = [open_rgb(dataset_dir / str(rows[i]["image"]), _row_where(dataset_dir, i)) for i in batch]
             try:
                 descriptions = captioner.caption(images)
             except KeyboardInterrupt:
@@ -399,7 +402,3 @@ def _checkpoint(rows, save, overwrite: bool, progress_path: Path, done: set[str]
     save(rows)
     if overwrite:
         atomic_write_json(progress_path, {"done": sorted(done)})
-
-
-def _open_image(dataset_dir: Path, row: dict, where: str) -> Image.Image:
-    return open_rgb(dataset_dir / str(row["image"]), where)

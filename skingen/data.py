@@ -4,8 +4,8 @@ Every form comes out with the same columns (see docs/architecture.md, "Dataset r
 ``image`` and ``conditioning_image`` (Image features, decoded lazily to RGB), ``text``, ``box``
 (4-point quads in the original image's pixels), ``texts`` (aligned with ``box``) and ``row_id``.
 Rows are checked up front so a bad row is reported with its file and line before training starts.
-Also here: RGB conversion, the lenient row reader/writer of the preparation stages, and
-validate / convert / split for ``dataset_tool.py``.
+Also here: RGB conversion and the one checked image opener (:func:`open_rgb`), the lenient row
+reader/writer of the preparation stages, and validate / convert / split for ``dataset_tool.py``.
 """
 
 from __future__ import annotations
@@ -19,19 +19,19 @@ import re
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 import datasets
 
 from .errors import SkingenError
-from .fileio import AtomicDirectory, read_jsonl, write_jsonl
+from .fileio import AtomicDirectory, iter_jsonl, read_jsonl, write_jsonl
 
 SPLITS = ("train", "validation")
 ON_BAD_SAMPLE = ("error", "skip")
@@ -40,6 +40,8 @@ MAX_LISTED_PROBLEMS = 10
 BOX_TOLERANCE_PX = 2.0
 BOX_TOLERANCE_FRACTION = 0.01
 EXIF_ORIENTATION = 0x0112
+# What Pillow raises for a file that is not a (complete, sane) image; UnidentifiedImageError is an OSError.
+IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 ROW_KEYS = ("image", "conditioning_image", "text", "box", "texts", "row_id")
 
 # Keys each form uses for the three required roles. ImageFolder also accepts the names `datasets` gives
@@ -93,6 +95,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_rgb(path: str | os.PathLike, where: str | None = None) -> Image.Image:
+    """An image file as RGB (:func:`to_rgb`); a missing or unreadable file is a SkingenError naming the file and
+    ``where`` it was listed (e.g. ``train.jsonl row 3``)."""
+    prefix = f"{where}: " if where else ""
+    if not os.path.isfile(path):
+        raise SkingenError(
+            f"{prefix}image {path} not found; fix the path (relative paths start at the folder of the file that "
+            "lists them) or drop the row"
+        )
+    try:
+        with Image.open(path) as image:
+            image.load()  # read the pixels before the file closes: to_rgb returns an RGB image as it is
+            return to_rgb(image)
+    except IMAGE_READ_ERRORS as err:
+        raise SkingenError(
+            f"{prefix}image {path} is not a readable image ({err}); replace it or drop the row"
+        ) from None
+
+
 class RGBImage(datasets.Image):
     """A ``datasets.Image`` feature that decodes to RGB through :func:`to_rgb`.
 
@@ -124,19 +145,27 @@ _QUOTED = r'"[^"]*"|“[^”]*”'
 _WRITING = re.compile(rf"writing\s*((?:(?:{_QUOTED})\s*(?:(?:,|，|、|and|&|和)\s*)?)+)", re.IGNORECASE)
 
 
-def texts_from_caption(caption: str) -> list[str]:
+def texts_from_caption(caption: str, box_count: int | None = None) -> list[str]:
     """The strings a caption asks to be written: ``writing "前往"`` -> ``["前往"]``.
 
     Several are allowed, in order: ``writing "a", writing "b"`` or ``writing "a" and "b"`` or ``writing "a" "b"``.
     Straight and curly double quotes both work; empty quotes are ignored.
+
+    caption.py writes all of a row's texts in one quoted string joined by spaces (``writing "前往 搜索"``).
+    With ``box_count`` (the row's number of boxes), when the quoted strings are not one per box but their
+    space-separated words are, the words are returned: ``("writing \"前往 搜索\"", 2)`` -> ``["前往", "搜索"]``.
     """
-    texts = []
-    for match in _WRITING.finditer(caption or ""):
-        for quoted in re.findall(_QUOTED, match.group(1)):
-            inner = quoted[1:-1].strip()
-            if inner:
-                texts.append(inner)
-    return texts
+    quoted = [inner for match in _WRITING.finditer(caption or "") for inner in _quoted_texts(match.group(1))]
+    if box_count is not None and len(quoted) != box_count:
+        words = [word for text in quoted for word in text.split()]
+        if len(words) == box_count:
+            return words
+    return quoted
+
+
+def _quoted_texts(phrase: str) -> list[str]:
+    inner = (quoted[1:-1].strip() for quoted in re.findall(_QUOTED, phrase))
+    return [text for text in inner if text]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,7 +295,7 @@ def _header_size(opener: Callable[[], Any], label: str) -> tuple[int, int]:
             return _oriented_size(image)
     except FileNotFoundError:
         raise _Problem("image not found", f"{label} not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+    except IMAGE_READ_ERRORS as err:
         raise _Problem("unreadable image", f"{label} is not a readable image ({err})") from None
 
 
@@ -409,13 +438,14 @@ def _check_record(
 
     texts = obj.get("texts")
     if texts is None:
-        texts = texts_from_caption(caption) if quads and caption else []
+        texts = texts_from_caption(caption, box_count=len(quads)) if quads and caption else []
         if len(texts) != len(quads) and "bad box" not in {kind for kind, _ in problems}:
             problems.append(
                 (
                     "texts/box mismatch",
-                    f'{len(quads)} box(es) but the caption names {len(texts)} text(s) with writing "..." and the row '
-                    "has no 'texts'; add 'texts' aligned with 'box'",
+                    f'{len(quads)} box(es) but the caption names {len(texts)} text(s) with writing "..." (neither '
+                    "one quoted string per box nor one space-separated word per box) and the row has no 'texts'; "
+                    "add 'texts' aligned with 'box'",
                 )
             )
     elif not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
@@ -499,23 +529,6 @@ def _role_keys(form: str, image_column, conditioning_image_column, caption_colum
     return keys
 
 
-def _iter_json_lines(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    """(line number, object, problem) for each non-blank line; unlike ``read_jsonl`` a bad line does not stop reading."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield lineno, None, f"invalid JSON ({err.msg} at column {err.colno}); each line must be one JSON object"
-                continue
-            if not isinstance(obj, dict):
-                yield lineno, None, f"expected a JSON object, got {type(obj).__name__}"
-                continue
-            yield lineno, obj, None
-
-
 def _progress(iterable: Iterable, total: int | None, desc: str) -> Iterable:
     from tqdm.auto import tqdm
 
@@ -539,7 +552,7 @@ def scan_folder(
     with open(files.rows_file, "rb") as f:
         line_count = sum(1 for _ in f)
     for lineno, obj, problem in _progress(
-        _iter_json_lines(files.rows_file), line_count, f"checking {files.rows_file.name}"
+        iter_jsonl(files.rows_file), line_count, f"checking {files.rows_file.name}"
     ):
         if max_samples is not None and len(result.good) >= max_samples:
             break

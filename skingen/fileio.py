@@ -66,8 +66,8 @@ def atomic_save_image(image, path: str | os.PathLike, **save_kwargs) -> Path:
     return path
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)`` for each non-blank line; bad JSON names the file and line."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Yield ``(line_number, object, problem)`` per non-blank line; a bad line is reported and reading goes on."""
     path = Path(path)
     if not path.is_file():
         raise SkingenError(f"{path}: file not found")
@@ -78,13 +78,20 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise SkingenError(
-                    f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno}); "
-                    "each line must be one JSON object"
-                ) from None
+                yield lineno, None, f"invalid JSON ({err.msg} at column {err.colno}); each line must be one JSON object"
+                continue
             if not isinstance(obj, dict):
-                raise SkingenError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+                yield lineno, None, f"expected a JSON object, got {type(obj).__name__}"
+                continue
+            yield lineno, obj, None
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for each non-blank line; the first bad line stops with its file and line."""
+    for lineno, obj, problem in iter_jsonl(path):
+        if problem is not None:
+            raise SkingenError(f"{path}:{lineno}: {problem}")
+        yield lineno, obj
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:

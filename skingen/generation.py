@@ -226,7 +226,7 @@ def _dataset_row(
     box = _parse_quads(obj.get("box"), where)
     texts = obj.get("texts")
     if box and texts is None:
-        texts = data.texts_from_caption(prompt)
+        texts = data.texts_from_caption(prompt, box_count=len(box))
     if box and (not isinstance(texts, list) or len(texts) != len(box)):
         raise SkingenError(
             f"{where}: {len(box)} box(es) but {len(texts) if isinstance(texts, list) else 'no'} text(s); "

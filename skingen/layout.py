@@ -7,13 +7,17 @@ boxes scale with the width), a background colour, and per element: ``id``, ``box
 (file-name globs that find it in a package, tried in order), ``required`` and ``split_name``
 (the file ``--split`` writes it back to). From a spec: merge a package into one atlas image,
 cut an atlas back into a package, and draw the layout template (the shared conditioning image).
+
+``merge_elements.py`` records the resolved spec it merged with in the dataset folder (``layout.json``,
+:meth:`Layout.to_dict`); :func:`load_layout` reads that record back too, so later stages draw exactly the
+boxes the images were merged with, whatever happened to the YAML since.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -25,11 +29,13 @@ from .ninepatch import NinePatch, stretch
 from .skins import SkinPackage, find_elements, open_package
 
 LAYOUTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "layouts"
+LAYOUT_RECORD = "layout.json"  # the resolved spec merge_elements.py writes into a dataset folder
 FITS = ("stretch", "contain", "cover", "nine_patch")
 RESAMPLE = Image.Resampling.LANCZOS
 
 _LAYOUT_KEYS = {"name", "description", "canvas", "units", "resolutions", "background", "elements"}
 _ELEMENT_KEYS = {"id", "box", "z", "fit", "patterns", "required", "split_name", "description"}
+_RECORD_KEYS = {"name", "width", "height", "background", "elements", "resolution", "resolutions", "path"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,44 @@ class Layout:
         data["elements"] = [{**asdict(e), "box": list(e.box), "patterns": list(e.patterns)} for e in self.elements]
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "layout record") -> Layout:
+        """The layout a :meth:`to_dict` record describes (e.g. a dataset's ``layout.json``), checked like a spec:
+        a broken record is a SkingenError naming ``source``."""
+        if not isinstance(data, dict):
+            raise SkingenError(f"{source}: a layout record must be a mapping as Layout.to_dict writes it")
+        unknown = sorted(set(data) - _RECORD_KEYS)
+        missing = sorted({"name", "width", "height", "elements"} - set(data))
+        if unknown or missing:
+            wrong = [f"unknown key(s) {unknown}"] * bool(unknown) + [f"missing {missing}"] * bool(missing)
+            raise SkingenError(
+                f"{source}: not a layout record ({', '.join(wrong)}); a record has the keys {sorted(_RECORD_KEYS)} "
+                "as merge_elements.py writes them"
+            )
+        name = _check_name(data["name"], source)
+        width, height = _positive_int_pair([data["width"], data["height"]], "width/height", source)
+        resolution = data.get("resolution", width)
+        resolutions = _check_resolutions(data.get("resolutions", [resolution]), source)
+        if resolution != width or resolution not in resolutions:
+            raise SkingenError(
+                f"{source}: 'resolution' {resolution!r} must equal 'width' ({width}) and be one of {resolutions}"
+            )
+        path = data.get("path", source)
+        if not isinstance(path, str):
+            raise SkingenError(f"{source}: 'path' must be the spec's file path, got {path!r}")
+        # Boxes are resolved: whole pixels of this canvas, no scaling.
+        elements = _parse_elements(data["elements"], source, (width, height), "px", 1.0)
+        return cls(
+            name=name,
+            width=width,
+            height=height,
+            background=_parse_background(data.get("background", [0, 0, 0]), source),
+            elements=elements,
+            resolution=resolution,
+            resolutions=tuple(resolutions),
+            path=path,
+        )
+
 
 def available_layouts() -> list[str]:
     return sorted(p.stem for p in LAYOUTS_DIR.glob("*.yaml"))
@@ -78,7 +122,7 @@ def available_layouts() -> list[str]:
 
 def _layout_path(name_or_path: str | os.PathLike) -> Path:
     text = str(name_or_path)
-    if text.endswith((".yaml", ".yml")) or os.sep in text or "/" in text:
+    if text.endswith((".yaml", ".yml", ".json")) or os.sep in text or "/" in text:
         path = Path(text)
         if not path.is_file():
             raise SkingenError(f"--layout {path}: file not found")
@@ -87,35 +131,46 @@ def _layout_path(name_or_path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise SkingenError(
             f"--layout {text}: no such layout in {LAYOUTS_DIR}; available: {', '.join(available_layouts()) or 'none'} "
-            "(or pass a path to a .yaml spec)"
+            f"(or pass a path to a .yaml spec or a dataset's {LAYOUT_RECORD})"
         )
     return path
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_mapping(path: Path) -> dict:
+    """A spec (YAML) or a record (JSON, which YAML reads too) as a mapping."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise SkingenError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise SkingenError(f"{where}: invalid {kind} ({getattr(err, 'problem', None) or err})") from None
     except UnicodeDecodeError:
         raise SkingenError(f"{path}: not UTF-8 text; save the layout spec as UTF-8") from None
     if not isinstance(data, dict):
         raise SkingenError(f"{path}: a layout spec must be a mapping with 'name', 'canvas' and 'elements'")
-    unknown = sorted(set(data) - _LAYOUT_KEYS)
-    if unknown:
-        raise SkingenError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(_LAYOUT_KEYS)}")
     return data
 
 
-def _positive_int_pair(value, what: str, path: Path) -> tuple[int, int]:
+def _check_name(name, source) -> str:
+    if not isinstance(name, str) or not name:
+        raise SkingenError(f"{source}: 'name' must be a non-empty string")
+    return name
+
+
+def _check_resolutions(resolutions, source) -> list[int]:
+    if not (isinstance(resolutions, list) and resolutions and all(isinstance(r, int) and r > 0 for r in resolutions)):
+        raise SkingenError(f"{source}: 'resolutions' must be a list of canvas widths in pixels, e.g. [512, 1024]")
+    return resolutions
+
+
+def _positive_int_pair(value, what: str, path: str | Path) -> tuple[int, int]:
     if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
         raise SkingenError(f"{path}: '{what}' must be [width, height] in positive whole pixels, got {value!r}")
     return value[0], value[1]
 
 
-def _parse_background(value, path: Path) -> tuple[int, int, int]:
+def _parse_background(value, path: str | Path) -> tuple[int, int, int]:
     try:
         if isinstance(value, str):
             return ImageColor.getrgb(value)[:3]
@@ -126,7 +181,7 @@ def _parse_background(value, path: Path) -> tuple[int, int, int]:
     raise SkingenError(f"{path}: 'background' must be [r, g, b] (0-255) or a colour like '#20242a', got {value!r}")
 
 
-def _parse_element(raw, index: int, path: Path, canvas: tuple[int, int], units: str, scale: float) -> Element:
+def _parse_element(raw, index: int, path: str | Path, canvas: tuple[int, int], units: str, scale: float) -> Element:
     label = f"{path}: element #{index + 1}"
     if not isinstance(raw, dict):
         raise SkingenError(f"{label}: expected a mapping with id, box, patterns, got {raw!r}")
@@ -184,21 +239,51 @@ def _parse_element(raw, index: int, path: Path, canvas: tuple[int, int], units: 
     )
 
 
+def _parse_elements(raw_elements, source, canvas: tuple[int, int], units: str, scale: float) -> tuple[Element, ...]:
+    if not isinstance(raw_elements, list) or not raw_elements:
+        raise SkingenError(f"{source}: 'elements' must be a non-empty list of elements")
+    elements = [_parse_element(raw, i, source, canvas, units, scale) for i, raw in enumerate(raw_elements)]
+    seen_ids, seen_split = set(), {}
+    for element in elements:
+        if element.id in seen_ids:
+            raise SkingenError(f"{source}: element id '{element.id}' is used twice; every element needs its own id")
+        seen_ids.add(element.id)
+        if element.split_name is not None:
+            other = seen_split.setdefault(element.split_name.lower(), element.id)
+            if other != element.id:
+                raise SkingenError(
+                    f"{source}: elements '{other}' and '{element.id}' both split to {element.split_name!r}; "
+                    "give each its own split_name"
+                )
+    return tuple(elements)
+
+
 def load_layout(name_or_path: str | os.PathLike, resolution: int | None = None) -> Layout:
     """Read and check a layout spec; ``resolution`` (canvas width, one of the spec's ``resolutions``;
-    default the first) scales every box."""
+    default the first) scales every box.
+
+    A dataset's ``layout.json`` (the record merge_elements.py writes) loads as the layout it records; it holds
+    boxes at one size, so ``resolution`` may only name that size.
+    """
     path = _layout_path(name_or_path)
-    data = _read_yaml(path)
-    name = data.get("name", path.stem)
-    if not isinstance(name, str) or not name:
-        raise SkingenError(f"{path}: 'name' must be a non-empty string")
+    data = _read_mapping(path)
+    if "canvas" not in data and {"width", "height"} & set(data):
+        layout = replace(Layout.from_dict(data, source=str(path)), path=str(path))
+        if resolution is not None and resolution != layout.resolution:
+            raise SkingenError(
+                f"{path}: this record holds layout '{layout.name}' at {layout.resolution} px only; to draw it at "
+                f"{resolution} px pass its YAML spec (e.g. --layout {layout.name})"
+            )
+        return layout
+    unknown = sorted(set(data) - _LAYOUT_KEYS)
+    if unknown:
+        raise SkingenError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(_LAYOUT_KEYS)}")
+    name = _check_name(data.get("name", path.stem), path)
     canvas = _positive_int_pair(data.get("canvas"), "canvas", path)
     units = data.get("units", "px")
     if units not in ("px", "fraction"):
         raise SkingenError(f"{path}: 'units' must be 'px' or 'fraction', got {units!r}")
-    resolutions = data.get("resolutions", [canvas[0]])
-    if not (isinstance(resolutions, list) and resolutions and all(isinstance(r, int) and r > 0 for r in resolutions)):
-        raise SkingenError(f"{path}: 'resolutions' must be a list of canvas widths in pixels, e.g. [512, 1024]")
+    resolutions = _check_resolutions(data.get("resolutions", [canvas[0]]), path)
     if resolution is None:
         resolution = resolutions[0]
     if resolution not in resolutions:
@@ -207,29 +292,12 @@ def load_layout(name_or_path: str | os.PathLike, resolution: int | None = None) 
             "or add it to the spec's 'resolutions'"
         )
     scale = resolution / canvas[0]
-    background = _parse_background(data.get("background", [0, 0, 0]), path)
-
-    raw_elements = data.get("elements")
-    if not isinstance(raw_elements, list) or not raw_elements:
-        raise SkingenError(f"{path}: 'elements' must be a non-empty list of elements")
-    elements = [_parse_element(raw, i, path, canvas, units, scale) for i, raw in enumerate(raw_elements)]
-    seen_ids, seen_split = {}, {}
-    for element in elements:
-        if element.id in seen_ids:
-            raise SkingenError(f"{path}: element id '{element.id}' is used twice; every element needs its own id")
-        seen_ids[element.id] = element
-        if element.split_name is not None:
-            other = seen_split.setdefault(element.split_name.lower(), element.id)
-            if other != element.id:
-                raise SkingenError(
-                    f"{path}: elements '{other}' and '{element.id}' both split to {element.split_name!r}; give each its own split_name"
-                )
     return Layout(
         name=name,
         width=resolution,
         height=round(canvas[1] * scale),
-        background=background,
-        elements=tuple(elements),
+        background=_parse_background(data.get("background", [0, 0, 0]), path),
+        elements=_parse_elements(data.get("elements"), path, canvas, units, scale),
         resolution=resolution,
         resolutions=tuple(resolutions),
         path=str(path),

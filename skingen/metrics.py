@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import to_rgb
+from .data import open_rgb
 from .errors import SkingenError
 from .glyphs import canny_control
 from .ocr import crop_quad
@@ -245,21 +245,6 @@ class EvalPair:
     texts: list[str] = field(default_factory=list)
     box_size: tuple[int, int] | None = None
     where: str = ""
-
-
-def open_rgb(path: str | os.PathLike, where: str = "") -> Image.Image:
-    """An image file as RGB; a missing or unreadable file is a SkingenError naming ``where`` it was listed."""
-    prefix = f"{where}: " if where else ""
-    if not os.path.isfile(path):
-        raise SkingenError(
-            f"{prefix}image {path} not found; check the path (relative paths are taken from the folder of the list)"
-        )
-    try:
-        with Image.open(path) as image:
-            image.load()  # read the pixels before the file closes: to_rgb returns an RGB image as it is
-            return to_rgb(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise SkingenError(f"{prefix}{path} is not a readable image ({err})") from None
 
 
 def evaluate_pair(

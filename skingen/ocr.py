@@ -75,8 +75,13 @@ def to_bgr(image_rgb: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_RGBA2BGR if image.shape[2] == 4 else cv2.COLOR_RGB2BGR)
 
 
-def _quad_list(points) -> list[list[float]]:
-    return [[float(x), float(y)] for x, y in as_quad(points)]
+def _text_line(points, text, score) -> TextLine:
+    """An engine's result in plain Python values (engines give numpy arrays and numbers; rows are JSON)."""
+    return TextLine([[float(x), float(y)] for x, y in as_quad(points)], str(text), float(score))
+
+
+def _recognized(text, score) -> tuple[str, float]:
+    return str(text), float(score)
 
 
 def _existing_path(value, flag: str) -> str | None:
@@ -142,13 +147,13 @@ class RapidOCRBackend(OCRBackend):
 
     def read(self, image_rgb: np.ndarray) -> list[TextLine]:
         result, _elapsed = self.engine(to_bgr(image_rgb))
-        return [TextLine(_quad_list(quad), str(text), float(score)) for quad, text, score in result or []]
+        return [_text_line(quad, text, score) for quad, text, score in result or []]
 
     def recognize(self, crops: Sequence[np.ndarray]) -> list[tuple[str, float]]:
         if not crops:
             return []
         results, _elapsed = self.engine.text_rec([to_bgr(crop) for crop in crops])
-        return [(str(res[0]), float(res[1])) for res in results]
+        return [_recognized(*res[:2]) for res in results]
 
 
 def lines_from_paddle_result(page) -> list[TextLine]:
@@ -160,23 +165,17 @@ def lines_from_paddle_result(page) -> list[TextLine]:
     if page is None:
         return []
     if hasattr(page, "keys") and "rec_texts" in page:
-        return [
-            TextLine(_quad_list(quad), str(text), float(score))
-            for quad, text, score in zip(page["rec_polys"], page["rec_texts"], page["rec_scores"])
-        ]
-    return [TextLine(_quad_list(quad), str(text), float(score)) for quad, (text, score) in page]
+        return [_text_line(*result) for result in zip(page["rec_polys"], page["rec_texts"], page["rec_scores"])]
+    return [_text_line(quad, text, score) for quad, (text, score) in page]
 
 
 def texts_from_paddle_recognition(results) -> list[tuple[str, float]]:
     """Recognition-only results -> ``(text, score)``: 3.x ``{"rec_text", "rec_score"}`` items or 2.x pairs."""
-    out = []
+    pairs = []
     for res in results:
-        if hasattr(res, "keys") and "rec_text" in res:
-            out.append((str(res["rec_text"]), float(res["rec_score"])))
-        else:
-            text, score = res
-            out.append((str(text), float(score)))
-    return out
+        paddle3 = hasattr(res, "keys") and "rec_text" in res
+        pairs.append(_recognized(res["rec_text"], res["rec_score"]) if paddle3 else _recognized(*res))
+    return pairs
 
 
 class PaddleOCRBackend(OCRBackend):

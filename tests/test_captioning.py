@@ -174,28 +174,34 @@ def test_template_captioner_style_words():
     assert not mostly_black.startswith("a dark") and "black and red" in mostly_black
 
 
+class ScriptedCaptioner:
+    """Describes every image as ``description``; after ``interrupt_after`` calls it raises KeyboardInterrupt,
+    as a user's Ctrl-C would in the middle of a run."""
+
+    def __init__(self, description: str, interrupt_after: int | None = None):
+        self.description = description
+        self.interrupt_after = interrupt_after
+        self.calls = 0
+
+    def caption(self, images):
+        self.calls += 1
+        if self.interrupt_after is not None and self.calls > self.interrupt_after:
+            raise KeyboardInterrupt
+        return [self.description] * len(images)
+
+
 def test_interrupted_run_resumes_without_recaptioning(tmp_path):
     dataset = _make_dataset(tmp_path / "ds")
     rows = read_rows(dataset)
-
-    class StopsAfterOneBatch(TemplateCaptioner):
-        calls = 0
-
-        def caption(self, images):
-            StopsAfterOneBatch.calls += 1
-            if StopsAfterOneBatch.calls > 1:
-                raise KeyboardInterrupt
-            return ["first description"] * len(images)
-
+    save = lambda r: write_rows(dataset, r)  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
         # save_every is larger than the run: the interruption itself must save the finished batch.
-        caption_rows(
-            rows, dataset, StopsAfterOneBatch(), save=lambda r: write_rows(dataset, r), batch_size=1, save_every=100
-        )
+        interrupted = ScriptedCaptioner("first description", interrupt_after=1)
+        caption_rows(rows, dataset, interrupted, save=save, batch_size=1, save_every=100)
     on_disk = read_rows(dataset)
     assert on_disk[0]["text"] == "first description, iflyskin" and on_disk[1]["text"] == ""
 
-    stats = caption_rows(on_disk, dataset, TemplateCaptioner(), save=lambda r: write_rows(dataset, r), batch_size=1)
+    stats = caption_rows(on_disk, dataset, TemplateCaptioner(), save=save, batch_size=1)
     assert (stats.captioned, stats.kept) == (2, 1)
     final = read_rows(dataset)
     assert final[0]["text"] == "first description, iflyskin" and all(row["text"] for row in final)
@@ -207,41 +213,33 @@ def test_interrupted_overwrite_run_resumes_from_its_progress_file(tmp_path):
     for row in rows:
         row["text"] = "old caption"
     write_rows(dataset, rows)
-
-    class Fails(TemplateCaptioner):
-        def caption(self, images):
-            raise AssertionError("rows captioned by the interrupted run must not be captioned again")
-
-    class StopsAfterTwo(TemplateCaptioner):
-        calls = 0
-
-        def caption(self, images):
-            StopsAfterTwo.calls += 1
-            if StopsAfterTwo.calls > 2:
-                raise KeyboardInterrupt
-            return ["new"] * len(images)
-
     save = lambda r: write_rows(dataset, r)  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
         caption_rows(
-            read_rows(dataset), dataset, StopsAfterTwo(), save=save, overwrite=True, batch_size=1, save_every=1
+            read_rows(dataset),
+            dataset,
+            ScriptedCaptioner("new", interrupt_after=2),
+            save=save,
+            overwrite=True,
+            batch_size=1,
+            save_every=1,
         )
     assert json.loads((dataset / PROGRESS_FILE).read_text())["done"] == ["images/navy.png", "images/red.png"]
 
-    class OnlyLast(TemplateCaptioner):
-        def caption(self, images):
-            return ["newest"] * len(images)
-
-    stats = caption_rows(read_rows(dataset), dataset, OnlyLast(), save=save, overwrite=True, batch_size=1)
-    assert stats.captioned == 1
+    # Resuming captions only the row the interrupted run did not reach.
+    resumed = ScriptedCaptioner("newest")
+    stats = caption_rows(read_rows(dataset), dataset, resumed, save=save, overwrite=True, batch_size=1)
+    assert stats.captioned == 1 and resumed.calls == 1
     assert [row["text"] for row in read_rows(dataset)] == [
         "new, iflyskin",
         'new, iflyskin, writing "前往 搜索"',
         "newest, iflyskin",
     ]
     assert not (dataset / PROGRESS_FILE).exists()
-    with pytest.raises(AssertionError):
-        caption_rows(read_rows(dataset), dataset, Fails(), save=save, overwrite=True)
+    # The finished run removed its progress file: the next --overwrite run captions every row again.
+    again = ScriptedCaptioner("again")
+    stats = caption_rows(read_rows(dataset), dataset, again, save=save, overwrite=True)
+    assert stats.captioned == 3 and all(row["text"].startswith("again") for row in read_rows(dataset))
 
 
 def test_bad_rows_are_reported_with_the_row(tmp_path):

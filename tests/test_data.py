@@ -18,6 +18,7 @@ from skingen.data import (
     convert_dataset,
     load_skin_dataset,
     normalize_dataset,
+    open_rgb,
     read_rows,
     split_dataset,
     texts_from_caption,
@@ -118,6 +119,27 @@ def test_texts_come_from_caption_when_row_has_boxes_only(tmp_path):
     assert ds[0]["texts"] == ["前往", "返回"]
 
 
+def test_texts_come_from_a_caption_py_caption_one_word_per_box(tmp_path):
+    """caption.py writes every text of a row in one quoted string (texts joined by a space)."""
+    second = [[22, 2], [30, 2], [30, 8], [22, 8]]
+    rows = [
+        _row(0, text='a keyboard skin of a navy design, iflyskin, writing "前往 搜索"', box=[QUAD, second]),
+        _row(1, text='a skin, iflyskin, writing "前往 "', box=[QUAD]),  # the seed's own rows end in a space
+        _row(2, text='iflyskin, writing "Hello World"', box=[QUAD]),  # one box: the whole string is its text
+    ]
+    ds = load_skin_dataset(make_jsonl_dataset(tmp_path / "ds", rows, n=3))
+    assert ds["texts"] == [["前往", "搜索"], ["前往"], ["Hello World"]]
+
+    # Neither one string per box nor one word per box: a bad row that says what to do.
+    bad_row = _row(0, text='writing "前往 搜索 设置"', box=[QUAD, second])
+    root = make_jsonl_dataset(tmp_path / "bad", [bad_row], n=1)
+    with pytest.raises(SkingenError) as info:
+        load_skin_dataset(root)
+    message = str(info.value)
+    assert f"{root / 'train.jsonl'}:1: 2 box(es) but the caption names 1 text(s)" in message
+    assert "one space-separated word per box" in message and "add 'texts' aligned with 'box'" in message
+
+
 @pytest.mark.parametrize(
     "caption, expected",
     [
@@ -132,6 +154,20 @@ def test_texts_come_from_caption_when_row_has_boxes_only(tmp_path):
 )
 def test_texts_from_caption(caption, expected):
     assert texts_from_caption(caption) == expected
+
+
+@pytest.mark.parametrize(
+    "caption, box_count, expected",
+    [
+        ('iflyskin, writing "前往 搜索"', 2, ["前往", "搜索"]),
+        ('iflyskin, writing "前往 搜索"', 1, ["前往 搜索"]),
+        ('writing "Go", writing "返回"', 2, ["Go", "返回"]),
+        ('writing "Go back", writing "返回"', 3, ["Go", "back", "返回"]),
+        ('writing "前往 搜索 设置"', 2, ["前往 搜索 设置"]),  # no way to get 2: the caller rejects the row
+    ],
+)
+def test_texts_from_caption_for_a_number_of_boxes(caption, box_count, expected):
+    assert texts_from_caption(caption, box_count=box_count) == expected
 
 
 def _write_imagefolder(folder: Path, n: int = 2, extra: dict | None = None) -> None:
@@ -428,6 +464,17 @@ def test_to_rgb_applies_exif_orientation(tmp_path):
     out = to_rgb(Image.open(tmp_path / "r.jpg"))
     assert out.size == (20, 40)
     assert sum(out.getpixel((10, 5))) < 60 and sum(out.getpixel((10, 35))) > 700  # black half is now on top
+
+
+def test_open_rgb_converts_like_the_loader_and_names_file_and_row(tmp_path):
+    _save(tmp_path / "clear.png", Image.new("RGBA", (2, 2), (255, 0, 0, 0)))
+    opened = open_rgb(tmp_path / "clear.png")
+    assert opened.mode == "RGB" and opened.getpixel((0, 0)) == (255, 255, 255)  # transparency on white
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(SkingenError, match=r"^list.jsonl row 3: image .*gone.png not found; fix the path"):
+        open_rgb(tmp_path / "gone.png", "list.jsonl row 3")
+    with pytest.raises(SkingenError, match=r"^image .*notes.txt is not a readable image .*replace it or drop the row"):
+        open_rgb(tmp_path / "notes.txt")
 
 
 def test_loader_decodes_every_mode_to_rgb_and_checks_boxes_in_displayed_pixels(tmp_path):

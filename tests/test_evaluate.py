@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_metrics import SKIN_TEXTS, skin_with_texts
+from textimages import SKIN_TEXTS, skin_with_texts
 
 import evaluate
 from skingen.data import write_rows

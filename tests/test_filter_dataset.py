@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from skingen.data import read_rows, write_rows
 from skingen.errors import SkingenError
+from skingen.fileio import atomic_write_json
 from skingen.layout import load_layout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,3 +139,16 @@ def test_images_at_another_size_are_compared_at_the_layout_size(tmp_path):
     filter_dataset.main(["--dataset_dir", str(folder), "--min_edge_f1", "0.5"])
     report = json.loads((folder / "filter_report.json").read_text(encoding="utf-8"))
     assert [row["kept"] for row in report["rows"]] == [True, True]
+
+
+def test_the_layout_merge_elements_recorded_is_used_for_every_row(dataset):
+    rows = read_rows(dataset)
+    for row in rows:
+        del row["layout"]
+    write_rows(dataset, rows)
+    with pytest.raises(SkingenError, match=r'train.jsonl row 1: no "layout" field'):
+        filter_dataset.main(["--dataset_dir", str(dataset)])
+    atomic_write_json(dataset / "layout.json", LAYOUT.to_dict())
+    filter_dataset.main(["--dataset_dir", str(dataset), "--min_edge_f1", "0.5"])
+    kept = [json.loads(line)["package"] for line in (dataset / "train.filtered.jsonl").read_text().splitlines()]
+    assert kept == ["good_0", "good_1", "good_2"]

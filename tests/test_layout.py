@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import fnmatch
+import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from skingen.errors import SkingenError
-from skingen.layout import available_layouts, fit_image, load_layout, render_template
+from skingen.layout import Layout, available_layouts, fit_image, load_layout, render_template
 
 SHIPPED = ("key_elements", "four_parts", "full_keyboard")
 
@@ -135,3 +137,50 @@ def test_unknown_resolution_and_unknown_name_list_the_choices():
         load_layout("key_elements", 768)
     with pytest.raises(SkingenError, match="available: .*key_elements"):
         load_layout("no_such_layout")
+
+
+def test_a_layout_record_loads_back_as_the_layout_it_records(tmp_path):
+    """merge_elements.py writes Layout.to_dict() to a dataset's layout.json; later stages load it back."""
+    for name in SHIPPED:
+        for resolution in (512, 1024):
+            layout = load_layout(name, resolution)
+            assert Layout.from_dict(layout.to_dict()) == layout
+    fraction_spec = write_spec(tmp_path, spec(
+        "  - id: half\n    box: [0, 0.5, 1, 1]\n    patterns: [\"h*.png\"]\n",
+        head="name: frac\ncanvas: [100, 80]\nunits: fraction\nresolutions: [100, 200]\n",
+    ))
+    layout = load_layout(fraction_spec, resolution=200)
+    record = tmp_path / "layout.json"
+    record.write_text(json.dumps(layout.to_dict()), encoding="utf-8")
+    loaded = load_layout(record)
+    assert loaded.path == str(record) and replace(loaded, path=layout.path) == layout
+    assert load_layout(record, resolution=200) == loaded
+    # The record holds boxes at one size only; another size must come from the spec.
+    with pytest.raises(SkingenError, match=r"layout.json: this record holds layout 'frac' at 200 px only;.*--layout frac"):
+        load_layout(record, resolution=100)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda d: d.pop("elements"), r"not a layout record \(missing \['elements'\]\)"),
+        (lambda d: d.update(canvas_size=1), r"not a layout record \(unknown key\(s\) \['canvas_size'\]\)"),
+        (
+            lambda d: d["elements"][0].update(box=[0, 0, 2000, 10]),
+            r"element 'candidate_bar': box \[0, 0, 2000, 10\] .* outside the 1024x1024 canvas",
+        ),
+        (lambda d: d.update(resolution=512), r"'resolution' 512 must equal 'width' \(1024\)"),
+        (lambda d: d["elements"][1].update(id="candidate_bar"), r"element id 'candidate_bar' is used twice"),
+    ],
+)
+def test_a_broken_layout_record_names_the_file_and_what_is_wrong(tmp_path, change, expected):
+    data = load_layout("key_elements", 1024).to_dict()
+    change(data)
+    record = tmp_path / "layout.json"
+    record.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(SkingenError, match=expected) as err:
+        load_layout(record)
+    assert str(record) in str(err.value)
+    record.write_text("{broken", encoding="utf-8")
+    with pytest.raises(SkingenError, match=r"layout.json:\d+: invalid JSON"):
+        load_layout(record)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from textimages import SKIN_TEXTS, skin_with_texts
 
 from skingen.errors import SkingenError
 from skingen.glyphs import canny_control
@@ -22,9 +23,6 @@ from skingen.metrics import (
 )
 from skingen.ocr import get_ocr
 
-FONT_PATH = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
-SKIN_TEXTS = ["前往", "搜索", "设置"]
-
 
 def keyboard_like(size: int = 128, shift: int = 0) -> np.ndarray:
     """Coloured blocks on a background, like merged skin elements; ``shift`` moves everything right."""
@@ -38,21 +36,6 @@ def keyboard_like(size: int = 128, shift: int = 0) -> np.ndarray:
         cv2.rectangle(image, (x0 + shift, y0), (x1 + shift, y1), colour, -1)
     cv2.circle(image, (34 + shift, 79), 14, (250, 250, 250), -1)
     return image
-
-
-def skin_with_texts(texts=SKIN_TEXTS, size=(480, 160), font_size=44):
-    """``texts`` drawn in the CJK font at known places on a light skin; returns (image, quads)."""
-    image = Image.new("RGB", size, (240, 236, 228))
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.truetype(FONT_PATH, font_size)
-    quads = []
-    for index, text in enumerate(texts):
-        x, y = 20 + index * 150, 50
-        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
-        draw.text((x, y), text, font=font, fill=(30, 30, 30))
-        x0, y0, x1, y1 = left - 8, top - 8, right + 8, bottom + 8
-        quads.append([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
-    return image, quads
 
 
 @pytest.fixture(scope="module")

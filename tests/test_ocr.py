@@ -7,7 +7,8 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+from textimages import cjk_font_at, draw_texts, iou
 
 from skingen.errors import SkingenError
 from skingen.ocr import TextLine, crop_quad, get_ocr, lines_from_paddle_result, texts_from_paddle_recognition
@@ -20,29 +21,15 @@ def ocr():
     return get_ocr("rapidocr", num_threads=2)
 
 
-def skin_with_text(font_path, size=(512, 512)):
+def skin_with_text(size=(512, 512)):
     """A flat 'skin' with a light key, and the DRAWN strings; returns the image and each string's ink box."""
     image = Image.new("RGB", size, (40, 90, 160))
-    draw = ImageDraw.Draw(image)
-    draw.rounded_rectangle((30, 310, 250, 390), 12, fill=(230, 230, 240))
-    font = ImageFont.truetype(str(font_path), 32)
-    boxes = {}
-    for xy, text, color in DRAWN:
-        draw.text(xy, text, font=font, fill=color)
-        boxes[text] = draw.textbbox(xy, text, font=font)
-    return image, boxes
+    ImageDraw.Draw(image).rounded_rectangle((30, 310, 250, 390), 12, fill=(230, 230, 240))
+    return image, draw_texts(image, DRAWN, font_size=32)
 
 
-def iou(quad, box) -> float:
-    q = np.asarray(quad)
-    qx0, qy0, qx1, qy1 = q[:, 0].min(), q[:, 1].min(), q[:, 0].max(), q[:, 1].max()
-    x0, y0, x1, y1 = box
-    inter = max(0, min(qx1, x1) - max(qx0, x0)) * max(0, min(qy1, y1) - max(qy0, y0))
-    return inter / ((qx1 - qx0) * (qy1 - qy0) + (x1 - x0) * (y1 - y0) - inter)
-
-
-def test_read_finds_drawn_text_at_its_place(ocr, cjk_font):
-    image, boxes = skin_with_text(cjk_font)
+def test_read_finds_drawn_text_at_its_place(ocr):
+    image, boxes = skin_with_text()
     lines = ocr.read(np.asarray(image))
     assert sorted(line.text for line in lines) == sorted(boxes)
     for line in lines:
@@ -53,8 +40,8 @@ def test_read_finds_drawn_text_at_its_place(ocr, cjk_font):
         assert x1 > x0 and y3 > y0 and x2 > x3 and y2 > y1
 
 
-def test_read_batch_matches_read_and_handles_blank_images(ocr, cjk_font):
-    image, _ = skin_with_text(cjk_font)
+def test_read_batch_matches_read_and_handles_blank_images(ocr):
+    image, _ = skin_with_text()
     blank = np.full((256, 256, 3), 128, np.uint8)
     batch = ocr.read_batch([np.asarray(image), blank])
     assert [line.text for line in batch[0]] == [line.text for line in ocr.read(np.asarray(image))]
@@ -68,9 +55,9 @@ def test_crop_quad_of_axis_aligned_box_is_the_slice():
 
 
 @pytest.mark.parametrize("angle", [25, 90])
-def test_rotated_line_reads_after_crop_quad(ocr, cjk_font, angle):
+def test_rotated_line_reads_after_crop_quad(ocr, angle):
     text = "搜索Hello"
-    font = ImageFont.truetype(str(cjk_font), 36)
+    font = cjk_font_at(36)
     left, top, right, bottom = font.getbbox(text)
     w, h = right - left + 16, bottom - top + 16
     patch = Image.new("RGB", (w, h), (250, 250, 250))

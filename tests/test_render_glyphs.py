@@ -7,7 +7,8 @@ import json
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+from textimages import draw_texts, iou
 
 import render_glyphs
 from skingen import data
@@ -35,23 +36,18 @@ SKIN_TEXTS = [
 ]
 
 
-def draw_skin(index: int, font_path) -> tuple[Image.Image, dict]:
+def draw_skin(index: int) -> tuple[Image.Image, dict]:
     rng = np.random.default_rng(index)
     image = Image.new("RGB", (SIZE, SIZE), tuple(int(v) for v in rng.integers(40, 120, 3)))
     draw = ImageDraw.Draw(image)
     draw.rectangle((0, 0, 511, 95), fill=(30, 60, 110))
     for box in ((16, 300, 239, 399), (272, 300, 495, 399)):
         draw.rounded_rectangle(box, 14, fill=(235, 235, 240))
-    font = ImageFont.truetype(str(font_path), 34)
-    ink = {}
-    for xy, text, color in SKIN_TEXTS[index] if index < len(SKIN_TEXTS) else []:
-        draw.text(xy, text, font=font, fill=color)
-        ink[text] = draw.textbbox(xy, text, font=font)
-    return image, ink
+    return image, draw_texts(image, SKIN_TEXTS[index] if index < len(SKIN_TEXTS) else [], font_size=34)
 
 
 @pytest.fixture
-def dataset(tmp_path, cjk_font):
+def dataset(tmp_path):
     """A dataset folder as merge_elements.py leaves it: images/, train.jsonl and, with ``record="json"``,
     layout.json (the resolved spec) plus the layout's name in each row; ``"name"``: only a name in the
     rows (key_elements, from configs/layouts); ``None``: no layout recorded."""
@@ -65,7 +61,7 @@ def dataset(tmp_path, cjk_font):
             atomic_write_json(root / "layout.json", load_layout(layout_path, resolution=SIZE).to_dict())
         rows, inks = [], []
         for i in range(count):
-            image, ink = draw_skin(i, cjk_font)
+            image, ink = draw_skin(i)
             image.save(root / "images" / f"skin_{i}.png")
             inks.append(ink)
             row = {"image": f"images/skin_{i}.png", "package": f"skin_{i}", "text": "", "custom": {"keep": i}}
@@ -81,14 +77,6 @@ def dataset(tmp_path, cjk_font):
 def run(root, *flags):
     render_glyphs.main(["--dataset_dir", str(root), *flags])
     return data.read_rows(root)
-
-
-def iou(quad, box) -> float:
-    q = np.asarray(quad)
-    qx0, qy0, qx1, qy1 = q[:, 0].min(), q[:, 1].min(), q[:, 0].max(), q[:, 1].max()
-    x0, y0, x1, y1 = box
-    inter = max(0, min(qx1, x1) - max(qx0, x0)) * max(0, min(qy1, y1) - max(qy0, y0))
-    return inter / ((qx1 - qx0) * (qy1 - qy0) + (x1 - x0) * (y1 - y0) - inter)
 
 
 def temp_files(root):
@@ -241,11 +229,33 @@ def test_layout_comes_from_the_rows_name_when_there_is_no_layout_json(dataset):
     )
 
 
-def test_a_layout_changed_since_merging_is_refused(dataset):
+def test_template_is_drawn_from_layout_json_whatever_happened_to_the_yaml(dataset):
+    """layout.json holds the boxes the images were merged with: an edited or moved YAML does not matter."""
     root, layout_path, _ = dataset(count=1)
+    merged_with = np.asarray(render_template(load_layout(layout_path, resolution=SIZE)))
     layout_path.write_text(LAYOUT_YAML.replace("[16, 300, 240, 400]", "[16, 280, 240, 400]"), encoding="utf-8")
-    with pytest.raises(SkingenError, match="layout 'test_bar_and_keys' .* has changed since these images were merged"):
+    run(root, "--mode", "template")
+    np.testing.assert_array_equal(np.asarray(Image.open(root / "conditioning_images/template.png")), merged_with)
+    layout_path.unlink()
+    run(root, "--mode", "template", "--overwrite")
+    np.testing.assert_array_equal(np.asarray(Image.open(root / "conditioning_images/template.png")), merged_with)
+
+    with pytest.raises(SkingenError, match=r"layout.json: this record holds layout 'test_bar_and_keys' at 512 px only"):
+        run(root, "--mode", "template", "--resolution", "1024")
+    (root / "layout.json").write_text('{"name": "test_bar_and_keys", "width": 512}', encoding="utf-8")
+    with pytest.raises(SkingenError, match=r"layout.json: not a layout record \(missing \['elements', 'height'\]\)"):
         run(root, "--mode", "template")
+
+
+def test_an_edited_layout_redraws_the_template(dataset):
+    root, layout_path, _ = dataset(count=1, record=None)
+    run(root, "--mode", "template", "--layout", str(layout_path))
+    layout_path.write_text(LAYOUT_YAML.replace("[16, 300, 240, 400]", "[16, 280, 240, 400]"), encoding="utf-8")
+    run(root, "--mode", "template", "--layout", str(layout_path))
+    expected = render_template(load_layout(layout_path, resolution=SIZE))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(root / "conditioning_images/template.png")), np.asarray(expected)
+    )
 
 
 def test_layout_must_be_known_and_match_the_images(dataset):
