@@ -4,7 +4,8 @@
 Runs the real trainer (``skingen.training.train``) on a randomly initialised model and a synthetic dataset,
 once with the text-embedding + latent caches and once encoding images with the VAE at every step, each in a
 fresh subprocess so its peak memory is its own. Step time is the median time between optimizer steps after
-the warm-up steps; "setup" is everything before the first step (loading, caching).
+the warm-up steps; "1st step s" is the time from the start to the end of the first step (loading, caching and
+the first, slowest step).
 
     python bench/train_step.py                              # CPU, tiny `small` preset at 256 px
     python bench/train_step.py --device cuda --sdxl_shaped --resolution 1024 --mixed_precision bf16 \
@@ -137,7 +138,7 @@ def measure(options: argparse.Namespace, model_dir: Path, data_dir: Path, cache_
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {
-        "caching": cache_latents, "setup_s": round(times[0] - start - step_s, 2), "step_s": round(step_s, 4),
+        "caching": cache_latents, "first_step_s": round(times[0] - start, 2), "step_s": round(step_s, 4),
         "samples_per_s": round(options.batch_size / step_s, 3), "peak_memory_mb": round(peak_mb, 1),
     }
 
@@ -196,13 +197,13 @@ def main(argv=None) -> None:
     print(f"{model} model, {options.device}, {options.resolution} px, batch {options.batch_size}, "
           f"mixed precision {options.mixed_precision}, gradient checkpointing {options.gradient_checkpointing}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'caching':>8} {'setup s':>8} {'step s':>8} {'samples/s':>10} {'peak MB':>9}")
+    print(f"{'caching':>8} {'1st step s':>10} {'step s':>8} {'samples/s':>10} {'peak MB':>9}")
     for only in ("cached", "uncached"):
         finished = subprocess.run([*child, "--only", only], env=env, capture_output=True, text=True)
         if finished.returncode != 0:
             sys.exit(f"error: the {only} run failed:\n{finished.stderr[-3000:]}")
         row = json.loads(finished.stdout.strip().splitlines()[-1])
-        print(f"{only:>8} {row['setup_s']:>8} {row['step_s']:>8} {row['samples_per_s']:>10} {row['peak_memory_mb']:>9}")
+        print(f"{only:>8} {row['first_step_s']:>10} {row['step_s']:>8} {row['samples_per_s']:>10} {row['peak_memory_mb']:>9}")
     if temporary:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -321,6 +321,7 @@ def test_interrupted_saves_leave_the_previous_checkpoints_usable(tmp_path, monke
         (["--proportion_empty_prompts", "1.5"], "--proportion_empty_prompts must be between 0 and 1"),
         (["--use_8bit_adam"], "needs bitsandbytes"),
         (["--resume_from_checkpoint", "checkpoint-7"], "no such checkpoint folder"),
+        (["--push_to_hub"], "the Hugging Face Hub is offline here"),
     ],
 )
 def test_bad_flags_exit_2_with_a_clear_message(tiny_sdxl_dir, skin_dataset, tmp_path, capsys, extra, message):
