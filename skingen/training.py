@@ -4,13 +4,14 @@ Flags follow diffusers' ``examples/controlnet/train_controlnet_sdxl.py``; what d
 
 - Text embeddings (per distinct caption) and VAE latent distributions are cached on disk and reused by
   later runs (``skingen.caching``); prompt dropout is still decided per step.
-- All randomness of a sample (prompt dropout, timestep, noise, the VAE latent sample) comes from a generator
-  seeded by ``(seed, micro-batch number, position in the global batch)``, and the data order is a function
-  of ``(seed, epoch)`` over global batches. So a resumed run ends with the same weights as an uninterrupted
-  one, and N processes with the same global batch train like one process.
+- The data order and every sample's randomness follow from the seed (``skingen.training_data``), so a resumed
+  run ends with the same weights as an uninterrupted one, and N processes with the same global batch train
+  like one process.
 - Checkpoints are written atomically (``skingen.checkpointing``); a non-finite loss skips the optimizer
   update and ``--max_nonfinite_steps`` in a row stop training with the last good checkpoint kept.
-- Batches carry ``boxes`` and ``texts`` for an optional extra loss (the OCR text loss).
+- An optional extra loss (``ExtraLoss``, e.g. the OCR text loss) is added to the diffusion loss.
+
+Validation grids and the model card: ``skingen.validation``.
 
 Testing hook: ``--debug_inject_nan_at_step N [N ...]`` (hidden from ``--help``) turns the loss of those
 optimizer steps (1-based, as in ``checkpoint-N``) into NaN, to exercise the non-finite handling.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import importlib.util
 import logging
 import math
@@ -30,10 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .caching import LatentCache, TextEmbeddingCache, fill_sharded, image_signature, model_fingerprint
@@ -49,8 +47,16 @@ from .checkpointing import (
 from .config import parse_args_with_config
 from .data import ON_BAD_SAMPLE
 from .errors import SkingenError
-from .fileio import atomic_save_image, atomic_write_text
-from .models import compute_time_ids, load_or_init_controlnet, load_sdxl_components
+from .models import load_or_init_controlnet, load_sdxl_components
+from .training_data import (
+    GlobalBatchSampler,
+    TrainingSamples,
+    batch_to_device,
+    collate_samples,
+    load_training_rows,
+    training_pixels,
+)
+from .validation import load_validation_pairs, log_validation, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -246,199 +252,7 @@ def validate_training_args(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Images and boxes
-
-
-def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(width, height) after resizing the shorter side to ``resolution`` (as torchvision's Resize(int))."""
-    if width <= height:
-        return resolution, max(resolution, int(resolution * height / width))
-    return max(resolution, int(resolution * width / height)), resolution
-
-
-def resize_and_center_crop(image: Image.Image, resolution: int) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
-    """Resize the shorter side to ``resolution`` (bilinear) and centre-crop a square; no flip (keyboards carry text).
-
-    Returns the crop, the original ``(height, width)`` and the crop's ``(top, left)`` in the resized image,
-    which is what SDXL's time ids record.
-    """
-    width, height = image.size
-    new_w, new_h = _resized_size(width, height, resolution)
-    resized = image.resize((new_w, new_h), Image.BILINEAR) if (new_w, new_h) != (width, height) else image
-    top = int(round((new_h - resolution) / 2.0))
-    left = int(round((new_w - resolution) / 2.0))
-    return resized.crop((left, top, left + resolution, top + resolution)), (height, width), (top, left)
-
-
-def image_to_tensor(image: Image.Image, normalize: bool) -> torch.Tensor:
-    """(3, H, W) float32 in [0, 1], or [-1, 1] with ``normalize``."""
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
-    return tensor * 2.0 - 1.0 if normalize else tensor
-
-
-def training_pixels(image: Image.Image, resolution: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """A training image as (3, R, R) in [-1, 1], with its original size and crop offsets."""
-    cropped, original, crop = resize_and_center_crop(image, resolution)
-    return image_to_tensor(cropped, normalize=True), original, crop
-
-
-def transform_boxes(
-    quads: Sequence, texts: Sequence[str], original_size: tuple[int, int], crop_top_left: tuple[int, int], resolution: int
-) -> tuple[torch.Tensor, list[str]]:
-    """Map 4-point boxes from original-image pixels to training pixels (same resize and crop as the image).
-
-    Boxes entirely outside the crop are dropped with their text; boxes partly outside are kept unclipped.
-    Returns a float32 ``(N, 4, 2)`` tensor of ``(x, y)`` points and the N aligned strings.
-    """
-    height, width = original_size
-    new_w, new_h = _resized_size(width, height, resolution)
-    points = torch.tensor(quads, dtype=torch.float32).reshape(-1, 4, 2)
-    points[..., 0] = points[..., 0] * (new_w / width) - crop_top_left[1]
-    points[..., 1] = points[..., 1] * (new_h / height) - crop_top_left[0]
-    inside = (
-        (points[..., 0].amax(dim=1) > 0)
-        & (points[..., 0].amin(dim=1) < resolution)
-        & (points[..., 1].amax(dim=1) > 0)
-        & (points[..., 1].amin(dim=1) < resolution)
-    )
-    return points[inside], [text for text, keep in zip(texts, inside.tolist()) if keep]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data order and per-sample randomness
-
-
-def sample_seed(seed: int, micro_step: int, position: int) -> int:
-    """The seed of one sample's randomness: global micro-batch number and position in the global batch."""
-    digest = hashlib.sha256(f"{seed}:{micro_step}:{position}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Yields this process's share of each global batch, as ``(row, sample_seed)`` pairs.
-
-    Epoch ``e`` visits the rows in ``randperm(seed, e)`` order, ``global_batch_size`` at a time; the last batch
-    of an epoch is topped up from the start of that order, so every global batch is full and the plan does not
-    depend on how many processes share it. Starting at ``start_micro_step`` continues a resumed run at the
-    next unseen batch without loading the skipped ones.
-    """
-
-    def __init__(self, num_rows: int, batch_size: int, num_processes: int, process_index: int, seed: int,
-                 start_micro_step: int, end_micro_step: int):
-        self.num_rows = num_rows
-        self.batch_size = batch_size
-        self.global_batch_size = batch_size * num_processes
-        self.first_position = process_index * batch_size
-        self.seed = seed
-        self.start, self.end = start_micro_step, end_micro_step
-        self.batches_per_epoch = math.ceil(num_rows / self.global_batch_size)
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, -1, epoch))
-        return torch.randperm(self.num_rows, generator=generator).tolist()
-
-    def __len__(self) -> int:
-        return max(0, self.end - self.start)
-
-    def __iter__(self):
-        epoch, order = None, None
-        for micro_step in range(self.start, self.end):
-            batch_epoch, index = divmod(micro_step, self.batches_per_epoch)
-            if batch_epoch != epoch:
-                epoch, order = batch_epoch, self.epoch_order(batch_epoch)
-            first = index * self.global_batch_size
-            yield [
-                (order[(first + position) % self.num_rows], sample_seed(self.seed, micro_step, position))
-                for position in range(self.first_position, self.first_position + self.batch_size)
-            ]
-
-
-class TrainingSamples(torch.utils.data.Dataset):
-    """A training sample per ``(row, sample_seed)``: tensors ready for the step, plus boxes and texts.
-
-    Keys: ``conditioning_pixel_values`` (3, R, R) in [0, 1]; ``latent_dist`` (2C, R/f, R/f) when latents are
-    cached, and/or ``pixel_values`` (3, R, R) in [-1, 1]; ``prompt_embeds``, ``pooled_prompt_embeds``,
-    ``time_ids`` (6,); ``noise`` and ``latent_noise`` (C, R/f, R/f); ``timesteps`` (); ``boxes`` (N, 4, 2);
-    ``texts``, ``captions`` (the caption used, "" when dropped), ``row_ids`` and ``sample_seeds`` (seed an
-    extra loss's own randomness from these to keep resume and multi-process runs exact).
-    """
-
-    def __init__(self, dataset, *, resolution: int, text_cache: TextEmbeddingCache, latent_cache: LatentCache | None,
-                 latent_keys: Sequence[str] | None, latent_shape: tuple[int, int, int], num_train_timesteps: int,
-                 proportion_empty_prompts: float, time_ids_crop: tuple[int, int] | None, load_pixel_values: bool):
-        self.images = dataset.select_columns(["image"])
-        self.conditioning_images = dataset.select_columns(["conditioning_image"])
-        self.captions = list(dataset["text"])
-        self.boxes = list(dataset["box"])
-        self.texts = list(dataset["texts"])
-        self.row_ids = list(dataset["row_id"])
-        self.resolution = resolution
-        self.text_cache = text_cache
-        self.latent_cache, self.latent_keys = latent_cache, latent_keys
-        self.latent_shape = latent_shape
-        self.num_train_timesteps = num_train_timesteps
-        self.proportion_empty_prompts = proportion_empty_prompts
-        self.time_ids_crop = time_ids_crop
-        self.load_pixel_values = load_pixel_values or latent_cache is None
-
-    def __len__(self) -> int:
-        return len(self.row_ids)
-
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
-        row, seed = item
-        # The draw order is fixed: changing it changes every run's randomness.
-        generator = torch.Generator().manual_seed(seed)
-        dropped = bool(torch.rand((), generator=generator) < self.proportion_empty_prompts)
-        timestep = torch.randint(0, self.num_train_timesteps, (), generator=generator)
-        noise = torch.randn(self.latent_shape, generator=generator)
-        latent_noise = torch.randn(self.latent_shape, generator=generator)
-
-        sample: dict[str, Any] = {"timesteps": timestep, "noise": noise, "latent_noise": latent_noise}
-        if self.latent_cache is not None:
-            sample["latent_dist"], original, crop = self.latent_cache.load(self.latent_keys[row])
-        if self.load_pixel_values:
-            sample["pixel_values"], original, crop = training_pixels(self.images[row]["image"], self.resolution)
-        control, _, _ = resize_and_center_crop(self.conditioning_images[row]["conditioning_image"], self.resolution)
-        sample["conditioning_pixel_values"] = image_to_tensor(control, normalize=False)
-
-        caption = "" if dropped else self.captions[row]
-        sample["prompt_embeds"], sample["pooled_prompt_embeds"] = self.text_cache.load(caption)
-        sample["time_ids"] = compute_time_ids(original, self.time_ids_crop or crop, (self.resolution, self.resolution))
-        sample["boxes"], sample["texts"] = transform_boxes(
-            self.boxes[row], self.texts[row], original, crop, self.resolution
-        )
-        sample["captions"] = caption
-        sample["row_ids"] = self.row_ids[row]
-        sample["sample_seeds"] = seed
-        return sample
-
-
-LIST_KEYS = ("boxes", "texts", "captions", "row_ids", "sample_seeds")
-
-
-def collate_samples(samples: list[dict]) -> dict[str, Any]:
-    """Stack tensors; ``boxes``, ``texts``, ``captions``, ``row_ids`` and ``sample_seeds`` stay per-sample lists."""
-    return {
-        key: [s[key] for s in samples] if key in LIST_KEYS else torch.stack([s[key] for s in samples])
-        for key in samples[0]
-    }
-
-
-def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            moved[key] = value.to(device, non_blocking=True)
-        elif key == "boxes":
-            moved[key] = [boxes.to(device) for boxes in value]
-        else:
-            moved[key] = value
-    return moved
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The training step
+# The loop
 
 
 class ExtraLoss(Protocol):
@@ -454,221 +268,6 @@ class ExtraLoss(Protocol):
     def __call__(self, *, batch: dict, model_pred: torch.Tensor, noisy_latents: torch.Tensor, latents: torch.Tensor,
                  timesteps: torch.Tensor, noise: torch.Tensor, noise_scheduler, vae, weight_dtype: torch.dtype,
                  step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-
-@dataclass
-class StepLosses:
-    loss: torch.Tensor
-    loss_diffusion: torch.Tensor
-    loss_extra: torch.Tensor | None = None
-    extra_logs: dict[str, float] = field(default_factory=dict)
-
-
-def latents_from_batch(batch: dict, vae, weight_dtype: torch.dtype) -> torch.Tensor:
-    """Scaled latents: a sample of the VAE's distribution (cached, or encoded now) using the batch's noise."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    if "latent_dist" in batch:
-        parameters = batch["latent_dist"]
-    else:
-        with torch.no_grad():
-            parameters = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist.parameters
-    distribution = DiagonalGaussianDistribution(parameters.float())
-    latents = distribution.mean + distribution.std * batch["latent_noise"].float()
-    return (latents * vae.config.scaling_factor).to(weight_dtype)
-
-
-def compute_losses(batch: dict, *, controlnet, unet, vae, noise_scheduler, weight_dtype: torch.dtype,
-                   extra_loss: ExtraLoss | None, step: int) -> StepLosses:
-    """One forward pass: ControlNet + frozen UNet, epsilon/v MSE, plus the extra loss if any."""
-    latents = latents_from_batch(batch, vae, weight_dtype)
-    noise = batch["noise"].to(weight_dtype)
-    timesteps = batch["timesteps"].long()
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    prompt_embeds = batch["prompt_embeds"].to(weight_dtype)
-    added = {"text_embeds": batch["pooled_prompt_embeds"].to(weight_dtype), "time_ids": batch["time_ids"].to(weight_dtype)}
-    down_samples, mid_sample = controlnet(
-        noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
-        controlnet_cond=batch["conditioning_pixel_values"].to(weight_dtype), return_dict=False,
-    )
-    model_pred = unet(
-        noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
-        down_block_additional_residuals=[s.to(weight_dtype) for s in down_samples],
-        mid_block_additional_residual=mid_sample.to(weight_dtype),
-    ).sample
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise SkingenError(f"noise scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
-    loss_diffusion = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    if extra_loss is None:
-        return StepLosses(loss=loss_diffusion, loss_diffusion=loss_diffusion)
-    loss_extra, extra_logs = extra_loss(
-        batch=batch, model_pred=model_pred, noisy_latents=noisy_latents, latents=latents, timesteps=timesteps,
-        noise=noise, noise_scheduler=noise_scheduler, vae=vae, weight_dtype=weight_dtype, step=step,
-    )
-    return StepLosses(loss_diffusion + loss_extra, loss_diffusion, loss_extra, dict(extra_logs))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Validation images and the model card
-
-
-@dataclass
-class ValidationPair:
-    prompt: str
-    control: Image.Image  # conditioning image at training size
-
-
-def load_validation_pairs(args: argparse.Namespace) -> list[ValidationPair]:
-    """Prompt/conditioning pairs from the flags (diffusers' pairing rules) or from a split of the dataset."""
-    from .data import load_skin_dataset, open_rgb
-
-    if args.validation_prompt is not None:
-        prompts, images = list(args.validation_prompt), list(args.validation_image)
-        if len(images) == 1:
-            images = images * len(prompts)
-        elif len(prompts) == 1:
-            prompts = prompts * len(images)
-        return [
-            ValidationPair(prompt, resize_and_center_crop(open_rgb(path, "--validation_image"), args.resolution)[0])
-            for prompt, path in zip(prompts, images)
-        ]
-    if args.validation_split is not None:
-        rows = load_skin_dataset(
-            args.train_data_dir, split=args.validation_split, image_column=args.image_column,
-            conditioning_image_column=args.conditioning_image_column, caption_column=args.caption_column,
-            on_bad_sample=args.on_bad_sample, max_samples=args.validation_rows,
-        ).select_columns(["text", "conditioning_image"])
-        return [ValidationPair(row["text"], resize_and_center_crop(row["conditioning_image"], args.resolution)[0]) for row in rows]
-    return []
-
-
-@torch.no_grad()
-def log_validation(pairs: Sequence[ValidationPair], *, args, accelerator, vae, unet, controlnet, noise_scheduler,
-                   text_cache: TextEmbeddingCache, weight_dtype: torch.dtype, step: int, seed: int) -> Path:
-    """Sample ``--num_validation_images`` per pair; save ``OUTPUT_DIR/validation/step-N.png`` and log to trackers.
-
-    Rows of the grid: the conditioning image, then the samples. Prompts come from the embedding cache, so no
-    text encoder is needed; image ``k`` of every validation uses seed ``seed + k``, so steps compare directly.
-    """
-    from diffusers import StableDiffusionXLControlNetPipeline, UniPCMultistepScheduler
-    from diffusers.utils import make_image_grid
-
-    device = accelerator.device
-    vae_device = vae.device
-    vae.to(device)
-    controlnet = accelerator.unwrap_model(controlnet)
-    if weight_dtype != torch.float32:
-        # A plain copy in the UNet's dtype: the prepared model returns fp32 residuals (accelerate's mixed-precision
-        # wrapper), which would upcast the UNet's activations against its half-precision weights.
-        trained = controlnet
-        controlnet = type(trained).from_config(trained.config)
-        controlnet.load_state_dict(trained.state_dict())
-        controlnet.to(device, dtype=weight_dtype)
-    pipeline = StableDiffusionXLControlNetPipeline(
-        vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
-        controlnet=controlnet,
-        scheduler=UniPCMultistepScheduler.from_config(noise_scheduler.config), add_watermarker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    rows = []
-    for pair in pairs:
-        prompt_embeds, pooled = text_cache.load(pair.prompt)
-        images = []
-        for index in range(args.num_validation_images):
-            with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-                images.append(pipeline(
-                    prompt_embeds=prompt_embeds[None].to(device, weight_dtype),
-                    pooled_prompt_embeds=pooled[None].to(device, weight_dtype),
-                    image=pair.control, height=args.resolution, width=args.resolution,
-                    num_inference_steps=args.validation_inference_steps,
-                    generator=torch.Generator().manual_seed(seed + index),
-                ).images[0])
-        rows.append([pair.control, *images])
-    grid = make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0]))
-    path = atomic_save_image(grid, Path(args.output_dir) / "validation" / f"step-{step}.png")
-
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            for i, (pair, row) in enumerate(zip(pairs, rows)):
-                tracker.writer.add_images(f"validation/{i}: {pair.prompt[:80]}",
-                                          np.stack([np.asarray(image) for image in row]), step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"validation": [
-                wandb.Image(image, caption="conditioning" if j == 0 else pair.prompt)
-                for pair, row in zip(pairs, rows) for j, image in enumerate(row)
-            ]}, step=step)
-    vae.to(vae_device)
-    del pipeline, controlnet
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return path
-
-
-def write_model_card(args: argparse.Namespace, *, global_step: int, num_rows: int, num_processes: int,
-                     mixed_precision: str, grid: Path | None) -> Path:
-    """``OUTPUT_DIR/README.md``: base model, dataset, key settings, where the samples are, how to load."""
-    output_dir = Path(args.output_dir)
-    base = args.pretrained_model_name_or_path
-    start = (f"fine-tuned from `{args.controlnet_model_name_or_path}`" if args.controlnet_model_name_or_path
-             else "initialised from the base model's UNet")
-    settings = {
-        "resolution": args.resolution,
-        "batch size per process x processes x accumulation": f"{args.train_batch_size} x {num_processes} x "
-                                                             f"{args.gradient_accumulation_steps}",
-        "learning rate / scheduler": f"{args.learning_rate} / {args.lr_scheduler} (warmup {args.lr_warmup_steps})",
-        "steps": global_step,
-        "mixed precision": mixed_precision,
-        "empty-prompt proportion": args.proportion_empty_prompts,
-        "seed": args.seed,
-    }
-    table = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
-    samples = (f"![validation samples]({grid.relative_to(output_dir).as_posix()})\n\n"
-               "Each row: the conditioning image, then generated samples.") if grid else "No validation was run."
-    card = f"""---
-base_model: {base}
-library_name: diffusers
-license: openrail++
-tags:
-- stable-diffusion-xl
-- controlnet
-- skingen
----
-
-# ControlNet for keyboard skins
-
-An SDXL ControlNet for `{base}`, {start}, trained by skingen's `train_controlnet_sdxl.py` on
-`{args.dataset_name or args.train_data_dir}` ({num_rows} rows).
-
-| setting | value |
-|---|---|
-{table}
-
-## Samples
-
-{samples}
-
-## Use
-
-```python
-from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
-
-controlnet = ControlNetModel.from_pretrained("{args.hub_model_id or output_dir}")
-pipe = StableDiffusionXLControlNetPipeline.from_pretrained("{base}", controlnet=controlnet)
-```
-"""
-    return atomic_write_text(output_dir / "README.md", card)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The loop
 
 
 @dataclass
@@ -700,105 +299,6 @@ def train(args: argparse.Namespace, extra_loss: ExtraLoss | None = None, *,
         return _run(args, accelerator, extra_loss, on_step)
     finally:
         accelerator.end_training()
-
-
-def _setup_logging(accelerator) -> None:
-    import diffusers
-    import transformers
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
-    library_level = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
-    transformers.utils.logging.set_verbosity(library_level)
-    diffusers.utils.logging.set_verbosity(library_level)
-
-
-def _load_training_rows(args):
-    from .data import load_skin_dataset, normalize_dataset
-
-    if args.dataset_name is not None and args.dataset_config_name is not None:
-        import datasets
-
-        try:
-            loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train", cache_dir=args.cache_dir)
-        except (FileNotFoundError, ValueError, OSError) as err:
-            raise SkingenError(f"--dataset_name {args.dataset_name} --dataset_config_name {args.dataset_config_name}: "
-                               f"could not load it ({type(err).__name__}: {err})") from None
-        return normalize_dataset(loaded, image_column=args.image_column, conditioning_image_column=args.conditioning_image_column,
-                                 caption_column=args.caption_column, on_bad_sample=args.on_bad_sample,
-                                 max_samples=args.max_train_samples, source=args.dataset_name)
-    return load_skin_dataset(
-        args.train_data_dir, args.dataset_name, image_column=args.image_column,
-        conditioning_image_column=args.conditioning_image_column, caption_column=args.caption_column,
-        on_bad_sample=args.on_bad_sample, cache_dir=args.cache_dir, max_samples=args.max_train_samples,
-    )
-
-
-def _main_process_value(accelerator, compute: Callable[[], Any]) -> Any:
-    """``compute()`` on the main process, the same value on every process."""
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([compute() if accelerator.is_main_process else None])[0]
-
-
-def _cache_text_embeddings(args, accelerator, components, captions: set[str], dtype, cache_root: Path):
-    encoders = components.text_encoders
-    cache = TextEmbeddingCache(cache_root, model_fingerprint(
-        args.pretrained_model_name_or_path, {"text_encoder": encoders[0], "text_encoder_2": encoders[1]},
-        dtype=dtype, revision=args.revision, variant=args.variant,
-        subfolders=("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
-    ))
-    missing = _main_process_value(accelerator, lambda: cache.missing(captions))
-    if missing:
-        for encoder in encoders:
-            _place(encoder, accelerator.device, dtype)
-        fill_sharded(accelerator, missing, lambda shard: cache.compute(
-            shard, components.tokenizers, encoders, progress=accelerator.is_local_main_process))
-        if cache.missing(captions):
-            raise SkingenError(f"{cache.folder}: some text embeddings were not written; is the folder shared by all processes?")
-    return cache, {"text_embeddings_computed": len(missing), "text_embeddings_reused": len(captions) - len(missing)}
-
-
-def _cache_latents(args, accelerator, dataset, vae, dtype, cache_root: Path, load_pixels):
-    import datasets
-
-    separate_vae = args.pretrained_vae_model_name_or_path is not None
-    cache = LatentCache(cache_root, model_fingerprint(
-        args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path, {"vae": vae}, dtype=dtype,
-        revision=args.revision, variant=None if separate_vae else args.variant,
-        subfolders=() if separate_vae else ("vae",),
-    ), args.resolution)
-    refs = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))["image"]
-    row_ids = list(dataset["row_id"])
-    keys = [LatentCache.key(row_id, image_signature(ref)) for row_id, ref in zip(row_ids, refs)]
-    missing = _main_process_value(accelerator, lambda: [i for i, key in enumerate(keys) if not cache.is_cached(key)])
-    if missing:
-        _place(vae, accelerator.device, dtype)
-        fill_sharded(accelerator, missing, lambda shard: cache.compute(
-            [(keys[i], row_ids[i], i) for i in shard], load_pixels, vae,
-            batch_size=args.train_batch_size, progress=accelerator.is_local_main_process))
-        if any(not cache.is_cached(key) for key in keys):
-            raise SkingenError(f"{cache.folder}: some latents were not written; is the folder shared by all processes?")
-    return cache, keys, {"latents_computed": len(missing), "latents_reused": len(keys) - len(missing)}
-
-
-def _place(model, device, dtype: torch.dtype | None = None):
-    """Move a model, casting only when the dtype changes (diffusers warns on every cast, even a no-op one)."""
-    model.to(device)
-    if dtype is not None and model.dtype != dtype:
-        model.to(dtype=dtype)
-    return model
-
-
-def _make_optimizer(args, params, learning_rate: float):
-    if args.use_8bit_adam:
-        import bitsandbytes
-
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
 def _run(args, accelerator, extra_loss: ExtraLoss | None, on_step) -> TrainingResult:
@@ -833,7 +333,7 @@ def _run(args, accelerator, extra_loss: ExtraLoss | None, on_step) -> TrainingRe
         repo_id = create_repo(repo_id=args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
 
     with accelerator.main_process_first():
-        dataset = _load_training_rows(args)
+        dataset = load_training_rows(args)
     pairs = load_validation_pairs(args)
 
     # Models. Only the ControlNet trains; the rest are frozen and kept in the mixed-precision dtype, except the
@@ -1029,3 +529,146 @@ def _run(args, accelerator, extra_loss: ExtraLoss | None, on_step) -> TrainingRe
         checkpoints=[path for _, path in list_checkpoints(output_dir)], validation_grids=grids, cache_stats=cache_stats,
         is_main_process=accelerator.is_main_process,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training step
+
+
+@dataclass
+class StepLosses:
+    loss: torch.Tensor
+    loss_diffusion: torch.Tensor
+    loss_extra: torch.Tensor | None = None
+    extra_logs: dict[str, float] = field(default_factory=dict)
+
+
+def latents_from_batch(batch: dict, vae, weight_dtype: torch.dtype) -> torch.Tensor:
+    """Scaled latents: a sample of the VAE's distribution (cached, or encoded now) using the batch's noise."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if "latent_dist" in batch:
+        parameters = batch["latent_dist"]
+    else:
+        with torch.no_grad():
+            parameters = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist.parameters
+    distribution = DiagonalGaussianDistribution(parameters.float())
+    latents = distribution.mean + distribution.std * batch["latent_noise"].float()
+    return (latents * vae.config.scaling_factor).to(weight_dtype)
+
+
+def compute_losses(batch: dict, *, controlnet, unet, vae, noise_scheduler, weight_dtype: torch.dtype,
+                   extra_loss: ExtraLoss | None, step: int) -> StepLosses:
+    """One forward pass: ControlNet + frozen UNet, epsilon/v MSE, plus the extra loss if any."""
+    latents = latents_from_batch(batch, vae, weight_dtype)
+    noise = batch["noise"].to(weight_dtype)
+    timesteps = batch["timesteps"].long()
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    prompt_embeds = batch["prompt_embeds"].to(weight_dtype)
+    added = {"text_embeds": batch["pooled_prompt_embeds"].to(weight_dtype), "time_ids": batch["time_ids"].to(weight_dtype)}
+    down_samples, mid_sample = controlnet(
+        noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
+        controlnet_cond=batch["conditioning_pixel_values"].to(weight_dtype), return_dict=False,
+    )
+    model_pred = unet(
+        noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
+        down_block_additional_residuals=[s.to(weight_dtype) for s in down_samples],
+        mid_block_additional_residual=mid_sample.to(weight_dtype),
+    ).sample
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise SkingenError(f"noise scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+    loss_diffusion = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    if extra_loss is None:
+        return StepLosses(loss=loss_diffusion, loss_diffusion=loss_diffusion)
+    loss_extra, extra_logs = extra_loss(
+        batch=batch, model_pred=model_pred, noisy_latents=noisy_latents, latents=latents, timesteps=timesteps,
+        noise=noise, noise_scheduler=noise_scheduler, vae=vae, weight_dtype=weight_dtype, step=step,
+    )
+    return StepLosses(loss_diffusion + loss_extra, loss_diffusion, loss_extra, dict(extra_logs))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers of the loop
+
+
+def _setup_logging(accelerator) -> None:
+    import diffusers
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
+    library_level = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
+    transformers.utils.logging.set_verbosity(library_level)
+    diffusers.utils.logging.set_verbosity(library_level)
+
+
+def _main_process_value(accelerator, compute: Callable[[], Any]) -> Any:
+    """``compute()`` on the main process, the same value on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([compute() if accelerator.is_main_process else None])[0]
+
+
+def _cache_text_embeddings(args, accelerator, components, captions: set[str], dtype, cache_root: Path):
+    encoders = components.text_encoders
+    cache = TextEmbeddingCache(cache_root, model_fingerprint(
+        args.pretrained_model_name_or_path, {"text_encoder": encoders[0], "text_encoder_2": encoders[1]},
+        dtype=dtype, revision=args.revision, variant=args.variant,
+        subfolders=("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+    ))
+    missing = _main_process_value(accelerator, lambda: cache.missing(captions))
+    if missing:
+        for encoder in encoders:
+            _place(encoder, accelerator.device, dtype)
+        fill_sharded(accelerator, missing, lambda shard: cache.compute(
+            shard, components.tokenizers, encoders, progress=accelerator.is_local_main_process))
+        if cache.missing(captions):
+            raise SkingenError(f"{cache.folder}: some text embeddings were not written; is the folder shared by all processes?")
+    return cache, {"text_embeddings_computed": len(missing), "text_embeddings_reused": len(captions) - len(missing)}
+
+
+def _cache_latents(args, accelerator, dataset, vae, dtype, cache_root: Path, load_pixels):
+    import datasets
+
+    separate_vae = args.pretrained_vae_model_name_or_path is not None
+    cache = LatentCache(cache_root, model_fingerprint(
+        args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path, {"vae": vae}, dtype=dtype,
+        revision=args.revision, variant=None if separate_vae else args.variant,
+        subfolders=() if separate_vae else ("vae",),
+    ), args.resolution)
+    refs = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))["image"]
+    row_ids = list(dataset["row_id"])
+    keys = [LatentCache.key(row_id, image_signature(ref)) for row_id, ref in zip(row_ids, refs)]
+    missing = _main_process_value(accelerator, lambda: [i for i, key in enumerate(keys) if not cache.is_cached(key)])
+    if missing:
+        _place(vae, accelerator.device, dtype)
+        fill_sharded(accelerator, missing, lambda shard: cache.compute(
+            [(keys[i], row_ids[i], i) for i in shard], load_pixels, vae,
+            batch_size=args.train_batch_size, progress=accelerator.is_local_main_process))
+        if any(not cache.is_cached(key) for key in keys):
+            raise SkingenError(f"{cache.folder}: some latents were not written; is the folder shared by all processes?")
+    return cache, keys, {"latents_computed": len(missing), "latents_reused": len(keys) - len(missing)}
+
+
+def _place(model, device, dtype: torch.dtype | None = None):
+    """Move a model, casting only when the dtype changes (diffusers warns on every cast, even a no-op one)."""
+    model.to(device)
+    if dtype is not None and model.dtype != dtype:
+        model.to(dtype=dtype)
+    return model
+
+
+def _make_optimizer(args, params, learning_rate: float):
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)

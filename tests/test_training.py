@@ -15,14 +15,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from skingen.errors import SkingenError, run_cli
-from skingen.training import (
-    GlobalBatchSampler,
-    build_arg_parser,
-    parse_training_args,
-    resize_and_center_crop,
-    train,
-    transform_boxes,
-)
+from skingen.training import build_arg_parser, parse_training_args, train
+from skingen.training_data import GlobalBatchSampler, resize_and_center_crop, transform_boxes
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = "diffusion_pytorch_model.safetensors"
