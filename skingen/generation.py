@@ -769,14 +769,21 @@ def generate_all(
 
 
 def _split_layouts(split_layout: str | os.PathLike, jobs: Sequence[ImageJob]) -> dict[tuple[int, int], Layout]:
-    """The layout at every output size of the run, checked before anything is generated."""
+    """The layout to cut each output size with, checked before anything is generated.
+
+    An output size the spec has no variant for (e.g. 128 px from a small model) is cut with the
+    spec's first variant after resizing, so the packages always have the layout's native sizes.
+    """
     layouts = {}
     for width, height in sorted({(job.width, job.height) for job in jobs}):
-        layout = load_layout(split_layout, resolution=width)
-        if layout.size != (width, height):
+        layout = load_layout(split_layout)
+        if width in layout.resolutions:
+            layout = load_layout(split_layout, resolution=width)
+        if layout.width * height != layout.height * width:
             raise SkingenError(
-                f"--split_elements {split_layout}: layout '{layout.name}' at {width} px is {layout.width}x{layout.height}, "
-                f"but images are generated at {width}x{height}; set --height {layout.height} --width {layout.width}"
+                f"--split_elements {split_layout}: layout '{layout.name}' is {layout.width}x{layout.height}, "
+                f"but images are generated at {width}x{height} (another aspect ratio); "
+                f"set --height and --width in the proportion {layout.width}:{layout.height}"
             )
         layouts[(width, height)] = layout
     return layouts
@@ -816,7 +823,10 @@ class _RowFinisher:
                 package_dir = output_dir / job.package
                 if job.output in self.fresh or not package_dir.is_dir():
                     image = images.get(job.output) or _open_output(output_dir / job.output)
-                    split_atlas(image, self.layouts[(job.width, job.height)], package_dir)
+                    layout = self.layouts[(job.width, job.height)]
+                    if image.size != layout.size:
+                        image = image.resize(layout.size, Image.Resampling.LANCZOS)
+                    split_atlas(image, layout, package_dir)
                     self.summary.packages += 1
                 self.results.records[job.output]["package"] = job.package
 

@@ -353,9 +353,19 @@ def test_split_elements_writes_a_skin_package_per_image(tiny_sdxl_dir, controlne
         assert np.array_equal(np.asarray(bar), np.asarray(generated.crop((0, 0, 64, 16))))
         assert Image.open(package / "keyboard_bg.png").size == (64, 48)
 
-    with pytest.raises(SkingenError, match="no 48 px variant"):
+    # A smaller output than the layout's variants (a 32 px model) is resized up: packages keep native sizes.
+    small = tmp_path / "small"
+    inference.main(
+        args + ["--output_dir", str(small), "--resolution", "32", "--split_elements", str(layout)]
+    )
+    (row,) = records(small)
+    assert Image.open(small / row["output"]).size == (32, 32)
+    assert Image.open(small / row["package"] / "bar_candidate.png").size == (64, 16)
+
+    with pytest.raises(SkingenError, match="another aspect ratio"):
         inference.main(
-            args + ["--output_dir", str(tmp_path / "other"), "--resolution", "48", "--split_elements", str(layout)]
+            args
+            + ["--output_dir", str(tmp_path / "other"), "--height", "32", "--width", "64", "--split_elements", str(layout)]
         )
 
 
