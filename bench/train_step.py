@@ -78,8 +78,8 @@ def build_sdxl_shaped(out_dir: Path) -> Path:
     return out_dir
 
 
-def write_dataset(out_dir: Path, rows: int, resolution: int) -> Path:
-    """Random skins at the training size (so no resize cost is measured), one text box each."""
+def write_dataset(out_dir: Path, rows: int, resolution: int, boxes_per_row: int = 1) -> Path:
+    """Random skins at the training size (so no resize cost is measured), ``boxes_per_row`` text boxes each."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -91,12 +91,16 @@ def write_dataset(out_dir: Path, rows: int, resolution: int) -> Path:
         pixels = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(out_dir / "images" / f"{i}.png")
         control = Image.new("RGB", (resolution, resolution))
-        ImageDraw.Draw(control).rectangle((8, 8, resolution // 2, resolution // 4), outline=(255, 255, 255))
+        boxes = []
+        height = max(8, resolution // (2 * boxes_per_row))  # boxes stacked down the left half
+        for k in range(boxes_per_row):
+            x0, y0, x1, y1 = 8, 8 + k * height, resolution // 2, 8 + k * height + height - 4
+            ImageDraw.Draw(control).rectangle((x0, y0, x1, y1), outline=(255, 255, 255))
+            boxes.append([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
         control.save(out_dir / "conditioning_images" / f"{i}.png")
-        box = [[8, 8], [resolution // 2, 8], [resolution // 2, resolution // 4], [8, resolution // 4]]
-        lines.append(json.dumps({"text": f'a keyboard skin {i}, iflyskin, writing "前往"', "image": f"images/{i}.png",
-                                 "conditioning_image": f"conditioning_images/{i}.png", "box": [box]},
-                                ensure_ascii=False))
+        lines.append(json.dumps({"text": f"a keyboard skin {i}, iflyskin", "image": f"images/{i}.png",
+                                 "conditioning_image": f"conditioning_images/{i}.png", "box": boxes,
+                                 "texts": ["前往"] * boxes_per_row}, ensure_ascii=False))
     (out_dir / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out_dir
 
@@ -139,6 +143,7 @@ def measure(options: argparse.Namespace, model_dir: Path, data_dir: Path, cache_
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {
         "caching": cache_latents, "first_step_s": round(times[0] - start, 2), "step_s": round(step_s, 4),
+        "mean_step_s": round(statistics.fmean(step_times), 4),
         "samples_per_s": round(options.batch_size / step_s, 3), "peak_memory_mb": round(peak_mb, 1),
     }
 
@@ -156,7 +161,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="Steps not timed.")
     parser.add_argument("--steps", type=int, default=5, help="Timed steps.")
     parser.add_argument("--work_dir", type=str, default=None, help="Where the model and data are built (default: a temp folder).")
-    parser.add_argument("--only", choices=("cached", "uncached"), default=None, help=argparse.SUPPRESS)  # one subprocess
+    parser.add_argument("--text_loss", choices=("none", "ctc", "perceptual", "both"), default="none",
+                        help="Also time the step with the OCR text loss of train_controlnet_sdxl_ctc.py.")
+    parser.add_argument("--text_loss_max_timestep", type=int, default=1000,
+                        help="Text loss where t <= this; 1000 (default here) pays its cost on every step.")
+    parser.add_argument("--boxes_per_row", type=int, default=4, help="Text boxes per training image.")
+    parser.add_argument("--only", choices=("cached", "uncached", "text"), default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -170,7 +180,14 @@ def main(argv=None) -> None:
         torch.set_num_threads(options.threads)
     if options.only is not None:  # child process: one measurement, JSON on the last line
         work = Path(options.work_dir)
-        print(json.dumps(measure(options, work / "model", work / "data", options.only == "cached")))
+        extra_loss = None
+        if options.only == "text":
+            from skingen.losses import TextLoss
+            from skingen.recognizer import load_recognizer
+
+            extra_loss = TextLoss(load_recognizer(), loss_type=options.text_loss, weight=0.05,
+                                  max_timestep=options.text_loss_max_timestep)
+        print(json.dumps(measure(options, work / "model", work / "data", options.only != "uncached", extra_loss)))
         return
 
     if options.device == "cuda" and not torch.cuda.is_available():
@@ -186,7 +203,8 @@ def main(argv=None) -> None:
 
             build_tiny_sdxl(work / "model", preset=options.preset)
     if not (work / "data").is_dir():
-        write_dataset(work / "data", rows=options.batch_size * (options.warmup + options.steps), resolution=options.resolution)
+        write_dataset(work / "data", rows=options.batch_size * (options.warmup + options.steps),
+                      resolution=options.resolution, boxes_per_row=options.boxes_per_row)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if options.device == "cpu":
@@ -197,13 +215,15 @@ def main(argv=None) -> None:
     print(f"{model} model, {options.device}, {options.resolution} px, batch {options.batch_size}, "
           f"mixed precision {options.mixed_precision}, gradient checkpointing {options.gradient_checkpointing}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'caching':>8} {'1st step s':>10} {'step s':>8} {'samples/s':>10} {'peak MB':>9}")
-    for only in ("cached", "uncached"):
+    print(f"{'run':>12} {'1st step s':>10} {'median s':>8} {'mean s':>8} {'samples/s':>10} {'peak MB':>9}")
+    for only in ("cached", "uncached") + (("text",) if options.text_loss != "none" else ()):
         finished = subprocess.run([*child, "--only", only], env=env, capture_output=True, text=True)
         if finished.returncode != 0:
             sys.exit(f"error: the {only} run failed:\n{finished.stderr[-3000:]}")
         row = json.loads(finished.stdout.strip().splitlines()[-1])
-        print(f"{only:>8} {row['first_step_s']:>10} {row['step_s']:>8} {row['samples_per_s']:>10} {row['peak_memory_mb']:>9}")
+        label = f"cached+{options.text_loss}" if only == "text" else only
+        print(f"{label:>12} {row['first_step_s']:>10} {row['step_s']:>8} {row['mean_step_s']:>8} "
+              f"{row['samples_per_s']:>10} {row['peak_memory_mb']:>9}")
     if temporary:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -52,7 +52,7 @@ python3 train_controlnet_sdxl_ctc.py \
   --resolution "$RESOLUTION" --train_batch_size 4 --max_train_steps "$TRAIN_STEPS" \
   --learning_rate 1e-3 --lr_warmup_steps 10 --checkpointing_steps 100 --checkpoints_total_limit 1 \
   --validation_steps "$TRAIN_STEPS" --validation_split validation --num_validation_images 2 \
-  --text_loss_type ctc --text_loss_weight 0.05 --text_loss_max_timestep 1000 --seed 0 \
+  --text_loss_type ctc --text_loss_weight 0.05 --text_loss_max_boxes 4 --seed 0 \
   --resume_from_checkpoint latest
 
 stage "8/9 generate skins for the held-out layouts and cut them into skin packages -> $OUT/generated"
