@@ -267,8 +267,13 @@ class TextLoss:
 
     # -- which boxes take part ------------------------------------------------------------------------
 
-    def _usable_boxes(self, boxes, texts, image_hw: tuple[int, int]) -> tuple[torch.Tensor, list[str], int]:
-        """Boxes inside the image, big enough, with at least one known character; capped at ``max_boxes_per_row``."""
+    def _usable_boxes(
+        self, boxes, texts, image_hw: tuple[int, int], seed: int | None = None
+    ) -> tuple[torch.Tensor, list[str], int]:
+        """Boxes inside the image, big enough, with at least one known character; capped at ``max_boxes_per_row``.
+
+        The subset is drawn from the sample's own seed, so it does not depend on the process count.
+        """
         if boxes is None or len(boxes) == 0:
             return torch.zeros(0, 4, 2), [], 0
         boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4, 2).cpu()
@@ -282,7 +287,9 @@ class TextLoss:
             keep &= encode_texts(texts, self.recognizer.charset)[1] > 0
         indices = keep.nonzero().flatten()
         if len(indices) > self.max_boxes_per_row:
-            indices = indices[torch.randperm(len(indices))[: self.max_boxes_per_row]].sort().values
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            order = torch.randperm(len(indices), generator=generator)
+            indices = indices[order[: self.max_boxes_per_row]].sort().values
         chosen = [texts[i] for i in indices.tolist()]
         unknown = encode_texts(chosen, self.recognizer.charset)[2]
         return boxes[indices], chosen, unknown
@@ -311,7 +318,9 @@ class TextLoss:
 
         rows, row_boxes, row_texts, unknown = [], [], [], 0
         for i in range(batch_size):
-            boxes, texts, row_unknown = self._usable_boxes(batch["boxes"][i], batch["texts"][i], image_hw)
+            seeds = batch.get("sample_seeds")
+            seed = int(seeds[i]) if seeds is not None else None
+            boxes, texts, row_unknown = self._usable_boxes(batch["boxes"][i], batch["texts"][i], image_hw, seed)
             if row_weight[i] > 0 and len(boxes) > 0:
                 rows.append(i)
                 row_boxes.append(boxes)
