@@ -33,8 +33,12 @@ else
   python3 caption.py --dataset_dir "$OUTPUT_DIR" --captioner template "$@"
 fi
 
-echo "== 4/5 score samples (report in $OUTPUT_DIR/filter_report.md)"
-python3 scripts/filter_dataset.py --dataset_dir "$OUTPUT_DIR" --min_edge_f1 "$MIN_EDGE_F1"
+echo "== 4/5 score samples and drop bad ones (report in $OUTPUT_DIR/filter_report.md)"
+python3 scripts/filter_dataset.py --dataset_dir "$OUTPUT_DIR" --min_edge_f1 "$MIN_EDGE_F1" \
+  --output_jsonl "$OUTPUT_DIR/train.filtered.jsonl"
+# The kept rows become the training rows; every merged row stays in train.unfiltered.jsonl.
+cp "$OUTPUT_DIR/train.jsonl" "$OUTPUT_DIR/train.unfiltered.jsonl"
+mv "$OUTPUT_DIR/train.filtered.jsonl" "$OUTPUT_DIR/train.jsonl"
 
 echo "== 5/5 deterministic train/validation split"
 python3 dataset_tool.py split "$OUTPUT_DIR" --val_fraction "$VAL_FRACTION" --seed 0

@@ -15,9 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_runs_every_stage_and_writes_report(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, OUT=str(out), NUM_SKINS="4", TRAIN_STEPS="4", INFERENCE_STEPS="2", RESOLUTION="64")
-    proc = subprocess.run(
-        ["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
-    )
+    proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in range(1, 10):
         assert f"== {stage}/9" in proc.stdout
@@ -40,3 +38,27 @@ def test_demo_runs_every_stage_and_writes_report(tmp_path):
     assert metrics["text_lines"] > 0
     assert Image.open(out / "demo_grid.png").width > 0
     assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_prepare_keyboard_dataset_chain_writes_a_trainable_split_dataset(tmp_path):
+    skins, dataset = tmp_path / "skins", tmp_path / "dataset"
+    subprocess.run(
+        ["python3", "scripts/make_synthetic_skins.py", "--out", str(skins), "--n", "6", "--seed", "1"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    env = dict(
+        os.environ, PACKAGES_DIR=str(skins), OUTPUT_DIR=str(dataset), CONDITIONING="template", VAL_FRACTION="0.5"
+    )
+    proc = subprocess.run(
+        ["bash", "scripts/prepare_keyboard_dataset.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train = (dataset / "train.jsonl").read_text().splitlines()
+    validation = (dataset / "validation.jsonl").read_text().splitlines()
+    assert len(train) + len(validation) == len((dataset / "train.unfiltered.jsonl").read_text().splitlines()) == 6
+    rows = [json.loads(line) for line in train + validation]
+    assert all(row["text"].endswith("iflyskin") for row in rows)
+    assert {row["conditioning_image"] for row in rows} == {"conditioning_images/template.png"}
+    assert (dataset / "filter_report.md").is_file()
