@@ -21,6 +21,7 @@ MIXED_PRECISION=${MIXED_PRECISION:-bf16}
 CHECKPOINT_STEPS=${CHECKPOINT_STEPS:-1000}
 VALIDATION_STEPS=${VALIDATION_STEPS:-500}
 SEED=${SEED:-42}
+TRAIN_SCRIPT=${TRAIN_SCRIPT:-train_controlnet_sdxl.py}   # scripts/train_ctc.sh sets train_controlnet_sdxl_ctc.py
 
 controlnet_flag=()
 if [ -n "$CONTROLNET_DIR" ]; then
@@ -31,7 +32,7 @@ if [ -f "$DATA_DIR/validation.jsonl" ]; then
   validation_flag=(--validation_split validation)
 fi
 
-exec accelerate launch --config_file "$ACCELERATE_CONFIG" train_controlnet_sdxl.py \
+exec accelerate launch --config_file "$ACCELERATE_CONFIG" "$TRAIN_SCRIPT" \
   --pretrained_model_name_or_path "$MODEL_DIR" \
   "${controlnet_flag[@]}" \
   --train_data_dir "$DATA_DIR" \
