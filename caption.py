@@ -42,6 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="text every caption starts with (BLIP's conditional prefix); '' for none",
     )
     parser.add_argument("--trigger_word", default=TRIGGER_WORD, help="appended to every caption; '' to leave it out")
+    parser.add_argument(
+        "--max_writing_texts",
+        type=int,
+        default=8,
+        help='at most this many texts in writing "...", largest boxes first (SDXL reads 77 tokens); 0 = all',
+    )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument(
@@ -80,6 +86,7 @@ def main(argv=None) -> int:
         overwrite=args.overwrite,
         batch_size=args.batch_size,
         save_every=args.save_every,
+        max_writing_texts=args.max_writing_texts,
     )
     print(f"{args.dataset_dir}: captioned {stats.captioned} of {stats.total} rows, kept {stats.kept} existing captions")
     for row in rows[:3]:

@@ -319,11 +319,28 @@ def _row_where(dataset_dir: Path, index: int) -> str:
     return f"{dataset_dir / 'train.jsonl'} row {index + 1}"
 
 
-def _row_texts(row: dict, where: str) -> list[str]:
+def _row_texts(row: dict, where: str, max_texts: int = 0) -> list[str]:
+    """The row's texts for ``writing "..."``: with ``max_texts`` > 0 only that many, largest boxes first.
+
+    SDXL's text encoders read 77 tokens; a keyboard has 20+ labels, so the caption names the most
+    prominent ones (the full list stays in the row's ``texts`` for the text loss).
+    """
     texts = row.get("texts") or []
     if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
         raise SkingenError(f'{where}: "texts" must be a list of strings, got {texts!r}')
-    return texts
+    if max_texts <= 0 or len(texts) <= max_texts:
+        return texts
+    boxes = row.get("box") or []
+    if len(boxes) != len(texts):
+        return texts[:max_texts]
+    areas = [abs(_quad_area(quad)) for quad in boxes]
+    largest = sorted(range(len(texts)), key=lambda i: -areas[i])[:max_texts]
+    return [texts[i] for i in sorted(largest)]
+
+
+def _quad_area(quad) -> float:
+    """Shoelace area of a 4-point box."""
+    return 0.5 * sum(quad[i][0] * quad[(i + 1) % 4][1] - quad[(i + 1) % 4][0] * quad[i][1] for i in range(4))
 
 
 def caption_rows(
@@ -336,6 +353,7 @@ def caption_rows(
     overwrite: bool = False,
     batch_size: int = 8,
     save_every: int = 64,
+    max_writing_texts: int = 0,
 ) -> CaptionStats:
     """Fill ``row["text"]`` for the rows that need it, calling ``save(rows)`` every ``save_every`` captions and at the end.
 
@@ -383,7 +401,7 @@ def caption_rows(
                 _checkpoint(rows, save, overwrite, progress_path, done_by_overwrite)
                 raise
             for i, description in zip(batch, descriptions):
-                rows[i]["text"] = compose_caption(description, trigger_word, _row_texts(rows[i], ""))
+                rows[i]["text"] = compose_caption(description, trigger_word, _row_texts(rows[i], "", max_writing_texts))
                 done_by_overwrite.add(str(rows[i]["image"]))
             since_save += len(batch)
             bar.update(len(batch))

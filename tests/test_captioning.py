@@ -270,3 +270,18 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "train.jsonl: not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_writing_names_the_largest_texts_when_a_skin_has_many(tmp_path):
+    dataset = tmp_path / "many"
+    (dataset / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (0, 0, 128)).save(dataset / "images" / "0.png")
+    sizes = {"小": 4, "大字": 20, "中": 10, "巨大": 30}
+    boxes = [[[0, 0], [side, 0], [side, side], [0, side]] for side in sizes.values()]
+    write_rows(dataset, [{"image": "images/0.png", "text": "", "box": boxes, "texts": list(sizes)}])
+    caption.main(["--dataset_dir", str(dataset), "--captioner", "template", "--max_writing_texts", "2"])
+    (row,) = read_rows(dataset)
+    assert row["text"].endswith('writing "大字 巨大"')  # the two largest, in reading order
+    assert row["texts"] == list(sizes)  # the row keeps every text for the text loss
+    caption.main(["--dataset_dir", str(dataset), "--captioner", "template", "--max_writing_texts", "0", "--overwrite"])
+    assert read_rows(dataset)[0]["text"].endswith('writing "小 大字 中 巨大"')
