@@ -15,6 +15,7 @@ boxes the images were merged with, whatever happened to the YAML since.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 from dataclasses import asdict, dataclass, replace
@@ -171,13 +172,11 @@ def _positive_int_pair(value, what: str, path: str | Path) -> tuple[int, int]:
 
 
 def _parse_background(value, path: str | Path) -> tuple[int, int, int]:
-    try:
+    with contextlib.suppress(ValueError):  # an unknown colour name falls through to the message below
         if isinstance(value, str):
             return ImageColor.getrgb(value)[:3]
         if isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in value):
             return tuple(value)
-    except ValueError:
-        pass
     raise SkingenError(f"{path}: 'background' must be [r, g, b] (0-255) or a colour like '#20242a', got {value!r}")
 
 

@@ -8,6 +8,7 @@ absolute or climbs out with ``..`` (zip-slip) makes the whole package an error.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import io
 import os
@@ -39,10 +40,8 @@ def _zip_entry_name(info: zipfile.ZipInfo) -> str:
     """The entry's name; names stored without the UTF-8 flag are tried as GBK (common for Chinese zips)."""
     name = info.filename
     if not info.flag_bits & 0x800:
-        try:
+        with contextlib.suppress(UnicodeEncodeError, UnicodeDecodeError):  # not GBK either: keep it as stored
             name = name.encode("cp437").decode("gbk")
-        except (UnicodeEncodeError, UnicodeDecodeError):
-            pass
     return name
 
 

@@ -27,3 +27,13 @@ def cjk_font():
     from skingen.glyphs import find_cjk_font
 
     return find_cjk_font()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process training run gets a fresh accelerate state, as a new process would."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
