@@ -28,14 +28,7 @@ elements:
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's ops are too small to split across threads; on a busy 2-core machine two threads
-    spin against each other and make these tests ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def control_image(index: int) -> Image.Image:

@@ -30,16 +30,7 @@ def _load_script():
     return module
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, more threads stall each other for seconds per step."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
