@@ -457,3 +457,64 @@ def compute_time_ids(
     if len(values) != 6:
         raise ValueError(f"time ids need 2 + 2 + 2 values (height, width pairs), got {values}")
     return torch.tensor(values, dtype=dtype if dtype is not None else torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fitting a tiny VAE
+
+
+def fit_tiny_vae(
+    pipeline_dir: str | os.PathLike,
+    images: Sequence[torch.Tensor],
+    steps: int = 300,
+    seed: int = 0,
+    learning_rate: float = 2e-3,
+    kl_weight: float = 1e-6,
+) -> dict[str, float]:
+    """Fit the VAE of a tiny pipeline to reconstruct ``images`` and save it back to ``pipeline_dir/vae``.
+
+    A random tiny VAE decodes noise, so nothing that reads pixels (the OCR text loss) can be tried on it. This
+    runs ``steps`` full-batch Adam steps of L1 reconstruction (through a sampled latent, as training encodes)
+    plus ``kl_weight`` times the KL term, on CPU. ``images`` are ``(3, H, W)`` tensors in [-1, 1] of one size
+    (``skingen.training_data.training_pixels`` makes them). ``scaling_factor`` is then set so the scaled latents
+    have unit standard deviation (how SD/SDXL chose theirs). The folder is replaced atomically.
+    Returns ``initial_l1``, ``final_l1`` (mean absolute reconstruction error of the posterior mean) and
+    ``scaling_factor``.
+    """
+    from diffusers import AutoencoderKL
+    from tqdm.auto import tqdm
+
+    if steps < 1:
+        raise SkingenError(f"--vae_fit_steps must be >= 1, got {steps}")
+    if len(images) == 0:
+        raise SkingenError("fitting the tiny VAE needs at least one image")
+    vae_dir = Path(pipeline_dir) / "vae"
+    if not (vae_dir / "config.json").is_file():
+        raise SkingenError(f"{vae_dir}: no VAE config.json; {SDXL_LAYOUT_HELP}")
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    pixels = torch.stack([image.float() for image in images])
+
+    def reconstruction_error() -> float:
+        with torch.no_grad():
+            return (vae.decode(vae.encode(pixels).latent_dist.mode()).sample - pixels).abs().mean().item()
+
+    initial = reconstruction_error()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=learning_rate)
+    vae.train()
+    for _ in tqdm(range(steps), desc="fitting the tiny VAE", leave=False):
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        error = vae.decode(latents).sample - pixels
+        loss = error.abs().mean() + error.pow(2).mean() + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+    final = reconstruction_error()
+    with torch.no_grad():
+        latent_std = vae.encode(pixels).latent_dist.mode().std().item()
+    vae.register_to_config(scaling_factor=1.0 / max(latent_std, 1e-6))
+    with AtomicDirectory(vae_dir) as tmp_dir:
+        vae.save_pretrained(tmp_dir, safe_serialization=True)
+    return {"initial_l1": initial, "final_l1": final, "scaling_factor": float(vae.config.scaling_factor)}

@@ -54,6 +54,7 @@ from .training_data import (
     batch_to_device,
     collate_samples,
     load_training_rows,
+    sample_seed,
     training_pixels,
 )
 from .validation import load_validation_pairs, log_validation, write_model_card
@@ -165,6 +166,14 @@ def build_arg_parser(description: str = "Train an SDXL ControlNet on a skin data
     val.add_argument("--num_validation_images", type=int, default=4, help="Images per prompt/conditioning pair.")
     val.add_argument("--validation_steps", type=int, default=100, help="Validate every N steps (and at the end).")
     val.add_argument("--validation_inference_steps", type=int, default=20, help="Sampling steps per validation image.")
+    val.add_argument("--validation_loss_timesteps", type=int, nargs="+", default=None,
+                     help="Also compute the losses at these fixed timesteps (e.g. 50 100 150 200) with fixed noise on "
+                          "the first --validation_loss_rows training rows: before training, every --validation_steps "
+                          "and at the end. Logged as val_loss_diffusion and val_<extra loss log> (val_text_ctc): "
+                          "curves without the timestep and noise sampling of the training loss, comparable between "
+                          "runs (as kohya sd-scripts' fixed-timestep validation loss).")
+    val.add_argument("--validation_loss_rows", type=int, default=8,
+                     help="How many training rows --validation_loss_timesteps evaluates.")
 
     log = parser.add_argument_group("logging and hub")
     log.add_argument("--report_to", choices=REPORT_TO, default="tensorboard")
@@ -181,7 +190,7 @@ def build_arg_parser(description: str = "Train an SDXL ControlNet on a skin data
 def parse_training_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse (``--config`` included) and check the flags; mistakes raise ``SkingenError``."""
     args = parse_args_with_config(parser, argv)
-    for name in ("validation_prompt", "validation_image", "debug_inject_nan_at_step"):
+    for name in ("validation_prompt", "validation_image", "validation_loss_timesteps", "debug_inject_nan_at_step"):
         value = getattr(args, name)
         if value is not None and not isinstance(value, list):
             setattr(args, name, [value])  # a single value from a --config file
@@ -206,7 +215,7 @@ def validate_training_args(args: argparse.Namespace) -> None:
              f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps", "num_validation_images", "validation_inference_steps", "max_nonfinite_steps",
-                 "validation_rows"):
+                 "validation_rows", "validation_loss_rows"):
         _require(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("max_train_steps", "checkpoints_total_limit"):
         value = getattr(args, name)
@@ -214,6 +223,8 @@ def validate_training_args(args: argparse.Namespace) -> None:
     _require(args.learning_rate >= 0, f"--learning_rate must not be negative, got {args.learning_rate}")
     _require(args.lr_warmup_steps >= 0, f"--lr_warmup_steps must not be negative, got {args.lr_warmup_steps}")
     _require(args.dataloader_num_workers >= 0, "--dataloader_num_workers must not be negative")
+    _require(all(t >= 0 for t in args.validation_loss_timesteps or ()),
+             f"--validation_loss_timesteps must not be negative, got {args.validation_loss_timesteps}")
 
     prompts, images = args.validation_prompt, args.validation_image
     _require((prompts is None) == (images is None),
@@ -278,6 +289,7 @@ class TrainingResult:
     checkpoints: list[Path]
     validation_grids: list[Path]
     cache_stats: dict[str, int]
+    validation_losses: dict[int, dict[str, float]]  # step (0: before training) -> val_* values
     is_main_process: bool
 
 
@@ -346,6 +358,10 @@ def _run(args, accelerator, extra_loss: ExtraLoss | None, on_step) -> TrainingRe
     if args.resolution % size_factor:
         raise SkingenError(f"--resolution {args.resolution}: this model needs a multiple of {size_factor} "
                            f"(VAE /{vae_scale}, then the UNet halves the latents {len(unet.config.block_out_channels) - 1} times)")
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    if any(t >= num_train_timesteps for t in args.validation_loss_timesteps or ()):
+        raise SkingenError(f"--validation_loss_timesteps {args.validation_loss_timesteps}: the scheduler has timesteps "
+                           f"0..{num_train_timesteps - 1}")
     # Trainable weights stay fp32 even under mixed precision (an fp16 ControlNet is upcast).
     controlnet = _place(load_or_init_controlnet(unet, args.controlnet_model_name_or_path), "cpu", torch.float32)
     for frozen in (vae, unet, *components.text_encoders):
@@ -386,7 +402,7 @@ def _run(args, accelerator, extra_loss: ExtraLoss | None, on_step) -> TrainingRe
     samples = TrainingSamples(
         dataset, resolution=args.resolution, text_cache=text_cache, latent_cache=latent_cache, latent_keys=latent_keys,
         latent_shape=(vae.config.latent_channels, args.resolution // vae_scale, args.resolution // vae_scale),
-        num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+        num_train_timesteps=num_train_timesteps,
         proportion_empty_prompts=args.proportion_empty_prompts,
         time_ids_crop=None if crop_flags == (None, None) else tuple(v or 0 for v in crop_flags),
         load_pixel_values=bool(getattr(extra_loss, "needs_pixel_values", False)),
@@ -438,6 +454,20 @@ def _run(args, accelerator, extra_loss: ExtraLoss | None, on_step) -> TrainingRe
     window_finite, window_sums, extra_logs = True, torch.zeros(3, dtype=torch.float64), {}
     grids: list[Path] = []
     last_validated = None
+    validation_losses: dict[int, dict[str, float]] = {}
+
+    def run_validation_loss(step: int) -> dict[str, float]:
+        if not args.validation_loss_timesteps or not accelerator.is_main_process:
+            return {}
+        validation_losses[step] = fixed_timestep_losses(
+            samples, rows=range(min(args.validation_loss_rows, len(samples))), timesteps=args.validation_loss_timesteps,
+            seed=seed, batch_size=args.train_batch_size, device=device, controlnet=accelerator.unwrap_model(controlnet),
+            unet=unet, vae=vae, noise_scheduler=noise_scheduler, weight_dtype=weight_dtype, extra_loss=extra_loss,
+            step=step)
+        return validation_losses[step]
+
+    if global_step == 0 and (start_values := run_validation_loss(0)):
+        accelerator.log(start_values, step=0)
 
     def run_validation(step: int) -> None:
         nonlocal last_validated
@@ -487,6 +517,8 @@ def _run(args, accelerator, extra_loss: ExtraLoss | None, on_step) -> TrainingRe
             logs.update(extra_logs)
         progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
         logs.update(lr=lr_scheduler.get_last_lr()[0], nonfinite_steps=nonfinite_total)
+        if global_step % args.validation_steps == 0 or global_step == max_train_steps:
+            logs.update(run_validation_loss(global_step))
         accelerator.log(logs, step=global_step)
         if on_step is not None:
             on_step(global_step, logs)
@@ -527,7 +559,7 @@ def _run(args, accelerator, extra_loss: ExtraLoss | None, on_step) -> TrainingRe
     return TrainingResult(
         output_dir=output_dir, global_step=global_step, nonfinite_steps=nonfinite_total,
         checkpoints=[path for _, path in list_checkpoints(output_dir)], validation_grids=grids, cache_stats=cache_stats,
-        is_main_process=accelerator.is_main_process,
+        validation_losses=validation_losses, is_main_process=accelerator.is_main_process,
     )
 
 
@@ -541,6 +573,32 @@ class StepLosses:
     loss_diffusion: torch.Tensor
     loss_extra: torch.Tensor | None = None
     extra_logs: dict[str, float] = field(default_factory=dict)
+
+
+def fixed_timestep_losses(samples: TrainingSamples, *, rows: Sequence[int], timesteps: Sequence[int], seed: int,
+                          batch_size: int, device, controlnet, unet, vae, noise_scheduler, weight_dtype: torch.dtype,
+                          extra_loss: ExtraLoss | None, step: int) -> dict[str, float]:
+    """The losses of ``rows`` at each of ``timesteps``, with each row's noise fixed by ``seed`` (the same at every
+    call), no caption dropout and no gradients: ``val_loss_diffusion``, ``val_loss_<extra>`` and ``val_<log>`` for
+    the extra loss's logs, each a mean over the (row, timestep) pairs that produced it."""
+    pairs = [(row, timestep) for row in rows for timestep in timesteps]
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            batch = collate_samples([samples.sample(row, sample_seed(seed, -2, row), fixed_timestep=timestep)
+                                     for row, timestep in chunk])
+            losses = compute_losses(batch_to_device(batch, device), controlnet=controlnet, unet=unet, vae=vae,
+                                    noise_scheduler=noise_scheduler, weight_dtype=weight_dtype, extra_loss=extra_loss,
+                                    step=step)
+            values = {"loss_diffusion": losses.loss_diffusion.item(), **losses.extra_logs}
+            if losses.loss_extra is not None:
+                values[f"loss_{extra_loss.name}"] = losses.loss_extra.item()
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
+                counts[key] = counts.get(key, 0) + len(chunk)
+    return {f"val_{key}": sums[key] / counts[key] for key in sums}
 
 
 def latents_from_batch(batch: dict, vae, weight_dtype: torch.dtype) -> torch.Tensor:

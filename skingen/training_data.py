@@ -180,12 +180,19 @@ class TrainingSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         row, seed = item
+        return self.sample(row, seed)
+
+    def sample(self, row: int, seed: int, fixed_timestep: int | None = None) -> dict[str, Any]:
+        """Row ``row`` with the randomness of ``seed``; with ``fixed_timestep``, at that timestep and never with the
+        caption dropped (the fixed-timestep validation loss), the noise still drawn from ``seed``."""
         # The draw order is fixed: changing it changes every run's randomness.
         generator = torch.Generator().manual_seed(seed)
         dropped = bool(torch.rand((), generator=generator) < self.proportion_empty_prompts)
         timestep = torch.randint(0, self.num_train_timesteps, (), generator=generator)
         noise = torch.randn(self.latent_shape, generator=generator)
         latent_noise = torch.randn(self.latent_shape, generator=generator)
+        if fixed_timestep is not None:
+            dropped, timestep = False, torch.tensor(fixed_timestep)
 
         sample: dict[str, Any] = {"timesteps": timestep, "noise": noise, "latent_noise": latent_noise}
         if self.latent_cache is not None:

@@ -91,6 +91,28 @@ def test_rotated_box_crop_is_read_correctly(recognizer, text, angle):
     assert read_crops(recognizer, crops)[0][0] == text
 
 
+def test_crops_padded_to_the_batch_width_read_as_at_full_width(recognizer):
+    from skingen.losses import _Crops
+
+    words = ["前往", "删除键", "Hello 123", "中文输入法"]
+    lines = [render_line(word, size=24, fg=(20, 20, 40), bg=(200, 220, 240), pad=3) for word in words]
+    canvas = Image.new("RGB", (256, 160), (200, 220, 240))
+    quads = []
+    for k, line in enumerate(lines):
+        x0, y0 = 8, 8 + 36 * k
+        canvas.paste(Image.fromarray(line), (x0, y0))
+        h, w = line.shape[:2]
+        quads.append([[x0, y0], [x0 + w, y0], [x0 + w, y0 + h], [x0, y0 + h]])
+    image = torch.tensor(np.asarray(canvas), dtype=torch.float32).permute(2, 0, 1) / 127.5 - 1
+    crops, widths = crop_rotated_boxes(image, torch.tensor(quads, dtype=torch.float32))
+
+    width = _Crops(widths=widths).recognizer_width()
+    assert width % 8 == 0 and max(widths) <= width < 320
+    trimmed, full = read_crops(recognizer, crops[..., :width]), read_crops(recognizer, crops)
+    assert [text for text, _ in trimmed] == [text for text, _ in full] == words
+    assert all(abs(a[1] - b[1]) < 0.05 for a, b in zip(trimmed, full))
+
+
 def test_crop_pads_with_zeros_and_only_reads_pixels_near_the_box():
     image = torch.rand(3, 96, 128, requires_grad=True)
     crops, widths = crop_rotated_boxes(image, torch.tensor([LINE_BOX]))
@@ -250,8 +272,10 @@ def test_perceptual_loss_is_zero_for_the_exact_prediction(recognizer, vae, sched
     page[24:72, 16:112] = np.asarray(Image.fromarray(render_line("前往")).resize((96, 48)))
     pixel_values = torch.tensor(page, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
     inputs["batch"] = {**inputs["batch"], "pixel_values": pixel_values}
-    _, logs = call_loss(TextLoss(recognizer, loss_type="perceptual"), model_pred=noise, **inputs)
+    perceptual_only, logs = call_loss(TextLoss(recognizer, loss_type="perceptual"), model_pred=noise, **inputs)
     assert logs["text_perceptual"] > 1e-3  # the random tiny VAE does not draw the word
+    # CTC is still measured (logged, not trained on): the loss is the perceptual term alone.
+    assert logs["text_ctc"] > 0 and perceptual_only.item() == pytest.approx(logs["text_perceptual"], rel=1e-5)
 
 
 def test_bad_options_are_user_errors(recognizer):

@@ -18,6 +18,7 @@ from skingen.models import (
     compute_time_ids,
     count_parameters,
     encode_prompt,
+    fit_tiny_vae,
     load_or_init_controlnet,
     load_sdxl_components,
 )
@@ -253,3 +254,29 @@ def test_make_tiny_sdxl_script(tmp_path, capsys):
     assert f"{unet_count:,} parameters" in printed.split("unet/")[1].splitlines()[0]
     assert (out / "model_index.json").is_file()
     assert not (out / "controlnet").exists()
+
+
+def test_fit_tiny_vae_lowers_the_reconstruction_error_and_keeps_the_folder_loadable(tmp_path, tiny_sdxl_dir):
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(tiny_sdxl_dir, pipeline)
+    ramp = torch.linspace(-1, 1, 64)
+    images = [torch.stack([ramp[None, :].expand(64, 64), ramp[:, None].expand(64, 64), -ramp[None, :].expand(64, 64)])]
+    stats = fit_tiny_vae(pipeline, images, steps=60, seed=0)
+    assert stats["final_l1"] < 0.5 * stats["initial_l1"]
+    vae = AutoencoderKL.from_pretrained(pipeline / "vae")
+    assert vae.config.scaling_factor == pytest.approx(stats["scaling_factor"])
+    with torch.no_grad():
+        latents = vae.encode(images[0][None]).latent_dist.mode() * vae.config.scaling_factor
+    assert latents.std().item() == pytest.approx(1.0, rel=1e-3)  # unit-variance latents, as SDXL's factor gives
+    assert not [p for p in pipeline.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+    with pytest.raises(SkingenError, match="must be >= 1"):
+        fit_tiny_vae(pipeline, images, steps=0)
+    with pytest.raises(SkingenError, match="needs at least one image"):
+        fit_tiny_vae(pipeline, [], steps=1)
+    with pytest.raises(SkingenError, match="no VAE config.json"):
+        fit_tiny_vae(tmp_path / "nothing", images, steps=1)

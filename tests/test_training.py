@@ -130,6 +130,34 @@ def test_short_run_writes_loadable_controlnet_grid_card_and_logs(tiny_sdxl_dir, 
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp folders left behind
 
 
+def test_fixed_timestep_validation_loss_is_a_noise_free_curve(tiny_sdxl_dir, skin_dataset, tmp_path):
+    flags = ["--max_train_steps", 3, "--validation_steps", 2, "--validation_loss_timesteps", 100, 600,
+             "--validation_loss_rows", 3, "--proportion_empty_prompts", 0.5]
+    recorder = RecordingLoss()
+    logs = {}
+    result = train(_args(tiny_sdxl_dir, skin_dataset, tmp_path / "lr", *flags), extra_loss=recorder,
+                   on_step=lambda step, values: logs.update({step: values}))
+    # Before training, every --validation_steps, and at the end; the step's logs carry the values too.
+    assert sorted(result.validation_losses) == [0, 2, 3]
+    assert logs[2]["val_loss_diffusion"] == result.validation_losses[2]["val_loss_diffusion"]
+    assert "val_loss_diffusion" not in logs[1]
+    # The extra loss saw the 3 rows at both timesteps, never with the caption dropped, and its logs are averaged.
+    evaluated = recorder.calls[:3]  # 3 rows x 2 timesteps in batches of 2, before the first training step
+    assert sorted(r for call in evaluated for r in call["row_ids"]) == sorted([f"images/{i}.png" for i in range(3)] * 2)
+    assert all(caption for call in evaluated for caption in call["captions"])
+    assert result.validation_losses[0]["val_recorder_boxes"] == 2.0  # each batch of 2 rows has 2 boxes
+    assert result.validation_losses[0]["val_loss_recorder"] == 0.0
+    # Training moves the curve ...
+    assert result.validation_losses[3]["val_loss_diffusion"] != result.validation_losses[0]["val_loss_diffusion"]
+
+    # ... and with learning rate 0 it stays exactly where it was: the noise and timesteps are the same every time,
+    # whatever the training batches drew.
+    frozen = train(_args(tiny_sdxl_dir, skin_dataset, tmp_path / "frozen", *flags, "--learning_rate", 0))
+    values = [frozen.validation_losses[step]["val_loss_diffusion"] for step in (0, 2, 3)]
+    assert values[0] == values[1] == values[2]
+    assert values[0] == result.validation_losses[0]["val_loss_diffusion"]
+
+
 def test_fine_tunes_an_existing_controlnet_in_bf16(tiny_sdxl_dir, skin_dataset, tmp_path):
     # With learning rate 0 the result is exactly the ControlNet training started from (kept in fp32 under bf16).
     source = tiny_sdxl_dir / "controlnet"
@@ -300,6 +328,7 @@ def test_interrupted_saves_leave_the_previous_checkpoints_usable(tmp_path, monke
         (["--use_8bit_adam"], "needs bitsandbytes"),
         (["--resume_from_checkpoint", "checkpoint-7"], "no such checkpoint folder"),
         (["--push_to_hub"], "the Hugging Face Hub is offline here"),
+        (["--validation_loss_timesteps", "50", "1000"], "the scheduler has timesteps 0..999"),
     ],
 )
 def test_bad_flags_exit_2_with_a_clear_message(tiny_sdxl_dir, skin_dataset, tmp_path, capsys, extra, message):
