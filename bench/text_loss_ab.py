@@ -2,7 +2,7 @@
 """Does the OCR text loss make generated text more readable? The same training run with and without it.
 
     python bench/text_loss_ab.py                             # 3 seeds x 2 arms, tiny preset, 128 px, CPU
-    python bench/text_loss_ab.py --seeds 0 1 2 3 4 --max_train_steps 400 -- \
+    python bench/text_loss_ab.py --seeds 0 1 2 3 4 --text_loss_weight 0.02 0.1 -- \
         --text_loss_max_timestep 1000 --text_loss_timestep_weighting alpha_bar   # flags after -- go to the trainer
 
 Builds once in --work_dir:
@@ -14,8 +14,8 @@ Builds once in --work_dir:
   random tiny VAE decodes noise, so no recognizer could read anything through it. How many labels the
   recognizer reads in the VAE's reconstructions is printed: that is the ceiling of what training can reach.
 
-Then, per seed, trains the ControlNet twice with identical data order, noise and timesteps: ``--text_loss_weight
-0`` (the diffusion loss alone; the text loss is still measured, not added) and ``--text_loss_weight W``. Both
+Then, per seed, trains the ControlNet with identical data order, noise and timesteps: ``--text_loss_weight 0``
+(the diffusion loss alone; the text loss is still measured, not added) and ``--text_loss_weight W`` for each W. Both
 record the fixed-timestep validation loss (``--validation_loss_timesteps``, fixed noise, every row):
 ``val_text_ctc``, the recognizer's CTC per character on the boxes of the one-step x0 estimate, and
 ``val_loss_diffusion``. The summary compares the arms at the end of training.
@@ -167,10 +167,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", type=Path, default=Path("bench_text_loss_ab"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--text_loss_weight", type=float, default=0.05)
+    parser.add_argument("--text_loss_weight", type=float, nargs="+", default=[0.05],
+                        help="One or more weights, each compared with weight 0 (run once per seed).")
     parser.add_argument("--max_train_steps", type=int, default=300)
     parser.add_argument("--validation_steps", type=int, default=50)
-    parser.add_argument("--eval_timesteps", type=int, nargs="+", default=[100, 300, 500],
+    parser.add_argument("--eval_timesteps", type=int, nargs="+", default=[50, 150, 250],
                         help="The fixed timesteps of the validation loss (--validation_loss_timesteps).")
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--rows", type=int, default=8)
@@ -185,6 +186,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.trainer_flags = [f for f in args.trainer_flags if f != "--"]
     return args
+
+
+def print_summary(results: dict, seeds: list[int], weight: float, header: str) -> None:
+    """A markdown table per seed (weight 0 vs ``weight``) and the mean effect over seeds."""
+    print(f"\nweight 0 vs {weight:g}, {header}; 'late' = mean over the evaluations in the second half of training:")
+    print("| seed | val_text_ctc start | end, weight 0 | end, text loss | late, weight 0 | late, text loss "
+          "| val_loss_diffusion late, weight 0 | late, text loss |")
+    print("|---|---|---|---|---|---|---|---|")
+    ctc_gain, diffusion_change = [], []
+    for seed in seeds:
+        zero, text = results[(seed, 0.0)]["curve"], results[(seed, weight)]["curve"]
+        end = max(zero)
+        row = [zero[0]["val_text_ctc"], zero[end]["val_text_ctc"], text[end]["val_text_ctc"],
+               late_mean(zero, "val_text_ctc"), late_mean(text, "val_text_ctc"),
+               late_mean(zero, "val_loss_diffusion"), late_mean(text, "val_loss_diffusion")]
+        print(f"| {seed} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+        ctc_gain.append(1 - row[4] / row[3])
+        diffusion_change.append(row[6] / row[5] - 1)
+    spread = statistics.stdev(ctc_gain) if len(ctc_gain) > 1 else float("nan")
+    print(f"late val_text_ctc lower with the text loss in {sum(g > 0 for g in ctc_gain)}/{len(ctc_gain)} seeds, "
+          f"by {100 * statistics.mean(ctc_gain):.0f}% on average (sd {100 * spread:.0f}%); late val_loss_diffusion "
+          f"{100 * statistics.mean(diffusion_change):+.1f}% ({100 * min(diffusion_change):+.1f}% .. "
+          f"{100 * max(diffusion_change):+.1f}%)")
 
 
 def main(argv=None) -> None:
@@ -204,7 +228,7 @@ def main(argv=None) -> None:
               f"the recognizer reads {fit['labels_read_in_reconstructions']}/{fit['labels']} labels in its reconstructions")
     results = {}
     for seed in args.seeds:
-        for weight in (0.0, args.text_loss_weight):
+        for weight in [0.0, *args.text_loss_weight]:
             arm = run_arm(pipeline_dir, dataset_dir, args.work_dir / f"seed{seed}_w{weight:g}", seed=seed,
                           text_loss_weight=weight, max_train_steps=args.max_train_steps,
                           validation_steps=args.validation_steps, resolution=args.resolution,
@@ -216,27 +240,9 @@ def main(argv=None) -> None:
                   + " ".join(f"{step}:{values.get('val_text_ctc', float('nan')):.3f}" for step, values in curve.items())
                   + f" | val_loss_diffusion {curve[0]['val_loss_diffusion']:.4f} -> "
                   f"{curve[max(curve)]['val_loss_diffusion']:.4f}", flush=True)
-
-    print(f"\nweight 0 vs {args.text_loss_weight:g}, {args.max_train_steps} steps, trainer flags "
-          f"{args.trainer_flags or 'default'}; 'late' = mean over the evaluations in the second half of training:")
-    print("| seed | val_text_ctc start | end, weight 0 | end, text loss | late, weight 0 | late, text loss "
-          "| val_loss_diffusion late, weight 0 | late, text loss |")
-    print("|---|---|---|---|---|---|---|---|")
-    ctc_gain, diffusion_change = [], []
-    for seed in args.seeds:
-        zero, text = (results[(seed, w)]["curve"] for w in (0.0, args.text_loss_weight))
-        end = max(zero)
-        row = [zero[0]["val_text_ctc"], zero[end]["val_text_ctc"], text[end]["val_text_ctc"],
-               late_mean(zero, "val_text_ctc"), late_mean(text, "val_text_ctc"),
-               late_mean(zero, "val_loss_diffusion"), late_mean(text, "val_loss_diffusion")]
-        print(f"| {seed} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
-        ctc_gain.append(1 - row[4] / row[3])
-        diffusion_change.append(row[6] / row[5] - 1)
-    spread = statistics.stdev(ctc_gain) if len(ctc_gain) > 1 else float("nan")
-    print(f"\nlate val_text_ctc lower with the text loss in {sum(g > 0 for g in ctc_gain)}/{len(ctc_gain)} seeds, "
-          f"by {100 * statistics.mean(ctc_gain):.0f}% on average (sd {100 * spread:.0f}%); late val_loss_diffusion "
-          f"{100 * statistics.mean(diffusion_change):+.1f}% ({100 * min(diffusion_change):+.1f}% .. "
-          f"{100 * max(diffusion_change):+.1f}%)")
+    header = f"{args.max_train_steps} steps, trainer flags {args.trainer_flags or 'default'}"
+    for weight in args.text_loss_weight:
+        print_summary(results, args.seeds, weight, header)
     if args.json:
         args.json.write_text(json.dumps({f"seed{s}_w{w:g}": r for (s, w), r in results.items()}, indent=1))
 
