@@ -14,10 +14,18 @@ TEXT_LOSS_WEIGHT=${TEXT_LOSS_WEIGHT:-0.05}
 TEXT_LOSS_MAX_TIMESTEP=${TEXT_LOSS_MAX_TIMESTEP:-200}  # of 1000; ControlNet++ uses 200
 TEXT_LOSS_WEIGHTING=${TEXT_LOSS_WEIGHTING:-none}       # none | alpha_bar (AnyText)
 RECOGNIZER_MODEL=${RECOGNIZER_MODEL:-}                 # a PP-OCRv4 rec .onnx; empty: the one in rapidocr-onnxruntime
+# val_text_ctc / val_loss_diffusion at these timesteps with fixed noise, every VALIDATION_STEPS: the curves to
+# compare runs by (docs/text_loss.md). Empty: off.
+VALIDATION_LOSS_TIMESTEPS=${VALIDATION_LOSS_TIMESTEPS-50 150 250}
 
 recognizer_flag=()
 if [ -n "$RECOGNIZER_MODEL" ]; then
   recognizer_flag=(--recognizer_model_path "$RECOGNIZER_MODEL")
+fi
+validation_loss_flag=()
+if [ -n "$VALIDATION_LOSS_TIMESTEPS" ]; then
+  read -r -a timesteps <<< "$VALIDATION_LOSS_TIMESTEPS"
+  validation_loss_flag=(--validation_loss_timesteps "${timesteps[@]}")
 fi
 
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/controlnet_ctc} TRAIN_SCRIPT=train_controlnet_sdxl_ctc.py exec bash scripts/train.sh \
@@ -26,4 +34,5 @@ OUTPUT_DIR=${OUTPUT_DIR:-outputs/controlnet_ctc} TRAIN_SCRIPT=train_controlnet_s
   --text_loss_max_timestep "$TEXT_LOSS_MAX_TIMESTEP" \
   --text_loss_timestep_weighting "$TEXT_LOSS_WEIGHTING" \
   "${recognizer_flag[@]}" \
+  "${validation_loss_flag[@]}" \
   "$@"

@@ -464,6 +464,8 @@ def _run(args, accelerator, extra_loss: ExtraLoss | None, on_step) -> TrainingRe
             seed=seed, batch_size=args.train_batch_size, device=device, controlnet=accelerator.unwrap_model(controlnet),
             unet=unet, vae=vae, noise_scheduler=noise_scheduler, weight_dtype=weight_dtype, extra_loss=extra_loss,
             step=step)
+        logger.info(f"step {step}: losses at fixed timesteps {args.validation_loss_timesteps}: "
+                    + ", ".join(f"{k} {v:.4g}" for k, v in validation_losses[step].items()))
         return validation_losses[step]
 
     if global_step == 0 and (start_values := run_validation_loss(0)):

@@ -89,3 +89,6 @@ def test_launch_scripts_train_through_accelerate(tiny_sdxl_dir, tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert (output / "diffusion_pytorch_model.safetensors").is_file()
     assert "with the text loss" in proc.stdout
+    # train_ctc.sh follows the text loss at fixed timesteps by default: before training and at the end.
+    assert "step 0: losses at fixed timesteps [50, 150, 250]" in proc.stderr
+    assert "step 2: losses at fixed timesteps [50, 150, 250]: val_loss_diffusion" in proc.stderr
