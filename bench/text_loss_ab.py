@@ -24,6 +24,7 @@ record the fixed-timestep validation loss (``--validation_loss_timesteps``, fixe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -127,13 +128,9 @@ def run_arm(pipeline_dir: Path, dataset_dir: Path, output_dir: Path, *, seed: in
             max_train_steps: int, validation_steps: int, resolution: int, learning_rate: float,
             eval_timesteps: list[int], trainer_flags: list[str]) -> dict:
     """One training run of train_controlnet_sdxl_ctc.py in this process; its fixed-timestep validation curve."""
-    import importlib.util
-
     from skingen.training import train
 
-    spec = importlib.util.spec_from_file_location("train_controlnet_sdxl_ctc", REPO / "train_controlnet_sdxl_ctc.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _trainer_script()
     argv = [
         "--pretrained_model_name_or_path", str(pipeline_dir), "--train_data_dir", str(dataset_dir),
         "--output_dir", str(output_dir), "--resolution", str(resolution), "--train_batch_size", "2",
@@ -148,6 +145,16 @@ def run_arm(pipeline_dir: Path, dataset_dir: Path, output_dir: Path, *, seed: in
     result = train(args, extra_loss=script.build_text_loss(args))
     _reset_accelerate_state()
     return {"seconds": time.perf_counter() - started, "curve": result.validation_losses}
+
+
+@functools.cache
+def _trainer_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_controlnet_sdxl_ctc", REPO / "train_controlnet_sdxl_ctc.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 def late_mean(curve: dict[int, dict[str, float]], key: str) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,20 +10,17 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from repo_scripts import REPO, load_script
 
 from skingen.data import load_skin_dataset
 from skingen.errors import SkingenError
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "make_fill50k.py"
 
 
 @pytest.fixture(scope="module")
 def fill50k():
-    spec = importlib.util.spec_from_file_location("make_fill50k", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/make_fill50k.py")
 
 
 def digests(folder: Path) -> dict[str, str]:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from repo_scripts import load_script
 
 from skingen.data import read_rows, write_rows
 from skingen.errors import SkingenError
 from skingen.fileio import atomic_write_json
 from skingen.layout import load_layout
 
-REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("filter_dataset", REPO / "scripts" / "filter_dataset.py")
-filter_dataset = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(filter_dataset)
+filter_dataset = load_script("scripts/filter_dataset.py")
 
 LAYOUT = load_layout("key_elements", resolution=512)
 

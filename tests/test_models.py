@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from repo_scripts import load_script
 
 from skingen.errors import SkingenError
 from skingen.models import (
@@ -22,8 +22,6 @@ from skingen.models import (
     load_or_init_controlnet,
     load_sdxl_components,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _file_digests(folder: Path) -> dict[str, str]:
@@ -241,9 +239,7 @@ def test_bad_controlnet_path(tmp_path, components):
 
 
 def test_make_tiny_sdxl_script(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("make_tiny_sdxl", REPO / "scripts" / "make_tiny_sdxl.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/make_tiny_sdxl.py")
     out = tmp_path / "cli"
     script.main(["--out", str(out), "--seed", "3"])
     printed = capsys.readouterr().out

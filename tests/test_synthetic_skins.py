@@ -4,13 +4,13 @@ with nav-bar text OCR can read at 512 px."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from repo_scripts import load_script
 
 import merge_elements
 from skingen.errors import SkingenError
@@ -18,10 +18,7 @@ from skingen.layout import load_layout, merge_package
 from skingen.ninepatch import parse_ninepatch
 from skingen.skins import find_elements, list_packages, open_package
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_synthetic_skins.py"
-_spec = importlib.util.spec_from_file_location("make_synthetic_skins", SCRIPT)
-synthetic = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(synthetic)
+synthetic = load_script("scripts/make_synthetic_skins.py")
 
 
 def digest(folder: Path) -> dict[str, str]:

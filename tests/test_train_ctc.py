@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from repo_scripts import load_script, tiny_training_argv
 from safetensors.torch import load_file
 from test_recognizer import FONT_PATH
 
 from skingen.errors import run_cli
 from skingen.training import build_arg_parser, parse_training_args, train
 
-REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_controlnet_sdxl_ctc", REPO / "train_controlnet_sdxl_ctc.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-script = _load_script()
+script = load_script("train_controlnet_sdxl_ctc.py")
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -60,12 +52,7 @@ def glyph_dataset(tmp_path_factory) -> Path:
     return root
 
 
-def _argv(tiny_sdxl_dir, dataset, output_dir, *extra) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--train_data_dir", str(dataset),
-        "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "2", "--learning_rate", "1e-3",
-        "--lr_warmup_steps", "0", "--seed", "0", "--report_to", "none", *map(str, extra),
-    ]
+_argv = tiny_training_argv
 
 
 def _train_with_text_loss(argv):
@@ -119,13 +106,6 @@ def test_bad_text_loss_flags_exit_2_with_a_clear_message(tiny_sdxl_dir, glyph_da
     assert message in capsys.readouterr().err
 
 
-def _load_ab_bench():
-    spec = importlib.util.spec_from_file_location("text_loss_ab", REPO / "bench" / "text_loss_ab.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_text_loss_falls_during_training_without_harming_the_diffusion_loss(tmp_path, one_torch_thread):
     """Evidence for the text loss in a real training run (bench/text_loss_ab.py at a small size).
 
@@ -135,7 +115,7 @@ def test_text_loss_falls_during_training_without_harming_the_diffusion_loss(tmp_
     Seeds 0-4 of this setting all pass; whether the text loss beats the run without it is measured over seeds
     by the bench (docs/text_loss.md), not asserted here.
     """
-    bench = _load_ab_bench()
+    bench = load_script("bench/text_loss_ab.py")
     dataset = bench.write_glyph_dataset(tmp_path / "dataset", rows=4, resolution=128, keys_per_row=3, font_size=24)
     fit = bench.build_fitted_pipeline(tmp_path / "pipeline", dataset, resolution=128, vae_fit_steps=500)
     assert fit["labels_read_in_reconstructions"] == fit["labels"] == 12

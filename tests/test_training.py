@@ -12,22 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from repo_scripts import REPO, load_script, tiny_training_argv
 from safetensors.torch import load_file
 
 from skingen.errors import SkingenError, run_cli
 from skingen.training import build_arg_parser, parse_training_args, train
 from skingen.training_data import GlobalBatchSampler, resize_and_center_crop, transform_boxes
 
-REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 NUM_ROWS = 6
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("train_controlnet_sdxl", REPO / "train_controlnet_sdxl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_controlnet_sdxl.py")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
@@ -59,12 +56,7 @@ def skin_dataset(tmp_path_factory) -> Path:
     return root
 
 
-def _argv(tiny_sdxl_dir, dataset, output_dir, *extra) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--train_data_dir", str(dataset),
-        "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "2", "--learning_rate", "1e-3",
-        "--lr_warmup_steps", "0", "--seed", "0", "--report_to", "none", *map(str, extra),
-    ]
+_argv = tiny_training_argv
 
 
 def _args(*argv):
