@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny SDXL pipeline (+ ControlNet) built once per session, and a CJK font."""
+"""Shared fixtures: tiny SDXL, SD3 and FLUX pipelines (+ ControlNet) built once per session, and a CJK font."""
 
 from __future__ import annotations
 
@@ -19,6 +19,26 @@ def tiny_sdxl_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_sdxl")
     build_tiny_sdxl(out, preset="tiny", seed=0, controlnet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A diffusers-format tiny SD3.5-shaped pipeline with a matching SD3ControlNetModel in ``<dir>/controlnet``."""
+    from skingen.tiny_models import build_tiny_sd3
+
+    out = tmp_path_factory.mktemp("tiny_sd3")
+    build_tiny_sd3(out, seed=0, controlnet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A diffusers-format tiny FLUX.1-dev-shaped pipeline with a matching FluxControlNetModel in ``<dir>/controlnet``."""
+    from skingen.tiny_models import build_tiny_flux
+
+    out = tmp_path_factory.mktemp("tiny_flux")
+    build_tiny_flux(out, seed=0, controlnet=True)
     return out
 
 
