@@ -13,6 +13,7 @@ gradient through a multi-step sampler is either cut or unaffordable, so ``loss_t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,9 @@ from .recognizer import (
 TEXT_LOSS_TYPES = ("ctc", "perceptual", "both")
 TIMESTEP_WEIGHTINGS = ("none", "alpha_bar")
 MIN_BOX_SIDE = 2.0  # pixels; thinner boxes cannot hold readable text
+SKIP_REASONS = ("outside", "too_small", "unknown_text")  # why a box could not be used
+
+logger = logging.getLogger(__name__)
 
 
 def predict_x0(
@@ -233,7 +237,8 @@ class TextLoss:
     Per row the loss is the mean over its boxes, times alpha_bar_t with ``timestep_weighting="alpha_bar"``;
     rows with t > ``max_timestep`` or without boxes count as zero; the batch loss is their mean times ``weight``
     (the trainer logs it as ``loss_text``). Logs: ``boxes_used``, ``unknown_chars`` (characters outside the
-    recognizer's dictionary, dropped from the targets), and, when boxes were used, the unweighted per-box means
+    recognizer's dictionary, dropped from the targets), ``boxes_skipped_outside`` / ``_too_small`` /
+    ``_unknown_text`` (boxes that could not be used; running totals also go to a warning), and, when boxes were used, the unweighted per-box means
     ``text_ctc`` / ``text_perceptual``.
 
     Ground-truth crops for the perceptual loss come from ``batch["pixel_values"]`` when the batch has them,
@@ -270,27 +275,36 @@ class TextLoss:
         self.timestep_weighting = timestep_weighting
         self.tile_margin = tile_margin
         self.max_boxes_per_row = max_boxes_per_row
+        self.skipped_boxes = dict.fromkeys(SKIP_REASONS, 0)  # running totals over the run, reported as warnings
+        self._next_skip_report = 1
 
     # -- which boxes take part ------------------------------------------------------------------------
 
     def _usable_boxes(
         self, boxes, texts, image_hw: tuple[int, int], seed: int | None = None
-    ) -> tuple[torch.Tensor, list[str], int]:
+    ) -> tuple[torch.Tensor, list[str], int, dict[str, int]]:
         """Boxes inside the image, big enough, with at least one known character; capped at ``max_boxes_per_row``.
 
-        The subset is drawn from the sample's own seed, so it does not depend on the process count.
+        The subset is drawn from the sample's own seed, so it does not depend on the process count. Also returns
+        how many boxes were left out for each of ``SKIP_REASONS`` (the first reason that applies counts).
         """
+        skipped = dict.fromkeys(SKIP_REASONS, 0)
         if boxes is None or len(boxes) == 0:
-            return torch.zeros(0, 4, 2), [], 0
+            return torch.zeros(0, 4, 2), [], 0, skipped
         boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4, 2).cpu()
         if len(texts) != len(boxes):
             raise SkingenError(f"a training row has {len(boxes)} boxes but {len(texts)} texts; they must be aligned")
         width, height = quad_size(boxes)
         centre = boxes.mean(dim=1)
         inside = (centre[:, 0] >= 0) & (centre[:, 0] < image_hw[1]) & (centre[:, 1] >= 0) & (centre[:, 1] < image_hw[0])
-        keep = inside & (width >= MIN_BOX_SIDE) & (height >= MIN_BOX_SIDE)
+        big_enough = (width >= MIN_BOX_SIDE) & (height >= MIN_BOX_SIDE)
+        known = torch.ones_like(inside)
         if self.loss_type != "perceptual":  # CTC needs at least one character the recognizer knows
-            keep &= encode_texts(texts, self.recognizer.charset)[1] > 0
+            known = encode_texts(texts, self.recognizer.charset)[1] > 0
+        skipped["outside"] = int((~inside).sum())
+        skipped["too_small"] = int((inside & ~big_enough).sum())
+        skipped["unknown_text"] = int((inside & big_enough & ~known).sum())
+        keep = inside & big_enough & known
         indices = keep.nonzero().flatten()
         if len(indices) > self.max_boxes_per_row:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -298,7 +312,20 @@ class TextLoss:
             indices = indices[order[: self.max_boxes_per_row]].sort().values
         chosen = [texts[i] for i in indices.tolist()]
         unknown = encode_texts(chosen, self.recognizer.charset)[2]
-        return boxes[indices], chosen, unknown
+        return boxes[indices], chosen, unknown, skipped
+
+    def _report_skipped(self, skipped: dict[str, int]) -> None:
+        """A warning with the running counts of unusable boxes: at the first one, then each time the total doubles
+        (a few lines per run, not one per step)."""
+        for reason, count in skipped.items():
+            self.skipped_boxes[reason] += count
+        total = sum(self.skipped_boxes.values())
+        if total and total >= self._next_skip_report:
+            counts = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in self.skipped_boxes.items() if n)
+            logger.warning(f"text loss: {total} boxes could not be used so far ({counts}; 'unknown text': no "
+                           "character in the recognizer's dictionary, 'too small': a side under "
+                           f"{MIN_BOX_SIDE:g} px, 'outside': centre outside the image); fix or drop those boxes")
+            self._next_skip_report = 2 * total
 
     def row_weights(self, timesteps: torch.Tensor, noise_scheduler) -> torch.Tensor:
         weights = torch.ones(len(timesteps), device=timesteps.device)
@@ -323,16 +350,23 @@ class TextLoss:
         zero = model_pred.sum() * 0.0
 
         rows, row_boxes, row_texts, unknown = [], [], [], 0
+        skipped = dict.fromkeys(SKIP_REASONS, 0)
         for i in range(batch_size):
             seeds = batch.get("sample_seeds")
             seed = int(seeds[i]) if seeds is not None else None
-            boxes, texts, row_unknown = self._usable_boxes(batch["boxes"][i], batch["texts"][i], image_hw, seed)
+            boxes, texts, row_unknown, row_skipped = self._usable_boxes(
+                batch["boxes"][i], batch["texts"][i], image_hw, seed
+            )
+            for reason, count in row_skipped.items():
+                skipped[reason] += count
             if row_weight[i] > 0 and len(boxes) > 0:
                 rows.append(i)
                 row_boxes.append(boxes)
                 row_texts.append(texts)
                 unknown += row_unknown
-        logs = {"boxes_used": sum(len(b) for b in row_boxes), "unknown_chars": unknown}
+        self._report_skipped(skipped)
+        logs = {"boxes_used": sum(len(b) for b in row_boxes), "unknown_chars": unknown,
+                **{f"boxes_skipped_{reason}": count for reason, count in skipped.items()}}
         if not rows:
             return zero, logs
 

@@ -216,7 +216,8 @@ def test_rows_without_boxes_or_past_the_timestep_cut_give_zero_with_graph(recogn
         noise=noise, scheduler=scheduler, vae=vae,
     )
     assert loss.item() == 0.0 and loss.requires_grad
-    assert logs == {"boxes_used": 0, "unknown_chars": 0}
+    assert logs == {"boxes_used": 0, "unknown_chars": 0, "boxes_skipped_outside": 0, "boxes_skipped_too_small": 0,
+                    "boxes_skipped_unknown_text": 0}
     loss.backward()
     assert torch.equal(model_pred.grad, torch.zeros_like(model_pred))
 
@@ -237,6 +238,27 @@ def test_loss_counts_unknown_chars_and_only_uses_rows_in_range(recognizer, vae, 
     loss.backward()
     assert model_pred.grad[0].abs().sum() > 0
     assert model_pred.grad[1].abs().sum() == 0
+
+
+def test_unusable_boxes_are_counted_per_reason_and_reported_in_a_warning(recognizer, vae, scheduler, caplog):
+    latents, noise = torch.randn(1, 4, 12, 16), torch.randn(1, 4, 12, 16)
+    timesteps = torch.tensor([20])
+    flat = [[16.0, 24.0], [112.0, 24.0], [112.0, 24.0], [16.0, 24.0]]  # zero height
+    outside = [[200.0, 24.0], [260.0, 24.0], [260.0, 72.0], [200.0, 72.0]]  # right of the 128 px wide image
+    batch = {"boxes": [torch.tensor([LINE_BOX, flat, LINE_BOX, outside])], "texts": [["前往", "搜索", "🙂", "删除"]]}
+    loss_fn = TextLoss(recognizer)
+    inputs = {"batch": batch, "model_pred": torch.randn(1, 4, 12, 16),
+              "noisy_latents": scheduler.add_noise(latents, noise, timesteps), "latents": latents,
+              "timesteps": timesteps, "noise": noise, "scheduler": scheduler, "vae": vae}
+    with caplog.at_level("WARNING", logger="skingen.losses"):
+        _, logs = call_loss(loss_fn, **inputs)
+        _, _ = call_loss(loss_fn, **inputs)
+    assert logs["boxes_used"] == 1
+    assert (logs["boxes_skipped_too_small"], logs["boxes_skipped_unknown_text"], logs["boxes_skipped_outside"]) == (1, 1, 1)
+    assert loss_fn.skipped_boxes == {"outside": 2, "too_small": 2, "unknown_text": 2}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings  # the first step (3 boxes) and when the total doubled (6)
+    assert "6 boxes could not be used" in warnings[-1] and "2 unknown text" in warnings[-1]
 
 
 def test_alpha_bar_weighting_scales_each_row(recognizer, vae, scheduler):
