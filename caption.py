@@ -6,12 +6,13 @@
 A caption is the captioner's description (BLIP continues ``--prompt``), then ``--trigger_word``, then
 ``writing "..."`` with the row's ``texts``. Rows that already have a caption are kept unless
 ``--overwrite``; train.jsonl is rewritten atomically every ``--save_every`` images, so an interrupted
-run resumes where it stopped.
+run resumes where it stopped (temp files a killed run left are removed first).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from skingen.captioning import (
     CAPTIONERS,
@@ -23,8 +24,10 @@ from skingen.captioning import (
     caption_rows,
 )
 from skingen.config import parse_args_with_config
-from skingen.data import read_rows, write_rows
+from skingen.data import read_checked_rows, write_rows
 from skingen.errors import SkingenError, run_cli
+from skingen.fileio import remove_stale_temp_files
+from skingen.rows import CAPTION
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--num_beams", type=int, default=1, help="BLIP: beam search width (1 = greedy)")
     parser.add_argument("--overwrite", action="store_true", help="recaption rows that already have a caption")
-    parser.add_argument("--save_every", type=int, default=64, help="rewrite train.jsonl after this many new captions")
+    parser.add_argument(
+        "--save_every",
+        type=int,
+        default=8,
+        help="rewrite train.jsonl after this many new captions (a kill redoes fewer)",
+    )
     args = parse_args_with_config(parser, argv)
     if args.max_new_tokens < 1 or args.save_every < 1 or args.num_beams < 1:
         raise SkingenError("--max_new_tokens, --num_beams and --save_every must be >= 1")
@@ -67,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rows = read_rows(args.dataset_dir)
+    rows = read_checked_rows(args.dataset_dir, CAPTION)
+    remove_stale_temp_files(args.dataset_dir)
     captioner = build_captioner(
         args.captioner,
         model_name_or_path=args.model,
@@ -81,7 +90,7 @@ def main(argv=None) -> int:
         rows,
         args.dataset_dir,
         captioner,
-        save=lambda updated: write_rows(args.dataset_dir, updated),
+        save=lambda updated: write_rows(args.dataset_dir, [row.raw for row in updated]),
         trigger_word=args.trigger_word,
         overwrite=args.overwrite,
         batch_size=args.batch_size,
@@ -90,7 +99,13 @@ def main(argv=None) -> int:
     )
     print(f"{args.dataset_dir}: captioned {stats.captioned} of {stats.total} rows, kept {stats.kept} existing captions")
     for row in rows[:3]:
-        print(f"  {row['image']}: {row['text']}")
+        print(f"  {row.image.rel}: {row.raw.get('text', '')}")
+    if stats.rows_with_texts_cut:
+        print(
+            f"warning: {stats.rows_with_texts_cut} caption(s) name only their {args.max_writing_texts} largest texts "
+            f"(--max_writing_texts); {stats.texts_left_out} text(s) left out of writing \"...\" (kept in 'texts')",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -4,7 +4,8 @@
     python dataset_tool.py convert datasets/skins out/skins_if --to imagefolder
     python dataset_tool.py split datasets/skins --val_fraction 0.1 --seed 0
 
-`validate` exits with status 1 when a row is bad. `convert` writes a new folder and never touches the source.
+`validate` decodes every image and exits with status 1 when a row is bad (every problem listed at once);
+status 2 when the dataset cannot be read at all or has no rows. `convert` writes a new folder and never touches the source.
 `split` rewrites train.jsonl + validation.jsonl in place (or in a copy with --out); a row's split depends only on
 its image path and the seed, so adding rows later does not move existing ones.
 """
@@ -15,14 +16,8 @@ import argparse
 from collections.abc import Sequence
 
 from skingen.config import parse_args_with_config
-from skingen.data import (
-    LINK_MODES,
-    convert_dataset,
-    existing_splits,
-    find_dataset_files,
-    split_dataset,
-    validate_dataset,
-)
+from skingen.data import existing_splits, find_dataset_files
+from skingen.dataset_ops import LINK_MODES, convert_dataset, split_dataset, validate_dataset
 from skingen.errors import run_cli
 
 LISTED_BAD_ROWS = 20

@@ -1,18 +1,24 @@
 """Conditioning images for a dataset folder: ``canny`` edges, one shared layout ``template``,
-or the template plus each image's own text re-rendered at its OCR boxes (``glyph``).
+the template plus each image's own text re-rendered at its OCR boxes (``glyph``), the Canny edges of one
+reference skin shared by every row (``reference``, as the original experiments 1-3), or that shared image plus
+each row's own text (``reference_glyph``).
 
     python render_glyphs.py --dataset_dir datasets/keyboard_512 --mode glyph --layout key_elements --resolution 512
+    python render_glyphs.py --dataset_dir datasets/keyboard_512 --mode reference --reference_image ref.png
 
-Writes ``conditioning_images/`` and sets each row's ``conditioning_image`` (glyph mode
+Writes ``conditioning_images/`` and sets each row's ``conditioning_image`` (glyph modes
 also ``box`` + ``texts``) in ``train.jsonl``, keeping every other field. A rerun skips
 rows already done with the same settings (kept in ``conditioning_images/settings.json``), so an
-interrupted run resumes and changed settings redo everything; ``--overwrite`` redoes it all anyway.
+interrupted run resumes (train.jsonl is saved after every batch) and changed settings redo everything;
+``--overwrite`` redoes it all anyway. Temp files of a run killed midway are removed first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
@@ -20,23 +26,34 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from skingen import data
+from skingen import data, rows
 from skingen.config import parse_args_with_config
 from skingen.errors import SkingenError, run_cli
-from skingen.fileio import atomic_save_image, atomic_write_json
+from skingen.fileio import atomic_save_image, atomic_write_json, remove_stale_temp_files
 from skingen.glyphs import canny_control, find_cjk_font, render_glyph_control
+from skingen.images import open_rgb
 from skingen.layout import LAYOUT_RECORD, Layout, load_layout, render_template
 from skingen.ocr import BACKENDS, get_ocr
 
 CONDITIONING_DIR = "conditioning_images"
 TEMPLATE_NAME = f"{CONDITIONING_DIR}/template.png"
+REFERENCE_NAME = f"{CONDITIONING_DIR}/reference.png"
+MODES = ("canny", "template", "glyph", "reference", "reference_glyph")
+SHARED_MODES = ("template", "reference")  # one image for every row
+GLYPH_MODES = ("glyph", "reference_glyph")  # OCR text drawn onto a shared base image, one image per row
 SETTINGS_NAME = f"{CONDITIONING_DIR}/settings.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", type=str, default=None, help="Dataset folder with train.jsonl and images/.")
-    parser.add_argument("--mode", type=str, default=None, choices=["canny", "template", "glyph"])
+    parser.add_argument("--mode", type=str, default=None, choices=MODES)
+    parser.add_argument(
+        "--reference_image",
+        type=str,
+        default=None,
+        help="reference/reference_glyph modes: the skin whose Canny edges (--low/--high_threshold) every row shares.",
+    )
     parser.add_argument("--low_threshold", type=int, default=50, help="Canny lower hysteresis threshold.")
     parser.add_argument("--high_threshold", type=int, default=80, help="Canny upper hysteresis threshold.")
     parser.add_argument(
@@ -82,7 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dataset_dir is None:
         parser.error("--dataset_dir is required")
     if args.mode is None:
-        parser.error("--mode is required: canny, template or glyph")
+        parser.error(f"--mode is required: {', '.join(MODES)}")
+    if args.mode.startswith("reference") and not args.reference_image:
+        parser.error(f"--mode {args.mode} needs --reference_image PATH (the skin whose edges every row shares)")
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     return args
@@ -91,32 +110,57 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     dataset_dir = Path(args.dataset_dir)
-    rows = data.read_rows(dataset_dir)
-    layout = None if args.mode == "canny" else dataset_layout(args, dataset_dir, rows)
-    font = find_cjk_font(args.font) if args.mode == "glyph" else None
-    settings_changed = start_run(dataset_dir, rows, run_settings(args, layout, font))
+    checked = data.read_checked_rows(dataset_dir, rows.RENDER)
+    removed = remove_stale_temp_files(dataset_dir) + remove_stale_temp_files(dataset_dir / CONDITIONING_DIR, True)
+    if removed:
+        print(f"removed {removed} temp file(s) left by an interrupted run")
+    reference = load_reference(args) if args.mode.startswith("reference") else None
+    layout = dataset_layout(args, dataset_dir, checked) if args.mode in ("template", "glyph") else None
+    font = find_cjk_font(args.font) if args.mode in GLYPH_MODES else None
+    settings_changed = start_run(dataset_dir, checked, run_settings(args, layout, font))
     if args.mode == "template":
-        render_shared_template(args, dataset_dir, rows, layout, settings_changed)
+        render_shared(
+            args, dataset_dir, checked, TEMPLATE_NAME, lambda: render_template(layout).convert("RGB"), settings_changed
+        )
+    elif args.mode == "reference":
+        render_shared(args, dataset_dir, checked, REFERENCE_NAME, lambda: reference, settings_changed)
     else:
-        render_per_image(args, dataset_dir, rows, layout, font)
+        base = None
+        if args.mode == "glyph":
+            base = render_template(layout).convert("RGB")
+        elif args.mode == "reference_glyph":
+            base = reference
+        render_per_image(args, dataset_dir, checked, base, font)
+
+
+def load_reference(args) -> Image.Image:
+    """The Canny edges of --reference_image, the control every row shares in the reference modes."""
+    image = open_rgb(Path(args.reference_image).expanduser(), "--reference_image")
+    return canny_control(image, args.low_threshold, args.high_threshold)
 
 
 def run_settings(args, layout, font) -> dict:
     """Everything that shapes the images of this mode; outputs made under other settings are redone."""
     settings = {"mode": args.mode}
-    if args.mode == "canny":
-        return {**settings, "low_threshold": args.low_threshold, "high_threshold": args.high_threshold}
-    # The boxes themselves, not where they came from: an edited spec redoes the images, a moved one does not.
-    boxes = json.dumps({k: v for k, v in layout.to_dict().items() if k != "path"}, sort_keys=True)
-    settings.update(layout=layout.name, resolution=layout.resolution, layout_sha256=sha256(boxes.encode()).hexdigest())
-    if args.mode == "glyph":
+    if args.mode == "canny" or args.mode.startswith("reference"):
+        settings.update(low_threshold=args.low_threshold, high_threshold=args.high_threshold)
+    if args.mode.startswith("reference"):
+        reference = Path(args.reference_image).expanduser()
+        settings.update(reference_sha256=sha256(reference.read_bytes()).hexdigest())
+    if layout is not None:
+        # The boxes themselves, not where they came from: an edited spec redoes the images, a moved one does not.
+        boxes = json.dumps({k: v for k, v in layout.to_dict().items() if k != "path"}, sort_keys=True)
+        settings.update(
+            layout=layout.name, resolution=layout.resolution, layout_sha256=sha256(boxes.encode()).hexdigest()
+        )
+    if args.mode in GLYPH_MODES:
         settings.update(min_confidence=args.min_confidence, font=str(font), ocr_backend=args.ocr_backend)
         if args.ocr_backend == "paddle":
             settings.update(ocr_options(args))
     return settings
 
 
-def start_run(dataset_dir: Path, rows: list[dict], settings: dict) -> bool:
+def start_run(dataset_dir: Path, checked: list[rows.Row], settings: dict) -> bool:
     """Record this run's settings beside its images. If they differ from the last run's (another mode,
     thresholds, layout...), rows forget their conditioning images first, so none counts as done."""
     path = dataset_dir / SETTINGS_NAME
@@ -126,73 +170,105 @@ def start_run(dataset_dir: Path, rows: list[dict], settings: dict) -> bool:
         recorded = None
     if recorded == settings:
         return False
-    if any("conditioning_image" in row for row in rows):
-        for row in rows:
-            row.pop("conditioning_image", None)
-        data.write_rows(dataset_dir, rows)
+    if any("conditioning_image" in row.raw for row in checked):
+        for row in checked:
+            row.raw.pop("conditioning_image", None)
+        save_rows(dataset_dir, checked)
     atomic_write_json(path, settings)
     return True
 
 
-def render_shared_template(args, dataset_dir: Path, rows: list[dict], layout, settings_changed: bool) -> None:
-    """One template image for every row."""
-    path = dataset_dir / TEMPLATE_NAME
+def save_rows(dataset_dir: Path, checked: list[rows.Row]) -> None:
+    data.write_rows(dataset_dir, [row.raw for row in checked])
+
+
+def render_shared(args, dataset_dir: Path, checked: list[rows.Row], name: str, draw, settings_changed: bool) -> None:
+    """One image (``draw()``) for every row: the layout template or the reference edges."""
+    path = dataset_dir / name
     if args.overwrite or settings_changed or not path.is_file():
-        atomic_save_image(render_template(layout).convert("RGB"), path)
-    changed = [row for row in rows if row.get("conditioning_image") != TEMPLATE_NAME]
+        atomic_save_image(draw(), path)
+    changed = [row for row in checked if row.raw.get("conditioning_image") != name]
     for row in changed:
-        row["conditioning_image"] = TEMPLATE_NAME
+        row.raw["conditioning_image"] = name
     if changed:
-        data.write_rows(dataset_dir, rows)
-    print(f"template: {path} shared by {len(rows)} rows ({len(changed)} rows updated)")
+        save_rows(dataset_dir, checked)
+    print(f"{args.mode}: {path} shared by {len(checked)} rows ({len(changed)} rows updated)")
 
 
-def render_per_image(args, dataset_dir: Path, rows: list[dict], layout, font) -> None:
+@dataclass
+class GlyphCounts:
+    """What the glyph modes kept of the OCR's lines (one warning line at the end of the run)."""
+
+    found: int = 0
+    kept: int = 0
+    low_score: int = 0
+    unusable_box: int = 0
+    rows_without_text: int = 0
+
+
+def render_per_image(args, dataset_dir: Path, checked: list[rows.Row], base: Image.Image | None, font) -> None:
     """Canny or glyph images, one per row, in batches; rows are saved after each batch so a rerun resumes."""
-    glyph = args.mode == "glyph"
-    todo = [i for i, row in enumerate(rows) if args.overwrite or not is_done(dataset_dir, row, glyph)]
-    print(f"{args.mode}: {len(rows)} rows, {len(rows) - len(todo)} already done, {len(todo)} to render")
+    glyph = args.mode in GLYPH_MODES
+    todo = [row for row in checked if args.overwrite or not is_done(dataset_dir, row, glyph)]
+    print(f"{args.mode}: {len(checked)} rows, {len(checked) - len(todo)} already done, {len(todo)} to render")
     if not todo:
         return
-    for index in todo:  # a wrong path fails now, not hours into the run
-        row_image_path(dataset_dir, rows[index], index)
-    if glyph:
-        template = render_template(layout).convert("RGB")
-        ocr = get_ocr(args.ocr_backend, **ocr_options(args))
-    found = kept = without_text = 0
+    ocr = get_ocr(args.ocr_backend, **ocr_options(args)) if glyph else None
+    counts = GlyphCounts()
     with tqdm(total=len(todo), desc=f"{args.mode} images", unit="img") as progress:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start : start + args.batch_size]
-            images = [load_row_image(dataset_dir, rows[i], i) for i in batch]
+            images = [open_rgb(row.image.path, row.where) for row in batch]
             lines = ocr.read_batch([np.asarray(image) for image in images]) if glyph else [None] * len(batch)
-            for index, image, image_lines in zip(batch, images, lines):
-                row = rows[index]
-                target = conditioning_path_for(row["image"])
+            for row, image, image_lines in zip(batch, images, lines):
+                target = conditioning_path_for(row.image.rel)
                 if glyph:
-                    check_same_size(template, image, row, index)
-                    good = [line for line in image_lines if line.score >= args.min_confidence and line.text.strip()]
-                    found, kept, without_text = found + len(image_lines), kept + len(good), without_text + (not good)
-                    control = render_glyph_control(template, good, font)
-                    row["box"] = [line.quad for line in good]
-                    row["texts"] = [line.text for line in good]
+                    check_same_size(base, image, row, args.mode)
+                    good = keep_lines(image_lines, image.size, args.min_confidence, counts)
+                    control = render_glyph_control(base, good, font)
+                    row.raw["box"] = [line.quad for line in good]
+                    row.raw["texts"] = [line.text for line in good]
                 else:
                     control = canny_control(image, args.low_threshold, args.high_threshold)
                 atomic_save_image(control, dataset_dir / target)
-                row["conditioning_image"] = target
+                row.raw["conditioning_image"] = target
                 progress.update(1)
-            data.write_rows(dataset_dir, rows)
+            save_rows(dataset_dir, checked)
     if glyph:
         print(
-            f"glyph: {len(todo)} rows rendered; text lines found {found}, kept {kept} "
-            f"(score >= {args.min_confidence}); rows with no kept text: {without_text}"
+            f"{args.mode}: {len(todo)} rows rendered; text lines found {counts.found}, kept {counts.kept} "
+            f"(score >= {args.min_confidence}); rows with no kept text: {counts.rows_without_text}"
         )
+        if counts.low_score or counts.unusable_box:
+            print(
+                f"warning: {args.mode}: dropped {counts.low_score + counts.unusable_box} of {counts.found} text lines: "
+                f"{counts.low_score} scored below {args.min_confidence} or were blank, {counts.unusable_box} had a box "
+                "with no area or outside the image",
+                file=sys.stderr,
+            )
 
 
-def is_done(dataset_dir: Path, row: dict, glyph: bool) -> bool:
-    target = conditioning_path_for(row.get("image", ""))
-    if row.get("conditioning_image") != target or not (dataset_dir / target).is_file():
+def keep_lines(lines, size: tuple[int, int], min_confidence: float, counts: GlyphCounts) -> list:
+    """The OCR lines a row keeps: confident, non-blank, with a box the row check accepts."""
+    good = []
+    for line in lines:
+        if line.score < min_confidence or not line.text.strip():
+            counts.low_score += 1
+        elif rows.box_problem(line.quad, size) is not None:
+            counts.unusable_box += 1
+        else:
+            good.append(line)
+    counts.found += len(lines)
+    counts.kept += len(good)
+    counts.rows_without_text += not good
+    return good
+
+
+def is_done(dataset_dir: Path, row: rows.Row, glyph: bool) -> bool:
+    target = conditioning_path_for(row.image.rel)
+    if row.raw.get("conditioning_image") != target or not (dataset_dir / target).is_file():
         return False
-    return not glyph or ("box" in row and "texts" in row)
+    return not glyph or ("box" in row.raw and "texts" in row.raw)
 
 
 def conditioning_path_for(image_rel: str) -> str:
@@ -203,44 +279,22 @@ def conditioning_path_for(image_rel: str) -> str:
     return (Path(CONDITIONING_DIR) / rel.with_suffix(".png")).as_posix()
 
 
-def row_where(dataset_dir: Path, index: int) -> str:
-    return f"{dataset_dir / 'train.jsonl'}: row {index + 1}"
-
-
-def row_image_path(dataset_dir: Path, row: dict, index: int) -> Path:
-    where = row_where(dataset_dir, index)
-    rel = row.get("image")
-    if not isinstance(rel, str) or not rel:
-        raise SkingenError(f"{where}: no `image` path; every row needs one (relative to {dataset_dir})")
-    if Path(rel).is_absolute() or ".." in Path(rel).parts:
-        raise SkingenError(f"{where}: image path {rel!r} leaves the dataset folder; make it relative to {dataset_dir}")
-    path = dataset_dir / rel
-    if not path.is_file():
-        raise SkingenError(f"{where}: image {rel} not found (looked for {path}); fix the path or drop the row")
-    return path
-
-
-def load_row_image(dataset_dir: Path, row: dict, index: int) -> Image.Image:
-    """The row's image as RGB, converted the way the training loader converts it (transparency on white)."""
-    return data.open_rgb(row_image_path(dataset_dir, row, index), row_where(dataset_dir, index))
-
-
-def dataset_layout(args, dataset_dir: Path, rows: list[dict]) -> Layout:
+def dataset_layout(args, dataset_dir: Path, checked: list[rows.Row]) -> Layout:
     """The layout to draw: --layout; else the record merge_elements.py wrote (layout.json: exactly the boxes
     the images were merged with); else the rows' ``layout`` name. Size: --resolution, else the record's,
     else the first image's width."""
     record = dataset_dir / LAYOUT_RECORD
     if args.layout is None and record.is_file():
         return load_layout(record, resolution=args.resolution)
-    name_or_path = args.layout or rows_layout_name(dataset_dir, rows)
-    resolution = args.resolution
-    if resolution is None and rows:
-        resolution = load_row_image(dataset_dir, rows[0], 0).width
+    name_or_path = args.layout or rows_layout_name(dataset_dir, checked)
+    resolution = args.resolution if args.resolution is not None else checked[0].image.size[0]
     return load_layout(name_or_path, resolution=resolution)
 
 
-def rows_layout_name(dataset_dir: Path, rows: list[dict]) -> str:
-    names = sorted({row["layout"] for row in rows if isinstance(row.get("layout"), str) and row["layout"]})
+def rows_layout_name(dataset_dir: Path, checked: list[rows.Row]) -> str:
+    names = sorted(
+        {row.raw["layout"] for row in checked if isinstance(row.raw.get("layout"), str) and row.raw["layout"]}
+    )
     if len(names) > 1:
         raise SkingenError(
             f"{dataset_dir / 'train.jsonl'}: rows use several layouts ({', '.join(names)}); "
@@ -254,13 +308,20 @@ def rows_layout_name(dataset_dir: Path, rows: list[dict]) -> str:
     return names[0]
 
 
-def check_same_size(template: Image.Image, image: Image.Image, row: dict, index: int) -> None:
-    # Boxes are in image pixels, so the glyphs only land right on a template of the image's size.
-    if template.size != image.size:
-        raise SkingenError(
-            f"row {index + 1}: image {row['image']} is {image.width}x{image.height} but the layout template is "
-            f"{template.width}x{template.height}; pass the --layout and --resolution the images were merged with"
-        )
+def check_same_size(base: Image.Image, image: Image.Image, row: rows.Row, mode: str) -> None:
+    # Boxes are in image pixels, so the glyphs only land right on a base image of the image's size.
+    if base.size == image.size:
+        return
+    if mode == "reference_glyph":
+        fix = "use a reference skin of the dataset's image size"
+        what = "the reference image"
+    else:
+        fix = "pass the --layout and --resolution the images were merged with"
+        what = "the layout template"
+    raise SkingenError(
+        f"{row.where}: image {row.image.rel} is {image.width}x{image.height} but {what} is "
+        f"{base.width}x{base.height}; {fix}"
+    )
 
 
 def ocr_options(args) -> dict:

@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import open_rgb, to_rgb
 from .errors import SkingenError
 from .fileio import atomic_write_json
+from .images import open_rgb, to_rgb
 
 DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-large"
 DEFAULT_PROMPT = "a keyboard skin of"
@@ -30,6 +30,33 @@ CAPTIONERS = ("blip", "template")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # What the hub accepts as a model id ("name" or "owner/name"); anything else must be an existing local folder.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
+
+
+_QUOTED = r'"[^"]*"|“[^”]*”'
+_WRITING = re.compile(rf"writing\s*((?:(?:{_QUOTED})\s*(?:(?:,|，|、|and|&|和)\s*)?)+)", re.IGNORECASE)
+
+
+def texts_from_caption(caption: str | None, box_count: int | None = None) -> list[str]:
+    """The strings a caption asks to be written (the reverse of :func:`writing_phrase`): ``writing "前往"`` -> ``["前往"]``.
+
+    Several are allowed, in order: ``writing "a", writing "b"`` or ``writing "a" and "b"`` or ``writing "a" "b"``.
+    Straight and curly double quotes both work; empty quotes are ignored.
+
+    caption.py writes all of a row's texts in one quoted string joined by spaces (``writing "前往 搜索"``).
+    With ``box_count`` (the row's number of boxes), when the quoted strings are not one per box but their
+    space-separated words are, the words are returned: ``("writing \"前往 搜索\"", 2)`` -> ``["前往", "搜索"]``.
+    """
+    quoted = [inner for match in _WRITING.finditer(caption or "") for inner in _quoted_texts(match.group(1))]
+    if box_count is not None and len(quoted) != box_count:
+        words = [word for text in quoted for word in text.split()]
+        if len(words) == box_count:
+            return words
+    return quoted
+
+
+def _quoted_texts(phrase: str) -> list[str]:
+    inner = (quoted[1:-1].strip() for quoted in re.findall(_QUOTED, phrase))
+    return [text for text in inner if text]
 
 
 def writing_phrase(texts: Sequence[str]) -> str:
@@ -313,49 +340,44 @@ class CaptionStats:
     total: int
     captioned: int
     kept: int
+    rows_with_texts_cut: int = 0  # captions that name only the largest --max_writing_texts of a row's texts
+    texts_left_out: int = 0
 
 
-def _row_where(dataset_dir: Path, index: int) -> str:
-    return f"{dataset_dir / 'train.jsonl'} row {index + 1}"
-
-
-def _row_texts(row: dict, where: str, max_texts: int = 0) -> list[str]:
-    """The row's texts for ``writing "..."``: with ``max_texts`` > 0 only that many, largest boxes first.
+def writing_texts(texts: Sequence[str], boxes: Sequence, max_texts: int = 0) -> list[str]:
+    """The texts for ``writing "..."``: with ``max_texts`` > 0 only that many, largest boxes first (in row order).
 
     SDXL's text encoders read 77 tokens; a keyboard has 20+ labels, so the caption names the most
     prominent ones (the full list stays in the row's ``texts`` for the text loss).
     """
-    texts = row.get("texts") or []
-    if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
-        raise SkingenError(f'{where}: "texts" must be a list of strings, got {texts!r}')
     if max_texts <= 0 or len(texts) <= max_texts:
-        return texts
-    boxes = row.get("box") or []
+        return list(texts)
     if len(boxes) != len(texts):
-        return texts[:max_texts]
-    areas = [abs(_quad_area(quad)) for quad in boxes]
+        return list(texts[:max_texts])
+    areas = [_quad_area(quad) for quad in boxes]
     largest = sorted(range(len(texts)), key=lambda i: -areas[i])[:max_texts]
     return [texts[i] for i in sorted(largest)]
 
 
 def _quad_area(quad) -> float:
     """Shoelace area of a 4-point box."""
-    return 0.5 * sum(quad[i][0] * quad[(i + 1) % 4][1] - quad[(i + 1) % 4][0] * quad[i][1] for i in range(4))
+    return abs(0.5 * sum(quad[i][0] * quad[(i + 1) % 4][1] - quad[(i + 1) % 4][0] * quad[i][1] for i in range(4)))
 
 
 def caption_rows(
-    rows: list[dict],
+    rows: list,
     dataset_dir: str | os.PathLike,
     captioner,
     *,
-    save: Callable[[list[dict]], object],
+    save: Callable[[list], object],
     trigger_word: str = TRIGGER_WORD,
     overwrite: bool = False,
     batch_size: int = 8,
-    save_every: int = 64,
+    save_every: int = 8,
     max_writing_texts: int = 0,
 ) -> CaptionStats:
-    """Fill ``row["text"]`` for the rows that need it, calling ``save(rows)`` every ``save_every`` captions and at the end.
+    """Fill the caption (``row.raw["text"]``) of the checked rows (:class:`skingen.rows.Row`) that need it,
+    calling ``save(rows)`` every ``save_every`` captions and at the end.
 
     Without ``overwrite`` a row with a non-empty caption is kept, so rerunning after an interruption
     resumes. With ``overwrite`` every row is recaptioned; the rows done so far are listed in a progress
@@ -374,35 +396,29 @@ def caption_rows(
                 f"{progress_path}: unreadable progress file of an interrupted --overwrite run; delete it to start over"
             ) from None
 
-    todo = []
-    for index, row in enumerate(rows):
-        where = _row_where(dataset_dir, index)
-        if "image" not in row:
-            raise SkingenError(
-                f'{where}: no "image" field; every row needs the image path relative to the dataset folder'
-            )
-        _row_texts(row, where)
-        if overwrite:
-            needs_caption = str(row["image"]) not in done_by_overwrite
-        else:
-            needs_caption = not str(row.get("text") or "").strip()
-        if needs_caption:
-            todo.append(index)
-
+    if overwrite:
+        todo = [row for row in rows if row.row_id not in done_by_overwrite]
+    else:
+        todo = [row for row in rows if not (row.text or "").strip()]
+    stats = CaptionStats(total=len(rows), captioned=len(todo), kept=len(rows) - len(todo))
     since_save = 0
     with tqdm(total=len(todo), desc="captioning", unit="img") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            images = [open_rgb(dataset_dir / str(rows[i]["image"]), _row_where(dataset_dir, i)) for i in batch]
+            images = [open_rgb(row.image.path, row.where) for row in batch]
             try:
                 descriptions = captioner.caption(images)
             except KeyboardInterrupt:
                 # Keep what the finished batches produced, so the rerun starts right here.
                 _checkpoint(rows, save, overwrite, progress_path, done_by_overwrite)
                 raise
-            for i, description in zip(batch, descriptions):
-                rows[i]["text"] = compose_caption(description, trigger_word, _row_texts(rows[i], "", max_writing_texts))
-                done_by_overwrite.add(str(rows[i]["image"]))
+            for row, description in zip(batch, descriptions):
+                named = writing_texts(row.texts, row.box, max_writing_texts)
+                if len(named) < len(row.texts):
+                    stats.rows_with_texts_cut += 1
+                    stats.texts_left_out += len(row.texts) - len(named)
+                row.raw["text"] = compose_caption(description, trigger_word, named)
+                done_by_overwrite.add(row.row_id)
             since_save += len(batch)
             bar.update(len(batch))
             if since_save >= save_every:
@@ -412,7 +428,7 @@ def caption_rows(
         save(rows)
     if overwrite:
         progress_path.unlink(missing_ok=True)
-    return CaptionStats(total=len(rows), captioned=len(todo), kept=len(rows) - len(todo))
+    return stats
 
 
 def _checkpoint(rows, save, overwrite: bool, progress_path: Path, done: set[str]) -> None:

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 import caption
-from skingen.captioning import PROGRESS_FILE, TemplateCaptioner, caption_rows, compose_caption
-from skingen.data import read_rows, texts_from_caption, write_rows
+from skingen.captioning import PROGRESS_FILE, TemplateCaptioner, caption_rows, compose_caption, texts_from_caption
+from skingen.data import read_checked_rows, read_rows, write_rows
 from skingen.errors import SkingenError
+from skingen.rows import CAPTION
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a keyboard skin of"
@@ -192,8 +193,8 @@ class ScriptedCaptioner:
 
 def test_interrupted_run_resumes_without_recaptioning(tmp_path):
     dataset = _make_dataset(tmp_path / "ds")
-    rows = read_rows(dataset)
-    save = lambda r: write_rows(dataset, r)  # noqa: E731
+    rows = read_checked_rows(dataset, CAPTION)
+    save = lambda r: write_rows(dataset, [row.raw for row in r])  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
         # save_every is larger than the run: the interruption itself must save the finished batch.
         interrupted = ScriptedCaptioner("first description", interrupt_after=1)
@@ -201,7 +202,7 @@ def test_interrupted_run_resumes_without_recaptioning(tmp_path):
     on_disk = read_rows(dataset)
     assert on_disk[0]["text"] == "first description, iflyskin" and on_disk[1]["text"] == ""
 
-    stats = caption_rows(on_disk, dataset, TemplateCaptioner(), save=save, batch_size=1)
+    stats = caption_rows(read_checked_rows(dataset, CAPTION), dataset, TemplateCaptioner(), save=save, batch_size=1)
     assert (stats.captioned, stats.kept) == (2, 1)
     final = read_rows(dataset)
     assert final[0]["text"] == "first description, iflyskin" and all(row["text"] for row in final)
@@ -213,10 +214,10 @@ def test_interrupted_overwrite_run_resumes_from_its_progress_file(tmp_path):
     for row in rows:
         row["text"] = "old caption"
     write_rows(dataset, rows)
-    save = lambda r: write_rows(dataset, r)  # noqa: E731
+    save = lambda r: write_rows(dataset, [row.raw for row in r])  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
         caption_rows(
-            read_rows(dataset),
+            read_checked_rows(dataset, CAPTION),
             dataset,
             ScriptedCaptioner("new", interrupt_after=2),
             save=save,
@@ -228,7 +229,7 @@ def test_interrupted_overwrite_run_resumes_from_its_progress_file(tmp_path):
 
     # Resuming captions only the row the interrupted run did not reach.
     resumed = ScriptedCaptioner("newest")
-    stats = caption_rows(read_rows(dataset), dataset, resumed, save=save, overwrite=True, batch_size=1)
+    stats = caption_rows(read_checked_rows(dataset, CAPTION), dataset, resumed, save=save, overwrite=True, batch_size=1)
     assert stats.captioned == 1 and resumed.calls == 1
     assert [row["text"] for row in read_rows(dataset)] == [
         "new, iflyskin",
@@ -238,7 +239,7 @@ def test_interrupted_overwrite_run_resumes_from_its_progress_file(tmp_path):
     assert not (dataset / PROGRESS_FILE).exists()
     # The finished run removed its progress file: the next --overwrite run captions every row again.
     again = ScriptedCaptioner("again")
-    stats = caption_rows(read_rows(dataset), dataset, again, save=save, overwrite=True)
+    stats = caption_rows(read_checked_rows(dataset, CAPTION), dataset, again, save=save, overwrite=True)
     assert stats.captioned == 3 and all(row["text"].startswith("again") for row in read_rows(dataset))
 
 
@@ -247,12 +248,12 @@ def test_bad_rows_are_reported_with_the_row(tmp_path):
     rows = read_rows(dataset)
     rows[2]["image"] = "images/missing.png"
     write_rows(dataset, rows)
-    with pytest.raises(SkingenError, match=r"train.jsonl row 3: image .*images/missing.png not found"):
+    with pytest.raises(SkingenError, match=r"train.jsonl:3: 'image' file 'images/missing.png' not found"):
         caption.main(["--dataset_dir", str(dataset), "--captioner", "template"])
     rows[2]["image"] = "images/white.png"
     rows[0]["texts"] = "前往"
     write_rows(dataset, rows)
-    with pytest.raises(SkingenError, match=r'row 1: "texts" must be a list of strings'):
+    with pytest.raises(SkingenError, match=r"train.jsonl:1: 'texts' must be a list of strings"):
         caption.main(["--dataset_dir", str(dataset), "--captioner", "template"])
 
 

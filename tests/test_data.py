@@ -13,20 +13,10 @@ import pytest
 from PIL import Image
 
 import datasets
-from skingen.data import (
-    RGBImage,
-    convert_dataset,
-    load_skin_dataset,
-    normalize_dataset,
-    open_rgb,
-    read_rows,
-    split_dataset,
-    texts_from_caption,
-    to_rgb,
-    validate_dataset,
-    validation_fraction_of,
-    write_rows,
-)
+from skingen.captioning import texts_from_caption
+from skingen.data import RGBImage, load_skin_dataset, normalize_dataset, read_rows, write_rows
+from skingen.dataset_ops import convert_dataset, split_dataset, validate_dataset, validation_fraction_of
+from skingen.images import open_rgb, to_rgb
 from skingen.errors import SkingenError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -583,9 +573,9 @@ def test_convert_with_validation_split_to_imagefolder_subfolders(tmp_path):
     (src / "validation.jsonl").write_text(json.dumps(_row(2)) + "\n")
     (src / "train.jsonl").write_text("".join(json.dumps(_row(i)) + "\n" for i in range(2)))
     out = tmp_path / "out"
-    convert_dataset(src, out, to="imagefolder", link="symlink")
+    convert_dataset(src, out, to="imagefolder", link="hardlink")
     assert (out / "train" / "metadata.jsonl").is_file() and (out / "validation" / "metadata.jsonl").is_file()
-    assert (out / "validation" / "images" / "2.png").is_symlink()
+    assert (out / "validation" / "images" / "2.png").stat().st_ino == (src / "images" / "2.png").stat().st_ino
     assert load_skin_dataset(out, split="validation")["row_id"] == ["validation/images/2.png"]
 
 
@@ -650,6 +640,7 @@ def test_dataset_tool_validate_prints_report_and_exit_status(tmp_path):
     assert f"{root / 'train.jsonl'}:2: 'image' file 'images/nope.png' not found" in result.stdout
     assert "image sizes: 32x16 x1" in result.stdout
 
+    write_rows(root, [_row(0), _row(1)])  # split refuses bad rows too
     result = subprocess.run(
         [sys.executable, str(REPO / "dataset_tool.py"), "split", str(root), "--val_fraction", "0.5"],
         capture_output=True,
