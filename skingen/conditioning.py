@@ -1,0 +1,52 @@
+"""Several conditioning images per row (``--conditioning_image_column A B ...``), concatenated on channels.
+
+A ControlNet for ``n`` conditioning images takes ``3 * n`` input channels, in the order of the columns. A new
+ControlNet is initialised from the UNet with that many channels (``ControlNetModel.from_unet(...,
+conditioning_channels=3n)``); a pretrained one with fewer channels (e.g. a Canny ControlNet) is widened with
+zero weights for the added channels, so it starts out exactly as the pretrained model on its own condition and
+learns to use the others. At inference the images are stacked the same way (``stack_conditions``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SkingenError
+
+CHANNELS_PER_IMAGE = 3
+
+
+def conditioning_channels(num_images: int) -> int:
+    return CHANNELS_PER_IMAGE * num_images
+
+
+def controlnet_input_conv(controlnet) -> torch.nn.Conv2d:
+    return controlnet.controlnet_cond_embedding.conv_in
+
+
+def match_conditioning_channels(controlnet, num_images: int, source: str = "the ControlNet"):
+    """``controlnet`` taking ``3 * num_images`` channels: as is, or widened with zero weights for new channels."""
+    wanted = conditioning_channels(num_images)
+    have = controlnet.config.conditioning_channels
+    if have == wanted:
+        return controlnet
+    if have > wanted:
+        raise SkingenError(
+            f"{source} takes {have} conditioning channels ({have // CHANNELS_PER_IMAGE} images) but "
+            f"{num_images} --conditioning_image_column were given; name {have // CHANNELS_PER_IMAGE} columns"
+        )
+    conv = controlnet_input_conv(controlnet)
+    widened = torch.nn.Conv2d(wanted, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              dtype=conv.weight.dtype, device=conv.weight.device)
+    with torch.no_grad():
+        widened.weight.zero_()
+        widened.weight[:, :have] = conv.weight
+        widened.bias.copy_(conv.bias)
+    controlnet.controlnet_cond_embedding.conv_in = widened
+    controlnet.register_to_config(conditioning_channels=wanted)
+    return controlnet
+
+
+def stack_conditions(images: list[torch.Tensor]) -> torch.Tensor:
+    """Conditioning images ``(B, 3, H, W)`` in [0, 1], one per column, as the ControlNet's input ``(B, 3n, H, W)``."""
+    return images[0] if len(images) == 1 else torch.cat(images, dim=1)
