@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from skingen import rows
 from skingen.config import parse_args_with_config
-from skingen.data import open_rgb, read_rows
+from skingen.data import enforce_rows, find_dataset_files, scan_folder
 from skingen.errors import SkingenError, run_cli
 from skingen.fileio import atomic_write_json, atomic_write_text, read_jsonl
 from skingen.metrics import (
@@ -75,68 +77,72 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _resolve(base: Path, value, where: str, field: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise SkingenError(f'{where}: "{field}" must be an image path, got {value!r}')
-    path = Path(value)
-    return str(path if path.is_absolute() else base / path)
-
-
-def _control(row: dict, base: Path, where: str) -> str | None:
-    """The row's conditioning image (relative paths from ``base``), when it has one."""
-    if not row.get("conditioning_image"):
+def _control_path(value, where: str) -> str | None:
+    """A results line's conditioning image: inference.py writes absolute paths (into the dataset it read)."""
+    if value is None:
         return None
-    return _resolve(base, row["conditioning_image"], where, "conditioning_image")
-
-
-def _boxes_and_texts(row: dict, where: str) -> tuple[list, list[str]]:
-    boxes = row.get("box") or []
-    texts = row.get("texts") or []
-    if boxes and len(boxes) != len(texts):
-        raise SkingenError(f'{where}: {len(boxes)} boxes but {len(texts)} texts; "texts" needs one string per box')
-    return boxes, texts
+    if not isinstance(value, str) or not value:
+        raise SkingenError(f'{where}: "conditioning_image" must be an image path, got {value!r}')
+    return value
 
 
 def _box_size(row: dict, control: str | None, where: str) -> tuple[int, int] | None:
     """The (w, h) the boxes are measured in: ``box_size`` as inference.py writes it, else the control's size."""
     size = row.get("box_size")
     if size is not None:
-        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in size)):
+        if not (
+            isinstance(size, list)
+            and len(size) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in size)
+        ):
             raise SkingenError(f'{where}: "box_size" must be [width, height] in pixels, got {size!r}')
         return int(size[0]), int(size[1])
-    return open_rgb(control, where).size if control else None
+    if control is None:
+        raise SkingenError(f'{where}: "box" needs "box_size" or a "conditioning_image" to say which pixels it is in')
+    try:
+        return rows.FolderImages(Path(control).parent).locate(Path(control).name, "conditioning_image").size
+    except rows._Problem as err:
+        raise SkingenError(f"{where}: {err.problem.message}") from None
 
 
 def load_results_pairs(results_dir: str) -> list[EvalPair]:
     """Pairs from an inference output folder: ``results.jsonl`` rows with ``output`` (relative to the folder),
     ``conditioning_image``, ``prompt`` and optionally ``box`` + ``texts`` (+ ``box_size``, the (w, h) the boxes
-    are in; without it, the conditioning image's size)."""
+    are in; without it, the conditioning image's size). Boxes and texts follow the dataset rows' rules."""
     folder = Path(results_dir)
     listing = folder / RESULTS_FILE
     if not listing.is_file():
         raise SkingenError(
             f"{listing}: not found; --results_dir must be an inference.py output folder holding {RESULTS_FILE}"
         )
+    outputs = rows.FolderImages(folder)
     pairs = []
     for lineno, row in read_jsonl(listing):
         where = f"{listing}:{lineno}"
-        output = _resolve(folder, row.get("output"), where, "output")
-        control = _control(row, folder, where)
-        boxes, texts = _boxes_and_texts(row, where)
+        try:
+            output = outputs.locate(row.get("output"), "output")
+        except rows._Problem as err:
+            raise SkingenError(f"{where}: {err.problem.message}") from None
+        control = _control_path(row.get("conditioning_image"), where)
+        prompt = row.get("prompt", "")
+        box_size = _box_size(row, control, where) if row.get("box") else None
+        boxes, texts = rows.check_boxes_and_texts(
+            row.get("box"), row.get("texts"), prompt if isinstance(prompt, str) else None, box_size, where
+        )
         pairs.append(
             EvalPair(
-                id=str(row["output"]),
-                output=output,
+                id=output.rel,
+                output=output.path,
                 control=control,
-                prompt=str(row.get("prompt", "")),
+                prompt=str(prompt),
                 boxes=boxes,
                 texts=texts,
-                box_size=_box_size(row, control, where) if boxes else None,
+                box_size=box_size if boxes else None,
                 where=where,
             )
         )
     if not pairs:
-        raise SkingenError(f"{listing}: no rows; nothing to evaluate")
+        raise SkingenError(f"{listing}: no rows; nothing to evaluate (run inference.py into this folder first)")
     return pairs
 
 
@@ -154,33 +160,30 @@ def _find_generated(images_dir: Path, relative: str) -> Path | None:
 
 
 def load_dataset_pairs(dataset_dir: str, images_dir: str) -> list[EvalPair]:
-    """Pairs from a dataset (controls, prompts, boxes, texts) and a folder of generated images named like its images."""
-    dataset, generated_dir = Path(dataset_dir), Path(images_dir)
+    """Pairs from a dataset (controls, prompts, boxes, texts) and a folder of generated images named like its images.
+
+    The dataset's rows are checked by the rows' rules (:mod:`skingen.rows`), as training checks them."""
+    generated_dir = Path(images_dir)
     if not generated_dir.is_dir():
         raise SkingenError(f"--images_dir {generated_dir}: folder not found")
+    scan = scan_folder(find_dataset_files(dataset_dir, "train"), spec=rows.EVALUATE)
+    enforce_rows(scan, fix="fix or remove those rows")
     pairs, missing = [], []
-    for index, row in enumerate(read_rows(dataset), start=1):
-        where = f"{dataset / 'train.jsonl'} row {index}"
-        image = row.get("image")
-        if not isinstance(image, str):
-            raise SkingenError(f'{where}: "image" must be a path relative to the dataset folder, got {image!r}')
-        output = _find_generated(generated_dir, image)
+    for row in scan.good:
+        output = _find_generated(generated_dir, row.image.rel)
         if output is None:
-            missing.append(image)
+            missing.append(row.image.rel)
             continue
-        control = _control(row, dataset, where)
-        boxes, texts = _boxes_and_texts(row, where)
-        box_size = open_rgb(dataset / image, where).size if boxes else None
         pairs.append(
             EvalPair(
-                id=image,
+                id=row.image.rel,
                 output=str(output),
-                control=control,
-                prompt=str(row.get("text", "")),
-                boxes=boxes,
-                texts=texts,
-                box_size=box_size,
-                where=where,
+                control=row.conditioning_image.path if row.conditioning_image else None,
+                prompt=row.text or "",
+                boxes=row.box,
+                texts=row.texts,
+                box_size=row.box_size if row.box else None,
+                where=row.where,
             )
         )
     if not pairs:
@@ -190,7 +193,9 @@ def load_dataset_pairs(dataset_dir: str, images_dir: str) -> list[EvalPair]:
         )
     if missing:
         print(
-            f"note: {len(missing)} dataset rows have no generated image in {generated_dir} and are left out (e.g. {missing[0]})"
+            f"warning: {len(missing)} dataset rows have no generated image in {generated_dir} and are left out "
+            f"(e.g. {missing[0]})",
+            file=sys.stderr,
         )
     return pairs
 

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import SkingenError
-from .fileio import AtomicDirectory, atomic_write_json
+from .fileio import AtomicDirectory, atomic_write_json, fsync_path
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
@@ -106,13 +106,25 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
 
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     # The main process picks the temporary folder; the others write their RNG states into the same one.
-    building = AtomicDirectory(final) if accelerator.is_main_process else contextlib.nullcontext(None)
-    with building as tmp:
-        tmp = broadcast_object_list([str(tmp) if tmp is not None else None])[0]
-        accelerator.save_state(tmp)
-        if accelerator.is_main_process:
-            atomic_write_json(Path(tmp) / STATE_FILE, state)
-        accelerator.wait_for_everyone()
+    # A failed save (full disk, read-only folder) removes the temporary folder: the previous checkpoints stay
+    # and no folder that `--resume_from_checkpoint latest` would pick is left behind.
+    try:
+        building = AtomicDirectory(final) if accelerator.is_main_process else contextlib.nullcontext(None)
+        with building as tmp:
+            tmp = broadcast_object_list([str(tmp) if tmp is not None else None])[0]
+            accelerator.save_state(tmp)
+            if accelerator.is_main_process:
+                atomic_write_json(Path(tmp) / STATE_FILE, state)
+            accelerator.wait_for_everyone()
+    except RuntimeError as err:
+        # torch.save reports a failed write (e.g. no space left) as a RuntimeError of its stream writer.
+        if "write" not in str(err).lower():
+            raise
+        reason = str(err).strip().splitlines()[-1]
+        raise SkingenError(
+            f"{final}: the checkpoint could not be written ({reason}); the previous checkpoints are kept. Free some "
+            "space or choose another --output_dir, then rerun with --resume_from_checkpoint latest"
+        ) from None
     if accelerator.is_main_process:
         prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
@@ -128,6 +140,8 @@ def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str | 
         return None
     if resume_from == "latest":
         checkpoints = list_checkpoints(output_dir)
+        if checkpoints:
+            require_safe_loading()
         return checkpoints[-1][1] if checkpoints else None
     for candidate in (Path(resume_from), Path(output_dir) / resume_from):
         if candidate.is_dir():
@@ -136,12 +150,27 @@ def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str | 
                     f"--resume_from_checkpoint {resume_from}: {candidate} is not a training checkpoint "
                     f"(expected a folder named checkpoint-N holding {CONTROLNET_SUBFOLDER}/ and optimizer state)"
                 )
+            require_safe_loading()
             return candidate
     available = ", ".join(path.name for _, path in list_checkpoints(output_dir)) or "none"
     raise SkingenError(
         f"--resume_from_checkpoint {resume_from}: no such checkpoint folder (checkpoints in {output_dir}: {available}); "
         "pass 'latest' or an existing checkpoint-N folder"
     )
+
+
+def require_safe_loading() -> None:
+    """Refuse to resume where accelerate cannot load a checkpoint's optimizer/scheduler state with
+    ``torch.load(weights_only=True)`` (torch < 2.4): unpickling a checkpoint can run arbitrary code."""
+    from accelerate.utils import is_weights_only_available
+
+    if not is_weights_only_available():
+        import torch
+
+        raise SkingenError(
+            f"--resume_from_checkpoint: torch {torch.__version__} cannot load checkpoints safely (weights_only needs "
+            "torch >= 2.4); upgrade torch (`pip install -r requirements.txt`) to resume"
+        )
 
 
 def read_training_state(path: Path) -> dict:
@@ -166,5 +195,7 @@ def save_controlnet_weights(controlnet, output_dir: str | os.PathLike) -> Path:
     with tempfile.TemporaryDirectory(prefix=".final-weights.", dir=output_dir) as tmp:
         controlnet.save_pretrained(tmp, safe_serialization=True)
         for path in sorted(Path(tmp).iterdir(), key=lambda p: p.name == "config.json"):
+            fsync_path(path)
             os.replace(path, output_dir / path.name)
+        fsync_path(output_dir)
     return output_dir

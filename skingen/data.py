@@ -187,7 +187,7 @@ class ScanResult:
             self.size_mismatches += 1
 
 
-def _role_keys(form: str, image_column, conditioning_image_column, caption_column) -> dict[str, tuple[str, ...]]:
+def role_keys(form: str, image_column, conditioning_image_column, caption_column) -> dict[str, tuple[str, ...]]:
     given = {"image": image_column, "conditioning_image": conditioning_image_column, "text": caption_column}
     keys = {}
     for role, default in DEFAULT_COLUMNS[form].items():
@@ -214,9 +214,11 @@ def scan_folder(
     caption_column: str | None = None,
     max_samples: int | None = None,
     spec: RowSpec = TRAINING,
+    extra_conditioning_keys: tuple[str, ...] = (),
 ) -> ScanResult:
-    """Check every row of one split of a dataset folder (stops after ``max_samples`` good rows)."""
-    keys = _role_keys(files.form, image_column, conditioning_image_column, caption_column)
+    """Check every row of one split of a dataset folder for a stage (``spec``; stops after ``max_samples`` good
+    rows). A row without an image path (where the stage allows it) is named ``<file stem>_<line>``."""
+    keys = role_keys(files.form, image_column, conditioning_image_column, caption_column)
     images = FolderImages(files.base)
     base_rel = files.base.relative_to(files.root).as_posix() if files.base != files.root else ""
     result = ScanResult(source=str(files.rows_file))
@@ -232,7 +234,16 @@ def scan_folder(
             result.bad.append(BadRow(where, [Problem("invalid JSON", problem)]))
             continue
         try:
-            row = check_row(obj, files.base, where, spec=spec, keys=keys, images=images)
+            row = check_row(
+                obj,
+                files.base,
+                where,
+                spec=spec,
+                keys=keys,
+                images=images,
+                extra_conditioning_keys=extra_conditioning_keys,
+                default_row_id=lambda _, lineno=lineno: f"{files.rows_file.stem}_{lineno:05d}",
+            )
         except BadRow as bad:
             result.bad.append(bad)
             continue
@@ -315,6 +326,11 @@ def _enforce(scan: ScanResult, on_bad_sample: str, fix: str = "") -> None:
         if not scan.total:
             raise SkingenError(f"{scan.source}: no rows (the file is empty); every stage needs at least one row")
         raise SkingenError(f"{scan.source}: no usable rows; {LAYOUT_HELP}")
+
+
+def enforce_rows(scan: ScanResult, fix: str) -> None:
+    """A stage that needs every row: any bad row (listed by file:line, with ``fix``) or no row at all stops it."""
+    _enforce(scan, "error", fix=fix)
 
 
 def _check_on_bad_sample(on_bad_sample: str) -> None:
@@ -422,7 +438,7 @@ def normalize_dataset(
         raise SkingenError(
             f"{source}: got a DatasetDict with splits {list(dataset)}; pass one split (e.g. dataset['train'])"
         )
-    keys = _role_keys("hub", image_column, conditioning_image_column, caption_column)
+    keys = role_keys("hub", image_column, conditioning_image_column, caption_column)
     absent = [(role, candidates[0]) for role, candidates in keys.items() if candidates[0] not in dataset.column_names]
     if absent:
         named = ", ".join(f"{name!r} ({FLAG_OF_ROLE[role]})" for role, name in absent)

@@ -15,10 +15,10 @@ from .data import (
     ScanResult,
     _check_on_bad_sample,
     _enforce,
-    _role_keys,
     existing_splits,
     find_dataset_files,
     problem_counts,
+    role_keys,
     scan_folder,
     write_rows,
 )
@@ -159,7 +159,7 @@ def convert_dataset(
             base = tmp / split if subfolders else tmp
             image_key = DEFAULT_COLUMNS[to]["image"]
             cond_key = DEFAULT_COLUMNS[to]["conditioning_image"]
-            role_keys = _role_keys(files.form, None, None, None)
+            keys = role_keys(files.form, None, None, None)
             base_rel = files.base.relative_to(files.root).as_posix() if files.base != files.root else ""
             rows = []
             for row in scan.good:
@@ -174,8 +174,8 @@ def convert_dataset(
                         _place_file(Path(absolute), target, link)
                 # Same key order as the source row, with the image keys renamed for the target form.
                 renamed = {
-                    _first_present(row.raw, role_keys["image"]): (image_key, new_image),
-                    _first_present(row.raw, role_keys["conditioning_image"]): (cond_key, new_cond),
+                    _first_present(row.raw, keys["image"]): (image_key, new_image),
+                    _first_present(row.raw, keys["conditioning_image"]): (cond_key, new_cond),
                 }
                 out = dict(renamed[key] if key in renamed else (key, value) for key, value in row.raw.items())
                 rows.append(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -10,12 +12,45 @@ class SkingenError(Exception):
     """A mistake in the user's input. The message names the file (and line), what is wrong and how to fix it."""
 
 
+# What to do about the operating-system errors a user's paths cause (read-only folder, full disk, ...).
+_OS_ERROR_FIXES = {
+    errno.EACCES: "make the folder writable for this user or choose another path",
+    errno.EPERM: "make the folder writable for this user or choose another path",
+    errno.EROFS: "write the outputs to a folder on a writable disk",
+    errno.ENOSPC: "free some space or write to another disk, then rerun (finished outputs are kept, the rerun resumes)",
+    errno.EDQUOT: "free some space or write to another disk, then rerun (finished outputs are kept, the rerun resumes)",
+    errno.ENOENT: "check the path and that its parent folders exist",
+    errno.ENOTDIR: "a part of this path is a file, not a folder; choose a path whose parents are folders",
+    errno.EISDIR: "pass a file, not a folder",
+    errno.EEXIST: "remove it or choose another path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EMFILE: "raise the open-file limit (ulimit -n) and rerun",
+    errno.EIO: "check the disk, then rerun",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """``<path>: <reason>; <fix>`` for an OSError (without a path when the error names none)."""
+    reason = err.strerror or str(err) or type(err).__name__
+    fix = _OS_ERROR_FIXES.get(err.errno, "check the path and its permissions, then rerun")
+    if err.filename is None:
+        return f"{reason}; {fix}"
+    where = os.fsdecode(err.filename)
+    if err.filename2 is not None:
+        where += f" -> {os.fsdecode(err.filename2)}"
+    return f"{where}: {reason}; {fix}"
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a script's ``main``; user mistakes print ``error: ...`` and exit with status 2, no traceback."""
+    """Run a script's ``main``; user mistakes and OS errors from the user's paths print ``error: ...`` and exit
+    with status 2, no traceback."""
     try:
         result = main(argv)
     except SkingenError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept and a rerun resumes where this one stopped", file=sys.stderr)

@@ -21,25 +21,48 @@ def _umask() -> int:
 
 def _temp_path_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     # mkstemp makes owner-only files; outputs should be readable like any other file (shared clusters).
     os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return Path(tmp)
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def _naming(path: Path, err: OSError) -> OSError:
+    """The OSError of a write, naming the file the user asked for (not our temp file, or nothing at all)."""
+    return OSError(err.errno, err.strerror or str(err), str(path)) if err.errno is not None else err
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or folder's data and metadata to the disk (folders: the names they hold)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temp file beside ``path`` and rename it into place."""
     path = Path(path)
-    tmp = _temp_path_beside(path)
+    tmp = None
     try:
+        tmp = _temp_path_beside(path)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise _naming(path, err) from err
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -55,15 +78,36 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 def atomic_save_image(image, path: str | os.PathLike, **save_kwargs) -> Path:
     """Save a PIL image atomically; the format comes from the file suffix."""
     path = Path(path)
-    tmp = _temp_path_beside(path)
+    tmp = None
     try:
+        tmp = _temp_path_beside(path)
         fmt = (path.suffix.lstrip(".") or "png").upper()
         image.save(tmp, format="JPEG" if fmt == "JPG" else fmt, **save_kwargs)
+        fsync_path(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise _naming(path, err) from err
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, recursive: bool = False) -> int:
+    """Delete the temp files (``.<name>.<random>.tmp``) that writes killed midway left in ``folder``; how many.
+
+    Call it at the start of a stage, before anything of this run is being written there."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    pattern = f".*{TEMP_SUFFIX}"
+    stale = [p for p in (folder.rglob(pattern) if recursive else folder.glob(pattern)) if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, str | None]]:
@@ -104,14 +148,19 @@ class AtomicDirectory:
     """Build a directory under a temp name and rename it into place on success.
 
     Used for checkpoints and skin packages: a kill mid-write leaves the previous
-    version (or nothing) and never a half-written folder under the final name.
+    version (or nothing) and never a half-written folder under the final name. Every file and folder
+    is fsynced before the rename that publishes it, and the parent after it, so a power loss right
+    after the rename cannot leave a complete-looking folder of empty files.
     """
 
     def __init__(self, final_path: str | os.PathLike):
         self.final_path = Path(final_path)
-        self.final_path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_path = Path(tempfile.mkdtemp(prefix=f".{self.final_path.name}.", dir=self.final_path.parent))
-        os.chmod(self.tmp_path, 0o777 & ~_umask())
+        try:
+            self.final_path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp_path = Path(tempfile.mkdtemp(prefix=f".{self.final_path.name}.", dir=self.final_path.parent))
+            os.chmod(self.tmp_path, 0o777 & ~_umask())
+        except OSError as err:
+            raise _naming(self.final_path, err) from err
 
     def __enter__(self) -> Path:
         return self.tmp_path
@@ -120,6 +169,17 @@ class AtomicDirectory:
         if exc_type is not None:
             shutil.rmtree(self.tmp_path, ignore_errors=True)
             return
+        try:
+            self._publish()
+        except OSError as err:
+            shutil.rmtree(self.tmp_path, ignore_errors=True)
+            raise _naming(self.final_path, err) from err
+
+    def _publish(self) -> None:
+        for folder, _, files in os.walk(self.tmp_path, topdown=False):
+            for name in files:
+                fsync_path(os.path.join(folder, name))
+            fsync_path(folder)
         if self.final_path.exists():
             # Move the old version aside first so a crash between the two renames keeps one complete copy.
             old = self.final_path.with_name(f".{self.final_path.name}.old")
@@ -129,3 +189,4 @@ class AtomicDirectory:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp_path, self.final_path)
+        fsync_path(self.final_path.parent)

@@ -157,12 +157,12 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     rows = [json.loads(line) for line in (results / "results.jsonl").read_text(encoding="utf-8").splitlines()]
     rows[1]["output"] = "images/missing.png"
     write_jsonl(results / "results.jsonl", rows)
-    with pytest.raises(SkingenError, match=r"results.jsonl:2: image .*missing.png not found"):
+    with pytest.raises(SkingenError, match=r"results.jsonl:2: 'output' file 'images/missing.png' not found"):
         evaluate.main(["--results_dir", str(results)])
     rows[1]["output"] = "images/0001_s0.png"
     rows[0]["texts"] = ["前往"]
     write_jsonl(results / "results.jsonl", rows)
-    with pytest.raises(SkingenError, match=r"results.jsonl:1: 3 boxes but 1 texts"):
+    with pytest.raises(SkingenError, match=r"results.jsonl:1: 'texts' has 1 entries but 'box' has 3"):
         evaluate.main(["--results_dir", str(results)])
     with pytest.raises(SkingenError, match="neither metrics.json nor results.jsonl"):
         evaluate.main(["--compare", str(tmp_path / "nothing"), str(results)])
