@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import data
+from . import data, rows
 from .errors import SkingenError
 from .fileio import atomic_save_image, read_jsonl, write_jsonl
 from .layout import Layout, load_layout, split_atlas
@@ -156,122 +156,42 @@ def rows_from_dataset(
 ) -> list[GenerationRow]:
     """Rows of one split of a dataset folder (``<split>.jsonl`` or ImageFolder ``metadata.jsonl``).
 
-    Needs each row's caption and conditioning image(s) (one column per ControlNet, or one for all); the
-    target image is optional (when present it names the row, as in training, and sizes its boxes).
-    Rows may carry ``seed``, ``box`` and ``texts`` (``texts`` default: ``writing "..."`` in the caption).
+    Each row is checked by :func:`skingen.rows.check_row` as training checks it: a caption and conditioning
+    image(s) are needed (one column per ControlNet, or one for all); the target image is optional (when present
+    it names the row, as in training, and sizes its boxes). Rows may carry ``seed``, ``box`` and ``texts``
+    (``texts`` default: ``writing "..."`` in the caption). Bad rows stop the run, every problem listed by file:line.
     """
     files = data.find_dataset_files(dataset_dir, split)
-    defaults = data.DEFAULT_COLUMNS[files.form]
-    caption_key = caption_column or defaults["text"]
-    image_key = image_column or defaults["image"]
-    control_keys = list(conditioning_image_columns or [defaults["conditioning_image"]])
-    rows: list[GenerationRow] = []
-    seen: dict[str, str] = {}
-    for lineno, obj in read_jsonl(files.rows_file):
-        if max_samples is not None and len(rows) >= max_samples:
-            break
-        where = f"{files.rows_file}:{lineno}"
-        row = _dataset_row(
-            obj,
-            where,
-            files.base,
-            caption_key,
-            image_key,
-            control_keys,
-            default_id=f"{files.rows_file.stem}_{lineno:05d}",
-        )
-        if row.row_id in seen:
-            raise SkingenError(
-                f"{where}: row id {row.row_id!r} is already used by {seen[row.row_id]}; every row needs its own image or 'row_id'"
-            )
-        seen[row.row_id] = where
-        rows.append(row)
-    if not rows:
-        raise SkingenError(f"{files.rows_file}: no rows to generate from")
-    return rows
-
-
-def _dataset_row(
-    obj: dict, where: str, base: Path, caption_key: str, image_key: str, control_keys: list[str], default_id: str
-) -> GenerationRow:
-    missing = [
-        key for key in [caption_key, *control_keys] if obj.get(key) is None or (key in control_keys and not obj[key])
-    ]
-    if missing:
-        present = ", ".join(sorted(obj)) or "none"
-        raise SkingenError(
-            f"{where}: missing {', '.join(repr(k) for k in missing)} (keys in this row: {present}); "
-            "inference needs a caption and a conditioning image per row (caption.py / render_glyphs.py fill them), "
-            "or choose other keys with --caption_column / --conditioning_image_column"
-        )
-    prompt = obj[caption_key]
-    if not isinstance(prompt, str):
-        raise SkingenError(f"{where}: caption {caption_key!r} must be a string, got {type(prompt).__name__}")
-    controls = tuple(
-        _existing_image(_relative_to(base, obj[key], where, key), f"{where}: {key!r} file {obj[key]!r}")
-        for key in control_keys
+    control_keys = list(conditioning_image_columns or [None])
+    scan = data.scan_folder(
+        files,
+        image_column=image_column,
+        conditioning_image_column=control_keys[0],
+        caption_column=caption_column,
+        max_samples=max_samples,
+        spec=rows.INFERENCE,
+        extra_conditioning_keys=tuple(control_keys[1:]),
     )
+    data.enforce_rows(
+        scan,
+        fix="fix or remove those rows (caption.py / render_glyphs.py fill captions and conditioning images), "
+        "or choose other keys with --caption_column / --conditioning_image_column",
+    )
+    return [_generation_row(row) for row in scan.good]
 
-    image_rel = obj.get(image_key) if isinstance(obj.get(image_key), str) else None
-    reference = None
-    if image_rel:
-        candidate = _relative_to(base, image_rel, where, image_key)
-        reference = candidate if os.path.isfile(candidate) else None
-    row_id = obj.get("row_id") or (posixpath.normpath(image_rel.replace("\\", "/")) if image_rel else default_id)
 
-    seed = obj.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise SkingenError(f"{where}: 'seed' must be a non-negative integer, got {seed!r}")
-
-    box = _parse_quads(obj.get("box"), where)
-    texts = obj.get("texts")
-    if box and texts is None:
-        texts = data.texts_from_caption(prompt, box_count=len(box))
-    if box and (not isinstance(texts, list) or len(texts) != len(box)):
-        raise SkingenError(
-            f"{where}: {len(box)} box(es) but {len(texts) if isinstance(texts, list) else 'no'} text(s); "
-            "'texts' (or writing \"...\" in the caption) must give one string per box"
-        )
-    box_size = None
-    if box:
-        box_size = _image_size(reference) if reference else _image_size(controls[0])
+def _generation_row(row: rows.Row) -> GenerationRow:
     return GenerationRow(
-        row_id=str(row_id),
-        prompt=prompt,
-        control_images=controls,
-        where=where,
-        seed=seed,
-        box=box or None,
-        texts=list(texts) if box else None,
-        box_size=box_size,
-        reference_image=reference,
+        row_id=row.row_id,
+        prompt=row.text,
+        control_images=tuple(os.path.abspath(ref.path) for ref in row.conditioning_images),
+        where=row.where,
+        seed=row.seed,
+        box=row.box or None,
+        texts=list(row.texts) if row.box else None,
+        box_size=row.box_size if row.box else None,
+        reference_image=os.path.abspath(row.image.path) if row.image is not None else None,
     )
-
-
-def _relative_to(base: Path, value: Any, where: str, key: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise SkingenError(f"{where}: {key!r} must be an image path relative to {base}, got {value!r}")
-    return str(base / value)
-
-
-def _parse_quads(raw: Any, where: str) -> list:
-    if raw is None:
-        return []
-    quads = raw if isinstance(raw, list) else None
-    valid = quads is not None and all(
-        isinstance(quad, list)
-        and len(quad) == 4
-        and all(
-            isinstance(p, list)
-            and len(p) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
-            for p in quad
-        )
-        for quad in quads
-    )
-    if not valid:
-        raise SkingenError(f"{where}: 'box' must be a list of 4-point quads [[x, y] x4], got {str(raw)[:60]}")
-    return quads
 
 
 def _existing_image(path: str | os.PathLike, label: str) -> str:
