@@ -1,13 +1,17 @@
 """Stage 1: skin packages -> one atlas image each (placed by a layout spec) + train.jsonl rows.
 
 Each sub-folder or .zip of --packages_dir is a package; its element images are found by the
-layout's file-name patterns, fitted to their boxes and composited in z-order. Finished
-packages are skipped on a rerun; every output is written atomically.
+package's skin.yaml, else the --element_map, else the layout's file-name patterns (see
+skingen/element_maps.py), fitted to their boxes and alpha-composited in z-order. Finished
+packages are skipped on a rerun; rows are saved every couple of seconds and every output is
+written atomically, so a killed run redoes only the last few packages.
 
     python merge_elements.py --packages_dir skins/ --layout key_elements --resolution 512 \\
-        --output_dir datasets/keyboard_512 --num_workers 8 --skip_incomplete
+        --element_map android --output_dir datasets/keyboard_512 --num_workers 8 --skip_incomplete
 
---split cuts atlases (e.g. generated skins) back into package folders a skin designer imports:
+--split cuts atlases (e.g. generated skins) back into package folders a skin designer imports, with a
+skin.yaml that this script reads back; --dataset_dir gives each atlas its package's file names, native
+sizes, 9-patch markers and alpha (from the merge record of the row with the same package name):
 
     python merge_elements.py --split --input outputs/generated/ --layout key_elements --output_dir outputs/packages
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,15 +31,16 @@ from tqdm.auto import tqdm
 
 from skingen.config import parse_args_with_config
 from skingen.data import read_rows, write_rows
+from skingen.element_maps import ElementMap, check_map_against_layout, load_element_map
 from skingen.errors import SkingenError, run_cli
 from skingen.fileio import atomic_save_image, atomic_write_json
-from skingen.layout import LAYOUT_RECORD, Layout, load_layout, merge_package, split_atlas
-from skingen.skins import check_unique_names, find_elements, list_packages, open_package, package_name
+from skingen.layout import LAYOUT_RECORD, Layout, compose_package, load_layout, split_atlas
+from skingen.skins import check_unique_names, list_packages, open_package, package_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 ROWS_FILE = "train.jsonl"
-FLUSH_EVERY = 50  # rows are saved after this many packages (or FLUSH_SECONDS), so a killed run keeps what it finished
-FLUSH_SECONDS = 30.0
+MASKS_DIR = "masks"  # per package, each element's alpha in its box: what --split gives back as the tiles' alpha
+FLUSH_SECONDS = 2.0  # rows are saved at least this often, so a killed run redoes only the last few packages
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -42,13 +48,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--packages_dir", default=None, help="folder whose sub-folders and .zip files are skin packages")
     parser.add_argument("--package", nargs="+", default=None, help="one or more package folders / .zip files")
     parser.add_argument("--layout", default="key_elements", help="a name in configs/layouts/ or a path to a .yaml spec")
+    parser.add_argument("--element_map", default=None, help="which files make each element (background, icon, label): a name in configs/element_maps/ (e.g. android) or a path to a .yaml map; a package's skin.yaml wins over it")
     parser.add_argument("--resolution", type=int, default=None, help="canvas width, e.g. 512 or 1024 (default: the layout's first)")
     parser.add_argument("--output_dir", required=True, help="dataset folder (merge) or folder of package folders (--split)")
     parser.add_argument("--num_workers", type=int, default=1, help="worker processes for merging")
     parser.add_argument("--skip_incomplete", action="store_true", help="skip unusable packages (missing elements, unreadable files) with a report instead of stopping")
-    parser.add_argument("--verbose", action="store_true", help="list each package's files that no layout element uses")
+    parser.add_argument("--verbose", action="store_true", help="print, per package, the file chosen for each layer (and why, ties marked) and the files no element uses")
     parser.add_argument("--split", action="store_true", help="cut atlas images back into package folders")
     parser.add_argument("--input", default=None, help="with --split: an atlas image or a folder of them")
+    parser.add_argument("--dataset_dir", default=None, help="with --split: the merged dataset whose rows (by package name = atlas file name) give file names, native sizes and alpha")
     args = parse_args_with_config(parser, argv)
     if args.split:
         if args.input is None:
@@ -58,19 +66,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     else:
         if bool(args.packages_dir) == bool(args.package):
             parser.error("give either --packages_dir DIR or --package PATH [PATH ...]")
-        if args.input is not None:
-            parser.error("--input is for --split; merge reads --packages_dir or --package")
+        if args.input is not None or args.dataset_dir is not None:
+            parser.error("--input and --dataset_dir are for --split; merge reads --packages_dir or --package")
     if args.num_workers < 1:
         parser.error("--num_workers must be at least 1")
     return args
 
 
-def remove_stale_temp_files(dataset_dir: Path) -> None:
-    """Temp files a killed run left beside its outputs (finished outputs are never partial)."""
-    for folder in (dataset_dir, dataset_dir / "images"):
-        if folder.is_dir():
-            for tmp in folder.glob(".*.tmp"):
+def remove_stale_temp_files(folder: Path, subfolders: Sequence[str] = ("images", MASKS_DIR)) -> None:
+    """Temp files and folders a killed run left beside its outputs (finished outputs are never partial)."""
+    for place in (folder, *(folder / sub for sub in subfolders)):
+        if not place.is_dir():
+            continue
+        for tmp in place.glob(".*"):
+            if tmp.is_file() and tmp.name.endswith(".tmp"):
                 tmp.unlink(missing_ok=True)
+            elif tmp.is_dir() and not tmp.is_symlink():  # AtomicDirectory's build folders and moved-aside versions
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_layout_file(dataset_dir: Path, layout: Layout) -> None:
@@ -87,85 +99,123 @@ def check_layout_file(dataset_dir: Path, layout: Layout) -> None:
     atomic_write_json(path, layout.to_dict())
 
 
-def merge_one(job: tuple[str, Layout, str, bool]) -> dict:
-    """Merge one package and save its atlas; runs in a worker process."""
-    package_path, layout, images_dir, skip_incomplete = job
+def merge_one(job: tuple[str, Layout, ElementMap | None, str, bool]) -> dict:
+    """Merge one package and save its atlas and alpha; runs in a worker process."""
+    package_path, layout, element_map, dataset_dir, skip_incomplete = job
     name = package_name(package_path)
     try:
         with open_package(package_path) as package:
-            unused = find_elements(package, layout).extras
-            image, placements = merge_package(package, layout)
+            if not package.files:
+                raise SkingenError(f"{package.path}: the package is empty; put its element images in it or remove it")
+            composition = compose_package(package, layout, element_map)
     except SkingenError as err:
         if skip_incomplete:
             return {"package": name, "skipped": str(err)}
         raise
-    atomic_save_image(image, Path(images_dir) / f"{name}.png")
-    return {"package": name, "placements": placements, "unused": unused}
+    atomic_save_image(composition.alpha, Path(dataset_dir) / MASKS_DIR / f"{name}.png")
+    atomic_save_image(composition.image, Path(dataset_dir) / "images" / f"{name}.png")
+    return {"package": name, "placements": composition.placements, "unused": composition.unused,
+            "warning": composition.warning, "choices": composition.choices}  # fmt: skip
 
 
-def merge_packages(args: argparse.Namespace, layout: Layout) -> None:
+class RowSaver:
+    """Rows of finished packages, saved to train.jsonl at least every FLUSH_SECONDS (atomically). Rows of other
+    packages and fields other stages own are kept; new packages go last, in input order."""
+
+    def __init__(self, dataset_dir: Path, rows: list[dict], order: dict[str, int]):
+        self.dataset_dir, self.rows, self.order = dataset_dir, rows, order
+        self.pending: dict[str, dict] = {}
+        self.last_save = time.monotonic()
+
+    def add(self, name: str, row: dict) -> None:
+        self.pending[name] = row
+        if time.monotonic() - self.last_save >= FLUSH_SECONDS:
+            self.save()
+
+    def save(self) -> None:
+        if self.pending or not (self.dataset_dir / ROWS_FILE).is_file():
+            for row in self.rows:
+                if row.get("package") in self.pending:
+                    row.update(self.pending.pop(row["package"]))
+                    row.setdefault("text", "")
+            self.rows.extend({**self.pending[n], "text": ""} for n in sorted(self.pending, key=self.order.get))
+            self.pending.clear()
+            write_rows(self.dataset_dir, self.rows)
+        self.last_save = time.monotonic()
+
+
+def merge_packages(args: argparse.Namespace, layout: Layout, element_map: ElementMap | None) -> None:
     paths = list_packages(args.packages_dir) if args.packages_dir else [Path(p) for p in args.package]
     check_unique_names(paths)
     dataset_dir = Path(args.output_dir)
-    images_dir = dataset_dir / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("images", MASKS_DIR):
+        (dataset_dir / sub).mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(dataset_dir)
     check_layout_file(dataset_dir, layout)
 
     rows = read_rows(dataset_dir) if (dataset_dir / ROWS_FILE).is_file() else []
     done = {row.get("package") for row in rows if (dataset_dir / str(row.get("image", ""))).is_file()}
     todo = [p for p in paths if package_name(p) not in done]
-    order = {package_name(p): i for i, p in enumerate(paths)}
-    merged: dict[str, dict] = {}
+    saver = RowSaver(dataset_dir, rows, {package_name(p): i for i, p in enumerate(paths)})
     skipped: dict[str, str] = {}
     unused: dict[str, list[str]] = {}
+    warnings: dict[str, str] = {}
 
-    def save_rows() -> None:
-        # Rows of other packages and fields other stages own are kept; new packages go last, in input order.
-        for row in rows:
-            if row.get("package") in merged:
-                row.update(merged.pop(row["package"]))
-                row.setdefault("text", "")
-        rows.extend({**merged[name], "text": ""} for name in sorted(merged, key=order.get))
-        merged.clear()
-        write_rows(dataset_dir, rows)
-
+    map_note = f", element map '{element_map.name}'" if element_map else ""
     print(f"{len(paths)} packages: {len(paths) - len(todo)} already merged, {len(todo)} to merge with layout "
-          f"'{layout.name}' at {layout.width}x{layout.height}")
-    jobs = [(str(p), layout, str(images_dir), args.skip_incomplete) for p in todo]
+          f"'{layout.name}' at {layout.width}x{layout.height}{map_note}")
+    jobs = [(str(p), layout, element_map, str(dataset_dir), args.skip_incomplete) for p in todo]
     pool = multiprocessing.Pool(args.num_workers) if args.num_workers > 1 and len(jobs) > 1 else None
     results = pool.imap_unordered(merge_one, jobs) if pool else map(merge_one, jobs)
-    last_save = time.monotonic()
     try:
-        for count, result in enumerate(tqdm(results, total=len(jobs), desc="merge", unit="skin"), start=1):
+        for result in tqdm(results, total=len(jobs), desc="merge", unit="skin"):
             name = result["package"]
             if "skipped" in result:
                 skipped[name] = result["skipped"]
-            else:
-                merged[name] = {"image": f"images/{name}.png", "package": name, "layout": layout.name,
-                                "elements": result["placements"]}
-                unused[name] = result["unused"]
-            if count % FLUSH_EVERY == 0 or time.monotonic() - last_save > FLUSH_SECONDS:
-                save_rows()
-                last_save = time.monotonic()
+                continue
+            unused[name] = result["unused"]
+            if result["warning"]:
+                warnings[name] = result["warning"]
+                tqdm.write(f"warning: {result['warning']}")
+            if args.verbose:
+                tqdm.write("\n".join(result["choices"]))
+            saver.add(name, {"image": f"images/{name}.png", "package": name, "layout": layout.name,
+                             "elements": result["placements"]})  # fmt: skip
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-        save_rows()
+        saver.save()
 
+    merged = len(todo) - len(skipped)
     atomic_write_json(dataset_dir / "merge_report.json", {
-        "layout": layout.name, "resolution": layout.resolution, "merged": len(todo) - len(skipped),
-        "already_merged": len(paths) - len(todo), "skipped": skipped, "unused_files": unused,
-    })
+        "layout": layout.name, "resolution": layout.resolution, "element_map": element_map.name if element_map else None,
+        "merged": merged, "already_merged": len(paths) - len(todo), "skipped": skipped, "unused_files": unused,
+        "warnings": warnings,
+    })  # fmt: skip
     if args.verbose:
         for name, files in unused.items():
             if files:
                 print(f"{name}: files no element of '{layout.name}' uses: {', '.join(files)}")
-    print(f"merged {len(todo) - len(skipped)}, already merged {len(paths) - len(todo)}, skipped {len(skipped)}; "
+    print(f"merged {merged}, already merged {len(paths) - len(todo)}, skipped {len(skipped)}; "
           f"rows in {dataset_dir / ROWS_FILE}")
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
+    if not saver.rows:
+        raise SkingenError(
+            f"{dataset_dir / ROWS_FILE}: no package could be merged ({len(skipped)} skipped, reasons above); "
+            "fix the packages or the layout/element map before the next stage"
+        )
+
+
+def merge_records(dataset_dir: Path) -> dict[str, dict]:
+    """Per package name: its row's ``elements`` and alpha image path, from a merged dataset."""
+    records = {}
+    for row in read_rows(dataset_dir):
+        name = row.get("package")
+        if isinstance(name, str) and isinstance(row.get("elements"), list):
+            records[name] = {"elements": row["elements"], "alpha": dataset_dir / MASKS_DIR / f"{name}.png"}
+    return records
 
 
 def split_atlases(args: argparse.Namespace) -> None:
@@ -178,8 +228,10 @@ def split_atlases(args: argparse.Namespace) -> None:
         raise SkingenError(f"--input {source}: no such file or folder")
     if not inputs:
         raise SkingenError(f"--input {source}: no images ({', '.join(IMAGE_SUFFIXES)}) inside")
+    records = merge_records(Path(args.dataset_dir)) if args.dataset_dir else {}
     default_layout = load_layout(args.layout, args.resolution)
     output_dir = Path(args.output_dir)
+    remove_stale_temp_files(output_dir, subfolders=())
     written = 0
     for path in tqdm(inputs, desc="split", unit="atlas"):
         target = output_dir / path.stem
@@ -194,7 +246,14 @@ def split_atlases(args: argparse.Namespace) -> None:
                 raise SkingenError(f"{path}: not a readable image ({err})") from None
             if width in default_layout.resolutions and width != default_layout.resolution:
                 layout = load_layout(args.layout, width)
-        split_atlas(path, layout, target)
+        record = records.get(path.stem)
+        if args.dataset_dir and record is None:
+            tqdm.write(f"warning: {path.name}: no row of package '{path.stem}' in {args.dataset_dir}; split by the layout alone")
+        alpha = None
+        if record is not None and record["alpha"].is_file():
+            with Image.open(record["alpha"]) as mask:
+                alpha = mask.convert("L")
+        split_atlas(path, layout, target, record=record["elements"] if record else None, alpha=alpha, name=path.stem)
         written += 1
     print(f"split {written} atlases into {output_dir} ({len(inputs) - written} already there)")
 
@@ -203,8 +262,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.split:
         split_atlases(args)
-    else:
-        merge_packages(args, load_layout(args.layout, args.resolution))
+        return
+    layout = load_layout(args.layout, args.resolution)
+    element_map = load_element_map(args.element_map) if args.element_map else None
+    if element_map is not None:
+        check_map_against_layout(element_map, layout)
+    merge_packages(args, layout, element_map)
 
 
 if __name__ == "__main__":

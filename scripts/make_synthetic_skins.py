@@ -309,7 +309,7 @@ def package_files(rng: random.Random, font: str, ninepatch_fraction: float) -> d
         "key_9_bg": t9_panel(style, px(496, 416)),
         "letter_keys": letter_keys(style, px(BASE, 640)),
         "function_row": function_row(style, px(BASE, 240)),
-        "preview": preview(style, px(1080, 900)),
+        "preview": preview(style, px(1080, 675)),
     }
     ninepatch_ids = set()
     key_sizes = {"key_26_bg": (144, 208), "key_space": (416, 208), "key_enter": (240, 208), "key_num": (224, 208)}

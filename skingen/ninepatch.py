@@ -98,7 +98,7 @@ def _cumulative_split(lengths: list[int], total: int) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def _axis_segments(length: int, ranges: tuple[Range, ...], target: int) -> list[tuple[int, int, int]]:
+def axis_segments(length: int, ranges: tuple[Range, ...], target: int) -> list[tuple[int, int, int]]:
     """``(src_start, src_end, dst_length)`` along one axis.
 
     Fixed segments keep their size and stretch segments share what is left; when the target is
@@ -129,6 +129,44 @@ def _axis_segments(length: int, ranges: tuple[Range, ...], target: int) -> list[
     return [(s, e, d) for (s, e, _), d in zip(segments, dst)]
 
 
+def _place_segments(
+    source: Image.Image,
+    xs: list[tuple[int, int, int]],
+    ys: list[tuple[int, int, int]],
+    size: tuple[int, int],
+    resample: Image.Resampling,
+    backwards: bool = False,
+) -> Image.Image:
+    """Copy or resize each (x segment, y segment) cell of ``source`` into its place in a new RGBA image of ``size``.
+
+    Forwards, a cell goes from its source range to its destination length; ``backwards`` goes the other way
+    (destination ranges of ``source`` back to source lengths). Each cell is cut before it is resized, so memory
+    stays bounded by the output, however thin the source (a 1x2000 strip stretched to 1024 px is one small cell).
+    """
+    out = Image.new("RGBA", size, (0, 0, 0, 0))
+
+    def spans(segments):
+        spans_, dst_pos = [], 0
+        for s0, s1, d in segments:
+            spans_.append(((dst_pos, dst_pos + d), (s0, s1)) if backwards else ((s0, s1), (dst_pos, dst_pos + d)))
+            dst_pos += d
+        return spans_
+
+    for (fy0, fy1), (ty0, ty1) in spans(ys):
+        for (fx0, fx1), (tx0, tx1) in spans(xs):
+            width, height = tx1 - tx0, ty1 - ty0
+            if width <= 0 or height <= 0:
+                continue
+            if fx1 <= fx0 or fy1 <= fy0:  # a band that vanished: its nearest pixels stand in for it
+                fx0, fx1 = min(fx0, source.width - 1), max(min(fx0, source.width - 1) + 1, fx1)
+                fy0, fy1 = min(fy0, source.height - 1), max(min(fy0, source.height - 1) + 1, fy1)
+            cell = source.crop((fx0, fy0, fx1, fy1))
+            if cell.size != (width, height):
+                cell = cell.resize((width, height), resample)
+            out.paste(cell, (tx0, ty0))
+    return out
+
+
 def stretch(
     ninepatch: NinePatch | Image.Image,
     size: tuple[int, int],
@@ -143,18 +181,59 @@ def stretch(
         plain = ninepatch.convert("RGBA")
         return plain if plain.size == (width, height) else plain.resize((width, height), resample)
     content = ninepatch.image
-    xs = _axis_segments(content.width, ninepatch.stretch_x, width)
-    ys = _axis_segments(content.height, ninepatch.stretch_y, height)
-    out = Image.new("RGBA", (width, height), (0, 0, 0, 0))
-    dy = 0
-    for sy0, sy1, dh in ys:
-        dx = 0
-        for sx0, sx1, dw in xs:
-            if dw and dh:
-                tile = content.crop((sx0, sy0, sx1, sy1))
-                if tile.size != (dw, dh):
-                    tile = tile.resize((dw, dh), resample)
-                out.paste(tile, (dx, dy))
-            dx += dw
-        dy += dh
-    return out
+    xs = axis_segments(content.width, ninepatch.stretch_x, width)
+    ys = axis_segments(content.height, ninepatch.stretch_y, height)
+    return _place_segments(content, xs, ys, (width, height), resample)
+
+
+def unstretch(
+    tile: Image.Image,
+    content_size: tuple[int, int],
+    stretch_x: tuple[Range, ...],
+    stretch_y: tuple[Range, ...],
+    resample: Image.Resampling = Image.Resampling.LANCZOS,
+) -> Image.Image:
+    """The inverse of :func:`stretch`: a tile drawn from a 9-patch of ``content_size`` back at that size.
+
+    Fixed regions are copied back pixel for pixel and each stretched band is shrunk to its source length, so
+    stretching the result again gives the tile back (exactly where the bands are uniform, as bands are).
+    """
+    xs = axis_segments(content_size[0], tuple(map(tuple, stretch_x)), tile.width)
+    ys = axis_segments(content_size[1], tuple(map(tuple, stretch_y)), tile.height)
+    return _place_segments(tile.convert("RGBA"), xs, ys, content_size, resample, backwards=True)
+
+
+def encode_ninepatch(
+    content: Image.Image,
+    stretch_x: tuple[Range, ...],
+    stretch_y: tuple[Range, ...],
+    padding: tuple[int, int, int, int] | None = None,
+) -> Image.Image:
+    """A ``*.9.png`` image: ``content`` (RGBA) inside a 1-px border whose black pixels mark the stretch bands
+    (top, left) and the content area (bottom, right: ``padding`` = left, top, right, bottom)."""
+    width, height = content.size
+    pixels = np.zeros((height + 2, width + 2, 4), np.uint8)
+    pixels[1:-1, 1:-1] = np.asarray(content.convert("RGBA"))
+    pixels[0, :] = pixels[-1, :] = 0
+    pixels[:, 0] = pixels[:, -1] = 0
+    for a, b in stretch_x:
+        pixels[0, 1 + a : 1 + b] = _MARKER
+    for a, b in stretch_y:
+        pixels[1 + a : 1 + b, 0] = _MARKER
+    if padding is not None:
+        left, top, right, bottom = padding
+        pixels[-1, 1 + left : 1 + width - right] = _MARKER
+        pixels[1 + top : 1 + height - bottom, -1] = _MARKER
+    return Image.fromarray(pixels, "RGBA")
+
+
+def insets_to_ranges(size: tuple[int, int], insets: tuple[int, int, int, int]) -> tuple[tuple[Range, ...], tuple[Range, ...]]:
+    """Stretch ranges of a tile of ``size`` whose ``insets`` (left, top, right, bottom) stay fixed; the middle
+    stretches (at least one pixel on each axis, so the result is always a valid 9-patch)."""
+    width, height = size
+    left, top, right, bottom = insets
+    x0 = min(max(0, left), width - 1)
+    y0 = min(max(0, top), height - 1)
+    x1 = max(x0 + 1, width - max(0, right))
+    y1 = max(y0 + 1, height - max(0, bottom))
+    return ((x0, x1),), ((y0, y1),)

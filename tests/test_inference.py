@@ -341,7 +341,7 @@ def test_split_elements_writes_a_skin_package_per_image(tiny_sdxl_dir, controlne
     for row in records(out):
         package = out / row["package"]
         generated = Image.open(out / row["output"]).convert("RGB")
-        assert sorted(p.name for p in package.iterdir()) == ["bar_candidate.png", "keyboard_bg.png"]
+        assert sorted(p.name for p in package.iterdir()) == ["bar_candidate.png", "keyboard_bg.png", "skin.yaml"]
         bar = Image.open(package / "bar_candidate.png").convert("RGB")
         assert np.array_equal(np.asarray(bar), np.asarray(generated.crop((0, 0, 64, 16))))
         assert Image.open(package / "keyboard_bg.png").size == (64, 48)

@@ -20,15 +20,18 @@ def test_shipped_layouts_load_at_both_sizes_with_boxes_scaled_from_one_spec():
     assert set(SHIPPED) <= set(available_layouts())
     for name in SHIPPED:
         small, large = load_layout(name, 512), load_layout(name, 1024)
-        assert small.size == (512, 512) and large.size == (1024, 1024)
+        assert small.width == 512 and large.size == (1024, 2 * small.height)
+        assert small.height % 8 == 0  # latent-friendly at both sizes
         assert [e.id for e in small.elements] == [e.id for e in large.elements]
         for a, b in zip(small.elements, large.elements):
             assert tuple(2 * v for v in a.box) == b.box
             x0, y0, x1, y1 = b.box
-            assert 0 <= x0 < x1 <= 1024 and 0 <= y0 < y1 <= 1024
+            assert 0 <= x0 < x1 <= 1024 and 0 <= y0 < y1 <= large.height
             # What --split writes must be found again by the element's own patterns.
             assert b.split_name and any(fnmatch.fnmatch(b.split_name, p) for p in b.patterns)
     assert load_layout("key_elements").resolution == 512  # the first listed size is the default
+    # Whole keyboards keep a phone keyboard's shape (1.6:1) instead of being squashed into a square.
+    assert load_layout("full_keyboard", 1024).size == load_layout("four_parts", 1024).size == (1024, 640)
 
 
 def test_key_elements_tiles_do_not_overlap_so_split_returns_each_element():

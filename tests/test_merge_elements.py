@@ -56,32 +56,37 @@ def test_round_trip_is_pixel_exact_when_elements_already_have_box_size(tmp_path)
     atlas = dataset / "images" / "exact.png"
     assert Image.open(atlas).size == (512, 512)
 
-    run("--split", "--input", str(atlas), "--layout", "key_elements", "--output_dir", str(tmp_path / "split"))
+    run("--split", "--input", str(atlas), "--layout", "key_elements", "--output_dir", str(tmp_path / "split"),
+        "--dataset_dir", str(dataset))
     for element in KEY_ELEMENTS_512.elements:
-        back = Image.open(tmp_path / "split" / "exact" / element.split_name)
-        assert np.array_equal(np.asarray(back), np.asarray(originals[element.id])), element.id
+        back = np.asarray(Image.open(tmp_path / "split" / "exact" / element.split_name))
+        assert np.array_equal(back[..., :3], np.asarray(originals[element.id])), element.id
+        assert back[..., 3].min() == 255  # opaque sources come back opaque
 
     row = json.loads((dataset / "train.jsonl").read_text(encoding="utf-8"))
     assert row["image"] == "images/exact.png" and row["package"] == "exact" and row["layout"] == "key_elements"
     assert row["text"] == ""
     by_id = {p["id"]: p for p in row["elements"]}
-    assert by_id["key_shift"] == {"id": "key_shift", "box": [88, 288, 168, 392], "source": "key_shift.png", "fit": "nine_patch"}
+    shift = by_id["key_shift"]
+    assert (shift["box"], shift["source"], shift["fit"], shift["size"]) == ([88, 288, 168, 392], "key_shift.png", "nine_patch", [80, 104])
+    assert shift["ninepatch"] is None and [layer["role"] for layer in shift["layers"]] == ["background"]
     assert json.loads((dataset / "layout.json").read_text())["width"] == 512
 
 
 def test_round_trip_is_close_when_elements_were_resized(tmp_path):
+    """Elements drawn at half their box size come back at their own (native) size, close to the originals."""
     layout = load_layout("key_elements", 1024)
-    originals = write_package(tmp_path / "pkg", layout, smooth, scale=0.5)
-    image, placements = merge_package(tmp_path / "pkg", layout)
-    image.save(tmp_path / "atlas.png")
-    run("--split", "--input", str(tmp_path / "atlas.png"), "--layout", "key_elements", "--output_dir", str(tmp_path / "out"))
+    originals = write_package(tmp_path / "pkgs" / "atlas", layout, smooth, scale=0.5)
+    dataset = tmp_path / "ds"
+    run("--packages_dir", str(tmp_path / "pkgs"), "--layout", "key_elements", "--resolution", "1024",
+        "--output_dir", str(dataset))
+    run("--split", "--input", str(dataset / "images" / "atlas.png"), "--layout", "key_elements",
+        "--output_dir", str(tmp_path / "out"), "--dataset_dir", str(dataset))
     for element in layout.elements:
-        back = Image.open(tmp_path / "out" / "atlas" / element.split_name)
-        assert back.size == element.size
-        restored = back.resize(originals[element.id].size, Image.Resampling.LANCZOS)
-        error = np.abs(np.asarray(restored, np.float32) - np.asarray(originals[element.id], np.float32)).mean()
+        back = Image.open(tmp_path / "out" / "atlas" / element.split_name).convert("RGB")
+        assert back.size == originals[element.id].size
+        error = np.abs(np.asarray(back, np.float32) - np.asarray(originals[element.id], np.float32)).mean()
         assert error < 3.0, (element.id, error)
-    assert {p["id"] for p in placements} == {e.id for e in layout.elements}
 
 
 def test_ninepatch_element_keeps_its_corners_and_alpha_composites_over_the_background(tmp_path):
@@ -104,7 +109,10 @@ def test_ninepatch_element_keeps_its_corners_and_alpha_composites_over_the_backg
     assert (pixels[y0 : y0 + 8, x0 : x0 + 8] == (200, 10, 10)).all()
     assert (pixels[y1 - 8 : y1, x1 - 8 : x1] == (10, 10, 200)).all()
     # Only the 1-px band stretched: a plain resize of the 20-px key to 72x104 would paint red up to ~28 px in.
-    assert (pixels[y0 + 12, x0 + 12] == (255, 255, 255)).all()
+    # The half-transparent middle shows the skin's keyboard background (the layout's backdrop) through it.
+    backdrop = Image.open(tmp_path / "pkg" / "keyboard_bg.png").convert("RGB").resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS)
+    expected = np.asarray(backdrop, float)[12, 12] * (127 / 255) + 255 * (128 / 255)
+    assert np.abs(pixels[y0 + 12, x0 + 12] - expected).max() <= 1
     dark = load_layout("four_parts", 512)
     four = tmp_path / "four"
     four.mkdir()
@@ -113,9 +121,9 @@ def test_ninepatch_element_keeps_its_corners_and_alpha_composites_over_the_backg
     Image.new("RGBA", (64, 64), (0, 0, 255, 255)).save(four / "part_function.png")
     Image.new("RGBA", (64, 64), (0, 255, 0, 0)).save(four / "bar_candidate.png")
     atlas, _ = merge_package(four, dark)
-    assert tuple(atlas.getpixel((256, 200))) == (128, 128, 128)  # white at alpha 128 over black
-    assert tuple(atlas.getpixel((256, 500))) == (0, 0, 255)  # function row drawn above the background
-    assert tuple(atlas.getpixel((256, 30))) == (0, 0, 0)  # a fully transparent bar leaves the background
+    assert tuple(atlas.getpixel((256, 150))) == (128, 128, 128)  # white at alpha 128 over black
+    assert tuple(atlas.getpixel((256, 300))) == (0, 0, 255)  # function row drawn above the background
+    assert tuple(atlas.getpixel((256, 20))) == (0, 0, 0)  # a fully transparent bar leaves the background
 
 
 def zip_package(path, entries: dict[str, bytes]) -> None:
@@ -234,8 +242,9 @@ def test_interrupted_run_leaves_no_partial_files_and_a_rerun_finishes(tmp_path):
     Image.new("RGB", (80, 104), (1, 2, 3)).save(pkgs / "b" / "key_delete.png")
 
     run("--packages_dir", str(pkgs), "--output_dir", str(dataset))
-    assert sorted(p.name for p in dataset.rglob("*") if p.is_file()) == [
-        "a.png", "b.png", "c.png", "layout.json", "merge_report.json", "train.jsonl"]
+    assert sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*") if p.is_file()) == [
+        "images/a.png", "images/b.png", "images/c.png", "layout.json", "masks/a.png", "masks/b.png", "masks/c.png",
+        "merge_report.json", "train.jsonl"]
     rows = [json.loads(line) for line in (dataset / "train.jsonl").read_text().splitlines()]
     assert [r["package"] for r in rows] == ["a", "b", "c"]
     # c was re-merged: its unlisted black placeholder was replaced by the real atlas.
@@ -256,17 +265,17 @@ def test_split_of_a_folder_resumes_and_checks_the_size(tmp_path, capsys):
     atlases = tmp_path / "atlases"
     atlases.mkdir()
     for name in ("g0", "g1"):
-        noise((512, 512), 1).save(atlases / f"{name}.png")
+        noise((512, 320), 1).save(atlases / f"{name}.png")
     out = tmp_path / "packages"
     run("--split", "--input", str(atlases), "--layout", "four_parts", "--output_dir", str(out))
     assert sorted(p.name for p in (out / "g0").iterdir()) == sorted(
-        e.split_name for e in load_layout("four_parts").elements)
-    noise((1024, 1024), 2).save(atlases / "g2.png")  # the 1024 variant is picked from the image size
+        [e.split_name for e in load_layout("four_parts").elements] + ["skin.yaml"])
+    noise((1024, 640), 2).save(atlases / "g2.png")  # the 1024 variant is picked from the image size
     noise((600, 600), 2).save(atlases / "g3.png")
     capsys.readouterr()
-    with pytest.raises(SkingenError, match=r"g3.png: image is 600x600 but layout 'four_parts' at 512 px is 512x512"):
+    with pytest.raises(SkingenError, match=r"g3.png: image is 600x600 but layout 'four_parts' at 512 px is 512x320"):
         run("--split", "--input", str(atlases), "--layout", "four_parts", "--output_dir", str(out))
-    assert Image.open(out / "g2" / "keyboard_bg.png").size == (1024, 1024)
+    assert Image.open(out / "g2" / "keyboard_bg.png").size == (1024, 640)
     assert not (out / "g3").exists()
 
 
