@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from .errors import SkingenError
 from .fileio import atomic_write_bytes
-from .models import encode_prompt
 
 
 def _sha256(text: str) -> str:
@@ -49,12 +48,14 @@ def model_fingerprint(
     revision: str | None = None,
     variant: str | None = None,
     subfolders: Sequence[str] = (),
+    settings: dict | None = None,
 ) -> str:
     """A short hash of what makes a frozen model's outputs what they are.
 
     ``parts`` maps a name to a loaded model (its config is hashed). For a local folder, the size and
     modification time of every file in ``subfolders`` (weights, tokenizer files) are included, so rebuilding
-    a model in place (same config, new weights) starts a new cache instead of reusing the old one.
+    a model in place (same config, new weights) starts a new cache instead of reusing the old one. ``settings``
+    are other values the outputs depend on (e.g. the T5 sequence length).
     """
     folder = Path(source).expanduser()
     identity: dict[str, object] = {
@@ -64,6 +65,8 @@ def model_fingerprint(
         "dtype": str(dtype),
         "configs": {name: _config_dict(model) for name, model in parts.items()},
     }
+    if settings:
+        identity["settings"] = settings
     if folder.is_dir():
         files = {}
         for sub in subfolders or ("",):
@@ -104,7 +107,11 @@ class _LRU(OrderedDict):
 
 
 class TextEmbeddingCache:
-    """SDXL prompt embeddings per caption string: ``<root>/text/<fingerprint>/<sha[:2]>/<sha>.safetensors``."""
+    """A backbone's prompt embeddings per caption string: ``<root>/text/<fingerprint>/<sha[:2]>/<sha>.safetensors``.
+
+    An entry holds whatever tensors the backbone's ``encode_prompts`` returns for the caption (SDXL:
+    ``prompt_embeds`` and ``pooled_prompt_embeds``; SD3 and FLUX the same names with their own shapes).
+    """
 
     def __init__(self, root: str | os.PathLike, fingerprint: str, memory_entries: int = 256):
         self.folder = Path(root) / "text" / fingerprint
@@ -117,23 +124,21 @@ class TextEmbeddingCache:
     def missing(self, captions: Iterable[str]) -> list[str]:
         return sorted({c for c in captions if not self.path(c).is_file()})
 
-    def compute(self, captions: Sequence[str], tokenizers, text_encoders, *, batch_size: int = 16, progress: bool = True):
-        """Encode ``captions`` and store one entry each (existing entries are overwritten with equal values)."""
+    def compute(self, captions: Sequence[str], encode: Callable[[list[str]], dict[str, torch.Tensor]], *,
+                batch_size: int = 16, progress: bool = True):
+        """Encode ``captions`` with ``encode`` (a batch of captions -> tensors with the caption as first dimension)
+        and store one entry each (existing entries are overwritten with equal values)."""
         bar = tqdm(total=len(captions), desc="Caching text embeddings", disable=not progress)
         for start in range(0, len(captions), batch_size):
             chunk = list(captions[start : start + batch_size])
-            prompt_embeds, pooled = encode_prompt(chunk, tokenizers, text_encoders)
+            encoded = encode(chunk)
             for i, caption in enumerate(chunk):
-                _write_entry(
-                    self.path(caption),
-                    {"prompt_embeds": prompt_embeds[i], "pooled_prompt_embeds": pooled[i]},
-                    {"caption": caption},
-                )
+                _write_entry(self.path(caption), {name: value[i] for name, value in encoded.items()}, {"caption": caption})
             bar.update(len(chunk))
         bar.close()
 
-    def load(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(prompt_embeds (77, D), pooled_prompt_embeds (P,))`` for one caption."""
+    def load(self, caption: str) -> dict[str, torch.Tensor]:
+        """The stored tensors of one caption (e.g. ``prompt_embeds`` (77, D) and ``pooled_prompt_embeds`` (P,))."""
         if caption in self._memory:
             return self._memory[caption]
         path = self.path(caption)
@@ -144,7 +149,7 @@ class TextEmbeddingCache:
                 f"{path}: text-embedding cache entry for caption {caption!r} is missing; "
                 "the cache folder was changed during training. Rerun to rebuild it."
             ) from None
-        return self._memory.remember(caption, (entry["prompt_embeds"], entry["pooled_prompt_embeds"]))
+        return self._memory.remember(caption, entry)
 
 
 def image_signature(image_ref: dict) -> str:

@@ -327,25 +327,28 @@ class TextLoss:
                            f"{MIN_BOX_SIDE:g} px, 'outside': centre outside the image); fix or drop those boxes")
             self._next_skip_report = 2 * total
 
-    def row_weights(self, timesteps: torch.Tensor, noise_scheduler) -> torch.Tensor:
+    def row_weights(self, timesteps: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        """Per row: 0 above ``max_timestep`` (DDPM steps, or sigma x 1000 for flow matching), times ``signal``
+        (alpha_bar_t, or (1 - sigma)^2) with ``timestep_weighting="alpha_bar"``."""
         weights = torch.ones(len(timesteps), device=timesteps.device)
         if self.max_timestep is not None:
             weights = weights * (timesteps <= self.max_timestep).float()
         if self.timestep_weighting == "alpha_bar":
-            weights = weights * _alpha_bar(noise_scheduler, timesteps)
+            weights = weights * signal.to(weights.device, torch.float32)
         return weights
 
     # -- the loss ---------------------------------------------------------------------------------------
 
-    def __call__(
-        self, *, batch, model_pred, noisy_latents, latents, timesteps, noise, noise_scheduler, vae, weight_dtype, step
-    ) -> tuple[torch.Tensor, dict]:
+    def __call__(self, *, batch, output, backbone, weight_dtype, step) -> tuple[torch.Tensor, dict]:
+        """The trainer's ``ExtraLoss`` call: ``output`` is the step's ``skingen.backbones.base.DenoiserOutput``
+        (its ``x0(rows)`` is the one-step clean estimate of any backbone), ``backbone`` gives the VAE."""
+        model_pred, latents, timesteps, vae = output.model_pred, output.latents, output.timesteps, backbone.vae
         device = model_pred.device
         self.recognizer.to(device)
         batch_size = model_pred.shape[0]
         scale = vae_scale_factor(vae)
         image_hw = (latents.shape[-2] * scale, latents.shape[-1] * scale)
-        row_weight = self.row_weights(timesteps, noise_scheduler)
+        row_weight = self.row_weights(timesteps, output.signal)
         # Connected to the graph, so a step without text still gives every trained parameter a (zero) gradient.
         zero = model_pred.sum() * 0.0
 
@@ -371,7 +374,7 @@ class TextLoss:
             return zero, logs
 
         index = torch.tensor(rows, device=device)
-        x0 = predict_x0(noisy_latents[index], model_pred[index], timesteps[index], noise_scheduler)
+        x0 = output.x0(index)
         crops = self._crops(vae, x0, latents[index], batch, rows, row_boxes, row_texts)
         per_crop, parts = self._per_crop_loss(crops)
 

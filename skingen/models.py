@@ -1,22 +1,28 @@
-"""SDXL models: a tiny pipeline built from configs, loading SDXL components and ControlNets, prompt encoding, time ids.
+"""The tiny SDXL pipeline built from configs, the byte-level CLIP tokenizer, and fitting a tiny VAE.
 
 The tiny pipeline is saved in diffusers format, so everything downstream loads it through the
-same ``from_pretrained`` code path as the real ``stable-diffusion-xl-base-1.0``.
+same ``from_pretrained`` code path as the real ``stable-diffusion-xl-base-1.0``. Loading, prompt encoding,
+time ids and ControlNets of SDXL live in ``skingen.backbones.sdxl`` (re-exported here for existing callers).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .backbones.sdxl import (  # noqa: F401 (re-exported)
+    SDXLComponents,
+    compute_time_ids,
+    encode_prompt,
+    load_or_init_controlnet,
+    load_sdxl_components,
+)
 from .errors import SkingenError
 from .fileio import AtomicDirectory
 
@@ -76,27 +82,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "controlnet_conditioning_channels": (16, 32, 64, 128),
     },
 }
-
-
-@dataclass
-class SDXLComponents:
-    """What SDXL ControlNet training needs from a base pipeline."""
-
-    tokenizer_one: Any
-    tokenizer_two: Any
-    text_encoder_one: Any
-    text_encoder_two: Any
-    vae: Any
-    unet: Any
-    noise_scheduler: Any
-
-    @property
-    def tokenizers(self) -> list:
-        return [self.tokenizer_one, self.tokenizer_two]
-
-    @property
-    def text_encoders(self) -> list:
-        return [self.text_encoder_one, self.text_encoder_two]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,194 +254,6 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, preset: str = "tiny", seed: int 
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(param.numel() for param in module.parameters())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _check_pipeline_folder(path: str) -> None:
-    """A local SDXL folder must have the diffusers layout; report every missing piece at once."""
-    folder = Path(path)
-    missing = [name + "/" for name in SDXL_SUBFOLDERS if not (folder / name).is_dir()]
-    if missing:
-        raise SkingenError(f"{folder}: not an SDXL pipeline folder (missing {', '.join(missing)}); {SDXL_LAYOUT_HELP}")
-
-
-def _looks_like_local_path(name: str) -> bool:
-    """Anything that is not shaped like a hub id (``name`` or ``owner/name``) is meant as a local folder."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", name) is None
-
-
-def _load(what: str, source: str, loader, **kwargs):
-    """Call ``loader(source, **kwargs)``; turn load failures into a SkingenError naming the part and the source."""
-    try:
-        return loader(source, **kwargs)
-    except (OSError, ValueError, json.JSONDecodeError) as err:
-        sub = kwargs.get("subfolder")
-        where = f"{source}/{sub}" if sub else source
-        raise SkingenError(
-            f"{where}: could not load the {what} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            f"{SDXL_LAYOUT_HELP}. Without internet, pass a local folder (the model hub is used only for hub ids)."
-        ) from None
-
-
-def load_sdxl_components(
-    pretrained_model_name_or_path: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    variant: str | None = None,
-    vae_model_name_or_path: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> SDXLComponents:
-    """Load what SDXL ControlNet training needs, as diffusers' ``train_controlnet_sdxl.py`` does.
-
-    Works the same for the real SDXL base (local folder or hub id) and a tiny pipeline from ``build_tiny_sdxl``.
-    The noise scheduler is a ``DDPMScheduler`` configured from the pipeline's ``scheduler/`` subfolder.
-    """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
-    source = str(pretrained_model_name_or_path)
-    if Path(source).expanduser().exists():
-        source = str(Path(source).expanduser())
-        _check_pipeline_folder(source)
-    elif _looks_like_local_path(source):
-        raise SkingenError(f"--pretrained_model_name_or_path {source}: folder not found; {SDXL_LAYOUT_HELP}")
-    common = {"revision": revision, "cache_dir": None if cache_dir is None else str(cache_dir)}
-
-    tokenizer_one = _load("first tokenizer", source, AutoTokenizer.from_pretrained, subfolder="tokenizer", **common)
-    tokenizer_two = _load("second tokenizer", source, AutoTokenizer.from_pretrained, subfolder="tokenizer_2", **common)
-    text_encoder_one = _load(
-        "first text encoder", source, CLIPTextModel.from_pretrained, subfolder="text_encoder", variant=variant, **common
-    )
-    text_encoder_two = _load(
-        "second text encoder",
-        source,
-        CLIPTextModelWithProjection.from_pretrained,
-        subfolder="text_encoder_2",
-        variant=variant,
-        **common,
-    )
-    if vae_model_name_or_path is not None:
-        # A separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix) is a model folder of its own, as in diffusers.
-        vae_source = str(vae_model_name_or_path)
-        if not Path(vae_source).expanduser().exists() and _looks_like_local_path(vae_source):
-            raise SkingenError(
-                f"--pretrained_vae_model_name_or_path {vae_source}: folder not found; "
-                "expected a diffusers AutoencoderKL folder with config.json and diffusion_pytorch_model.safetensors"
-            )
-        vae = _load("VAE", vae_source, AutoencoderKL.from_pretrained, **common)
-    else:
-        vae = _load("VAE", source, AutoencoderKL.from_pretrained, subfolder="vae", variant=variant, **common)
-    unet = _load("UNet", source, UNet2DConditionModel.from_pretrained, subfolder="unet", variant=variant, **common)
-    noise_scheduler = _load("noise scheduler", source, DDPMScheduler.from_pretrained, subfolder="scheduler", **common)
-
-    if getattr(unet.config, "addition_embed_type", None) != "text_time":
-        raise SkingenError(
-            f"{source}/unet: addition_embed_type is {unet.config.addition_embed_type!r}, not 'text_time'; "
-            "this is not an SDXL UNet (SD 1.x/2.x pipelines are not supported)"
-        )
-    return SDXLComponents(
-        tokenizer_one=tokenizer_one,
-        tokenizer_two=tokenizer_two,
-        text_encoder_one=text_encoder_one,
-        text_encoder_two=text_encoder_two,
-        vae=vae,
-        unet=unet,
-        noise_scheduler=noise_scheduler,
-    )
-
-
-def load_or_init_controlnet(
-    unet,
-    controlnet_model_name_or_path: str | os.PathLike | None = None,
-    *,
-    conditioning_embedding_out_channels: Sequence[int] | None = None,
-):
-    """Load a ControlNet (e.g. an SDXL Canny one to fine-tune) or initialise one from the UNet's weights.
-
-    ``conditioning_embedding_out_channels`` only applies to a new ControlNet (default: diffusers' ``from_unet`` one).
-    """
-    from diffusers import ControlNetModel
-
-    if controlnet_model_name_or_path is None:
-        kwargs = {}
-        if conditioning_embedding_out_channels is not None:
-            kwargs["conditioning_embedding_out_channels"] = tuple(conditioning_embedding_out_channels)
-        return ControlNetModel.from_unet(unet, **kwargs)
-
-    source = str(controlnet_model_name_or_path)
-    help_text = (
-        "expected a diffusers ControlNetModel folder with config.json and diffusion_pytorch_model.safetensors "
-        "(e.g. the output of training, or <tiny_sdxl>/controlnet)"
-    )
-    if Path(source).expanduser().exists():
-        folder = Path(source).expanduser()
-        if not (folder / "config.json").is_file():
-            raise SkingenError(f"--controlnet_model_name_or_path {folder}: no config.json there; {help_text}")
-        source = str(folder)
-    elif _looks_like_local_path(source):
-        raise SkingenError(f"--controlnet_model_name_or_path {source}: folder not found; {help_text}")
-    try:
-        controlnet = ControlNetModel.from_pretrained(source)
-    except (OSError, ValueError, json.JSONDecodeError) as err:
-        raise SkingenError(
-            f"--controlnet_model_name_or_path {source}: could not load a ControlNet "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); {help_text}"
-        ) from None
-    if controlnet.config.cross_attention_dim != unet.config.cross_attention_dim:
-        raise SkingenError(
-            f"--controlnet_model_name_or_path {source}: cross_attention_dim {controlnet.config.cross_attention_dim} "
-            f"does not match the UNet's {unet.config.cross_attention_dim}; the ControlNet was made for another base model"
-        )
-    return controlnet
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Conditioning inputs
-
-
-@torch.no_grad()
-def encode_prompt(
-    prompts: Sequence[str], tokenizers: Sequence, text_encoders: Sequence
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL prompt embeddings as diffusers' trainer computes them (text encoders frozen, so no gradients).
-
-    Returns ``prompt_embeds`` (B, 77, hidden_1 + hidden_2): the penultimate hidden states of both encoders,
-    concatenated; and ``pooled_prompt_embeds`` (B, projection_dim): the projected pooled output of the last encoder.
-    """
-    prompts = list(prompts)
-    embeds = []
-    pooled = None
-    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
-        input_ids = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        output = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True, return_dict=True)
-        pooled = output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
-        hidden = output.hidden_states[-2]
-        embeds.append(hidden.view(hidden.shape[0], hidden.shape[1], -1))
-    prompt_embeds = torch.cat(embeds, dim=-1)
-    pooled_prompt_embeds = pooled.view(len(prompts), -1)
-    return prompt_embeds, pooled_prompt_embeds
-
-
-def compute_time_ids(
-    original_size: Sequence[int],
-    crops_coords_top_left: Sequence[int],
-    target_size: Sequence[int],
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """SDXL's 6 micro-conditioning ids: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
-    values = list(original_size) + list(crops_coords_top_left) + list(target_size)
-    if len(values) != 6:
-        raise ValueError(f"time ids need 2 + 2 + 2 values (height, width pairs), got {values}")
-    return torch.tensor(values, dtype=dtype if dtype is not None else torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------

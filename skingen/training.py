@@ -22,7 +22,9 @@ optimizer steps (1-based, as in ``checkpoint-N``) into NaN, to exercise the non-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import itertools
 import logging
 import math
 import secrets
@@ -32,9 +34,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .backbones import backbone_class
+from .backbones.base import Backbone, DenoiserOutput
 from .caching import LatentCache, TextEmbeddingCache, fill_sharded, image_signature, model_fingerprint
 from .checkpointing import (
     list_checkpoints,
@@ -45,17 +48,29 @@ from .checkpointing import (
     save_checkpoint,
     save_controlnet_weights,
 )
+from .conditioning import match_conditioning_channels
+from .ema import WeightsEMA
 from .errors import SkingenError
-from .models import load_or_init_controlnet, load_sdxl_components
+from .lora import LoraState, add_lora, average_gradients, diffusers_lora_state, save_lora
+from .loss_weighting import LossOptions
 from .training_args import build_arg_parser, parse_training_args, validate_training_args  # noqa: F401 (the trainers' API)
 from .training_data import (
     GlobalBatchSampler,
     TrainingSamples,
     batch_to_device,
     collate_samples,
+    latent_cache_tag,
     load_training_rows,
+    row_placements,
     sample_seed,
     training_pixels,
+)
+from .training_options import (
+    conditioning_columns,
+    conditioning_dropout,
+    interpolation_filter,
+    scaled_step_rules,
+    trackers,
 )
 from .validation import load_validation_pairs, log_validation, write_model_card
 
@@ -69,15 +84,17 @@ logger = logging.getLogger(__name__)
 class ExtraLoss(Protocol):
     """An extra loss added to the diffusion loss (e.g. the OCR text loss).
 
-    ``__call__`` returns ``(loss, logs)``: a scalar tensor that is added as is (apply your own weight; make it
-    a per-sample mean so multi-process training averages it correctly) and a dict of floats to log. Set
-    ``needs_pixel_values = True`` to get ``batch["pixel_values"]`` even when latents are cached.
+    ``__call__`` gets the batch, the step's :class:`~skingen.backbones.base.DenoiserOutput` (prediction, target,
+    clean latents, noise level, ``x0(rows)``: the one-step clean estimate for any backbone, ``signal``: alpha_bar
+    or its flow-matching equivalent) and the backbone (``backbone.decode_latents``, ``backbone.vae``,
+    ``backbone.vae_scale_factor``). It returns ``(loss, logs)``: a scalar tensor that is added as is (apply your
+    own weight; make it a per-sample mean so multi-process training averages it correctly) and a dict of floats to
+    log. Set ``needs_pixel_values = True`` to get ``batch["pixel_values"]`` even when latents are cached.
     """
 
     name: str
 
-    def __call__(self, *, batch: dict, model_pred: torch.Tensor, noisy_latents: torch.Tensor, latents: torch.Tensor,
-                 timesteps: torch.Tensor, noise: torch.Tensor, noise_scheduler, vae, weight_dtype: torch.dtype,
+    def __call__(self, *, batch: dict, output: DenoiserOutput, backbone: Backbone, weight_dtype: torch.dtype,
                  step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
@@ -221,7 +238,7 @@ def train(args: argparse.Namespace, extra_loss: ExtraLoss | None = None, *,
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=trackers(args.report_to),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
     )
     try:
@@ -246,12 +263,15 @@ class Run:
     saved_state: dict[str, Any]
     dataset: Any
     pairs: list
-    components: Any
+    backbone: Backbone
     controlnet: Any
     weight_dtype: torch.dtype
     vae_dtype: torch.dtype
     extra_loss: ExtraLoss | None
     repo_id: str | None = None
+    placements: list | None = None  # where each row's image goes at training size (square or bucket)
+    ema: WeightsEMA | None = None
+    lora_parameters: list = field(default_factory=list)
     text_cache: Any = None
     samples: TrainingSamples | None = None
     cache_stats: dict[str, int] = field(default_factory=dict)
@@ -267,12 +287,16 @@ class Run:
         return self.accelerator.device
 
     def validate(self, step: int) -> None:
-        """Sample the validation grid (main process only)."""
-        self.grids.append(log_validation(
-            self.pairs, args=self.args, accelerator=self.accelerator, vae=self.components.vae, unet=self.components.unet,
-            controlnet=self.controlnet, noise_scheduler=self.components.noise_scheduler, text_cache=self.text_cache,
-            weight_dtype=self.weight_dtype, step=step, seed=self.seed))
+        """Sample the validation grid (main process only), with the EMA weights under ``--use_ema``."""
+        controlnet = self.accelerator.unwrap_model(self.controlnet)
+        with self.ema.swapped_in(controlnet) if self.ema is not None else contextlib.nullcontext():
+            self._log_validation(step)
         self.last_validated = step
+
+    def _log_validation(self, step: int) -> None:
+        self.grids.append(log_validation(
+            self.pairs, args=self.args, accelerator=self.accelerator, backbone=self.backbone, controlnet=self.controlnet,
+            text_cache=self.text_cache, weight_dtype=self.weight_dtype, step=step, seed=self.seed))
 
     def validation_loss(self, step: int) -> dict[str, float]:
         """The fixed-timestep losses (``--validation_loss_timesteps``), on the main process; {} when off."""
@@ -282,9 +306,8 @@ class Run:
         values = fixed_timestep_losses(
             self.samples, rows=range(min(args.validation_loss_rows, len(self.samples))),
             timesteps=args.validation_loss_timesteps, seed=self.seed, batch_size=args.train_batch_size,
-            device=self.device, controlnet=self.accelerator.unwrap_model(self.controlnet), unet=self.components.unet,
-            vae=self.components.vae, noise_scheduler=self.components.noise_scheduler, weight_dtype=self.weight_dtype,
-            extra_loss=self.extra_loss, step=step)
+            device=self.device, controlnet=self.accelerator.unwrap_model(self.controlnet), backbone=self.backbone,
+            weight_dtype=self.weight_dtype, extra_loss=self.extra_loss, step=step)
         self.validation_losses[step] = values
         logger.info(f"step {step}: losses at fixed timesteps {args.validation_loss_timesteps}: "
                     + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
@@ -320,27 +343,40 @@ def set_up(args, accelerator, extra_loss: ExtraLoss | None) -> Run:
     pairs = load_validation_pairs(args)
 
     # Models. Only the ControlNet trains; the rest are frozen and kept in the mixed-precision dtype, except the
-    # VAE, which stays fp32 unless an fp16-safe VAE was given (SDXL's own VAE overflows in fp16).
-    components = load_sdxl_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                                      vae_model_name_or_path=args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
-    vae, unet, noise_scheduler = components.vae, components.unet, components.noise_scheduler
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    size_factor = vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
+    # VAE, which stays fp32 unless an fp16-safe VAE was given (SDXL's own VAE overflows in fp16). The ControlNet
+    # given to fine-tune is checked against the base model before anything is cached.
+    backbone = backbone_class(getattr(args, "backbone", "sdxl"))(args)
+    if args.controlnet_model_name_or_path is not None:
+        backbone.check_controlnet(args.controlnet_model_name_or_path)
+    unet = backbone.denoiser
+    size_factor, size_reason = backbone.resolution_multiple()
     if args.resolution % size_factor:
-        raise SkingenError(f"--resolution {args.resolution}: this model needs a multiple of {size_factor} "
-                           f"(VAE /{vae_scale}, then the UNet halves the latents {len(unet.config.block_out_channels) - 1} times)")
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+        raise SkingenError(f"--resolution {args.resolution}: this model needs a multiple of {size_factor} ({size_reason})")
+    if args.enable_bucket and any(v % size_factor for v in (args.bucket_reso_steps, args.min_bucket_reso)):
+        raise SkingenError(f"--bucket_reso_steps {args.bucket_reso_steps} and --min_bucket_reso {args.min_bucket_reso}: "
+                           f"this model needs multiples of {size_factor}")
+    if args.tokenizer_name is not None:
+        from transformers import AutoTokenizer
+
+        backbone.tokenizers[0] = AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision,
+                                                               use_fast=False)
+    num_train_timesteps = backbone.num_train_timesteps
     if any(t >= num_train_timesteps for t in args.validation_loss_timesteps or ()):
         raise SkingenError(f"--validation_loss_timesteps {args.validation_loss_timesteps}: the scheduler has timesteps "
                            f"0..{num_train_timesteps - 1}")
     # Trainable weights stay fp32 even under mixed precision (an fp16 ControlNet is upcast).
-    controlnet = _place(load_or_init_controlnet(unet, args.controlnet_model_name_or_path), "cpu", torch.float32)
-    for frozen in (vae, unet, *components.text_encoders):
+    controlnet = _place(backbone.create_controlnet(args.controlnet_model_name_or_path), "cpu", torch.float32)
+    controlnet = match_conditioning_channels(controlnet, len(conditioning_columns(args)),
+                                             new=args.controlnet_model_name_or_path is None)
+    for frozen in backbone.frozen_models():
         frozen.requires_grad_(False)
     controlnet.train()
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
         controlnet.enable_xformers_memory_efficient_attention()
+    if args.enable_npu_flash_attention:  # check_option_args made sure an NPU is there
+        unet.enable_npu_flash_attention()
+        controlnet.enable_npu_flash_attention()
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()
@@ -350,45 +386,48 @@ def set_up(args, accelerator, extra_loss: ExtraLoss | None) -> Run:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
     return Run(args=args, accelerator=accelerator, output_dir=output_dir, seed=seed, resume_path=resume_path,
-               saved_state=saved_state, dataset=dataset, pairs=pairs, components=components, controlnet=controlnet,
+               saved_state=saved_state, dataset=dataset, pairs=pairs, backbone=backbone, controlnet=controlnet,
                weight_dtype=weight_dtype, vae_dtype=vae_dtype, extra_loss=extra_loss, repo_id=repo_id)
 
 
 def fill_caches(run: Run) -> None:
     """Cache every caption the run can use (dropout's "" and validation prompts included), then latents; build the
     training samples; move the frozen models where the loop needs them."""
-    args, accelerator, components = run.args, run.accelerator, run.components
-    vae, unet = components.vae, components.unet
+    args, accelerator, backbone = run.args, run.accelerator, run.backbone
+    vae, unet = backbone.vae, backbone.denoiser
     cache_root = Path(args.embeddings_cache_dir) if args.embeddings_cache_dir else run.output_dir / "cache"
+    # "" also serves validation as the negative prompt.
     captions = (set(run.dataset["text"]) | {pair.prompt for pair in run.pairs}
-                | ({""} if args.proportion_empty_prompts > 0 else set()))
-    run.text_cache, run.cache_stats = _cache_text_embeddings(args, accelerator, components, captions, run.weight_dtype,
+                | ({""} if args.proportion_empty_prompts > 0 or run.pairs else set()))
+    _report_truncated_captions(backbone, sorted(set(run.dataset["text"])), accelerator)
+    run.text_cache, run.cache_stats = _cache_text_embeddings(args, accelerator, backbone, captions, run.weight_dtype,
                                                              cache_root)
-    components.text_encoder_one = components.text_encoder_two = None  # no longer needed anywhere
+    backbone.drop_text_encoders()  # no longer needed anywhere
     latent_cache = latent_keys = None
+    run.placements = placements = row_placements(args, run.dataset)
+    resample = interpolation_filter(args.image_interpolation_mode)
     if args.cache_latents:
         images = run.dataset.select_columns(["image"])
         latent_cache, latent_keys, latent_stats = _cache_latents(
-            args, accelerator, run.dataset, vae, run.vae_dtype, cache_root,
-            load_pixels=lambda row: training_pixels(images[row]["image"], args.resolution))
+            args, accelerator, run.dataset, vae, run.vae_dtype, cache_root, [p.target for p in placements],
+            load_pixels=lambda row: training_pixels(images[row]["image"], args.resolution, placements[row], resample))
         run.cache_stats.update(latent_stats)
-    vae_on_device = not args.cache_latents or run.extra_loss is not None
+    vae_on_device = not args.cache_latents or run.extra_loss is not None or backbone.encodes_conditioning
     _place(vae, run.device if vae_on_device else "cpu", run.vae_dtype)
     _place(unet, run.device, run.weight_dtype)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    crop_flags = (args.crops_coords_top_left_h, args.crops_coords_top_left_w)
+    vae_scale = backbone.vae_scale_factor
     run.samples = TrainingSamples(
         run.dataset, resolution=args.resolution, text_cache=run.text_cache, latent_cache=latent_cache,
         latent_keys=latent_keys,
         latent_shape=(vae.config.latent_channels, args.resolution // vae_scale, args.resolution // vae_scale),
-        num_train_timesteps=components.noise_scheduler.config.num_train_timesteps,
-        proportion_empty_prompts=args.proportion_empty_prompts,
-        time_ids_crop=None if crop_flags == (None, None) else tuple(v or 0 for v in crop_flags),
+        backbone=backbone, proportion_empty_prompts=args.proportion_empty_prompts,
         load_pixel_values=bool(getattr(run.extra_loss, "needs_pixel_values", False)),
+        placements=placements, bucketed=args.enable_bucket, resample=resample,
+        conditioning_dropout=conditioning_dropout(args), loss_options=LossOptions.from_args(args),
     )
 
 
@@ -405,18 +444,29 @@ def prepare_optimization(run: Run) -> None:
         max_train_steps=args.max_train_steps or math.ceil(args.num_train_epochs * batches_per_epoch / accumulation),
     )
     learning_rate = args.learning_rate * (accumulation * plan.global_batch_size if args.scale_lr else 1)
-    optimizer = _make_optimizer(args, run.controlnet.parameters(), learning_rate)
+    if args.unet_lora_rank:  # trained with the ControlNet; the UNet's own weights stay frozen
+        run.lora_parameters = add_lora(run.backbone.denoiser, args.unet_lora_rank)
+    optimizer = _make_optimizer(args, [{"params": list(run.controlnet.parameters())},
+                                       *([{"params": run.lora_parameters}] if run.lora_parameters else [])], learning_rate)
     lr_scheduler = get_scheduler(  # accelerate steps a prepared scheduler once per process
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * processes,
         num_training_steps=plan.max_train_steps * processes, num_cycles=args.lr_num_cycles, power=args.lr_power,
+        step_rules=scaled_step_rules(args.lr_step_rules, processes),
     )
     if args.torch_compile:
-        run.components.unet.compile()
+        run.backbone.denoiser.compile()
         run.controlnet.compile()
     if accelerator.state.deepspeed_plugin is not None:  # no dataloader goes through prepare to tell it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     run.controlnet, run.optimizer, run.lr_scheduler = accelerator.prepare(run.controlnet, optimizer, lr_scheduler)
     register_controlnet_hooks(accelerator)
+    # Checkpoints hold these as accelerate custom states, in this order.
+    if args.use_ema:
+        run.ema = WeightsEMA(accelerator.unwrap_model(run.controlnet), decay=args.ema_decay,
+                             update_after_step=args.ema_update_after_step, device=run.device, foreach=args.foreach_ema)
+        accelerator.register_for_checkpointing(run.ema)
+    if run.lora_parameters:
+        accelerator.register_for_checkpointing(LoraState(run.backbone.denoiser))
 
     run.state = TrainingState(seed=run.seed, plan=plan)
     if run.resume_path is not None:
@@ -435,7 +485,8 @@ def train_loop(run: Run, on_step: Callable[[int, dict[str, float]], None] | None
     """Optimizer steps from the state's position in the seeded data order to ``max_train_steps``."""
     args, accelerator, state, plan = run.args, run.accelerator, run.state, run.state.plan
     sampler = GlobalBatchSampler(plan.num_rows, plan.batch_size, plan.processes, accelerator.process_index, run.seed,
-                                 state.micro_step, plan.max_train_steps * plan.accumulation)
+                                 state.micro_step, plan.max_train_steps * plan.accumulation,
+                                 buckets=[p.target for p in run.placements] if args.enable_bucket else None)
     loader = torch.utils.data.DataLoader(run.samples, batch_sampler=sampler, collate_fn=collate_samples,
                                          num_workers=args.dataloader_num_workers, pin_memory=run.device.type == "cuda")
     progress = tqdm(total=plan.max_train_steps, initial=state.global_step, desc="Steps",
@@ -443,6 +494,7 @@ def train_loop(run: Run, on_step: Callable[[int, dict[str, float]], None] | None
     inject_nan = set(args.debug_inject_nan_at_step or ())
     names = ("loss", "loss_diffusion") + ((f"loss_{run.extra_loss.name}",) if run.extra_loss is not None else ())
     window = LossWindow(names)
+    trained = [*run.controlnet.parameters(), *run.lora_parameters]
 
     if state.global_step == 0 and (start_values := run.validation_loss(0)):
         accelerator.log(start_values, step=0)
@@ -450,8 +502,7 @@ def train_loop(run: Run, on_step: Callable[[int, dict[str, float]], None] | None
     for batch in loader:
         batch = batch_to_device(batch, run.device)
         with accelerator.accumulate(run.controlnet):
-            losses = compute_losses(batch, controlnet=run.controlnet, unet=run.components.unet, vae=run.components.vae,
-                                    noise_scheduler=run.components.noise_scheduler, weight_dtype=run.weight_dtype,
+            losses = compute_losses(batch, controlnet=run.controlnet, backbone=run.backbone, weight_dtype=run.weight_dtype,
                                     extra_loss=run.extra_loss, step=state.global_step)
             loss = losses.loss * float("nan") if state.global_step + 1 in inject_nan else losses.loss
             parts = {"loss": loss, "loss_diffusion": losses.loss_diffusion, names[-1]: losses.loss_extra}
@@ -461,10 +512,13 @@ def train_loop(run: Run, on_step: Callable[[int, dict[str, float]], None] | None
                 accelerator.backward(loss)
             if accelerator.sync_gradients:
                 if window.finite:
-                    accelerator.clip_grad_norm_(run.controlnet.parameters(), args.max_grad_norm)
+                    average_gradients(accelerator, run.lora_parameters)  # the ControlNet's are averaged by DDP
+                    accelerator.clip_grad_norm_(trained, args.max_grad_norm)
                     run.optimizer.step()
                 run.lr_scheduler.step()
                 run.optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+                if run.ema is not None:
+                    run.ema.step(accelerator.unwrap_model(run.controlnet))
         if not accelerator.sync_gradients:
             continue
         state.record_step(window.finite)
@@ -509,7 +563,16 @@ def finish(run: Run) -> TrainingResult:
     args, accelerator, state = run.args, run.accelerator, run.state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_controlnet_weights(accelerator.unwrap_model(run.controlnet), run.output_dir)
+        controlnet = accelerator.unwrap_model(run.controlnet)
+        save_controlnet_weights(_in_save_dtype(controlnet, args), run.output_dir)
+        if run.ema is not None:
+            run.ema.save(controlnet, run.output_dir, save_controlnet_weights)
+        if run.lora_parameters:
+            from diffusers import StableDiffusionXLPipeline
+
+            save_lora(lambda folder: StableDiffusionXLPipeline.save_lora_weights(
+                folder, unet_lora_layers=diffusers_lora_state(run.backbone.denoiser), safe_serialization=True),
+                run.output_dir)
         if run.pairs and run.last_validated != state.global_step:
             run.validate(state.global_step)
         card_args = argparse.Namespace(**{**vars(args), "seed": run.seed})
@@ -543,21 +606,25 @@ class StepLosses:
 
 
 def fixed_timestep_losses(samples: TrainingSamples, *, rows: Sequence[int], timesteps: Sequence[int], seed: int,
-                          batch_size: int, device, controlnet, unet, vae, noise_scheduler, weight_dtype: torch.dtype,
+                          batch_size: int, device, controlnet, backbone: Backbone, weight_dtype: torch.dtype,
                           extra_loss: ExtraLoss | None, step: int) -> dict[str, float]:
     """The losses of ``rows`` at each of ``timesteps``, with each row's noise fixed by ``seed`` (the same at every
     call), no caption dropout and no gradients: ``val_loss_diffusion``, ``val_loss_<extra>`` and ``val_<log>`` for
     the extra loss's logs, each a mean over the (row, timestep) pairs that produced it."""
     pairs = [(row, timestep) for row in rows for timestep in timesteps]
+    # A batch holds one training size (rows of different aspect-ratio buckets do not stack).
+    pairs.sort(key=lambda pair: samples.target_size(pair[0]))
+    chunks = [group[start:start + batch_size]
+              for _, grouped in itertools.groupby(pairs, key=lambda pair: samples.target_size(pair[0]))
+              for group in [list(grouped)] for start in range(0, len(group), batch_size)]
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
+        for chunk in chunks:
             batch = collate_samples([samples.sample(row, sample_seed(seed, -2, row), fixed_timestep=timestep)
                                      for row, timestep in chunk])
-            losses = compute_losses(batch_to_device(batch, device), controlnet=controlnet, unet=unet, vae=vae,
-                                    noise_scheduler=noise_scheduler, weight_dtype=weight_dtype, extra_loss=extra_loss,
+            losses = compute_losses(batch_to_device(batch, device), controlnet=controlnet, backbone=backbone,
+                                    weight_dtype=weight_dtype, extra_loss=extra_loss,
                                     step=step)
             values = {"loss_diffusion": losses.loss_diffusion.item(), **losses.extra_logs}
             if losses.loss_extra is not None:
@@ -568,52 +635,15 @@ def fixed_timestep_losses(samples: TrainingSamples, *, rows: Sequence[int], time
     return {f"val_{key}": sums[key] / counts[key] for key in sums}
 
 
-def latents_from_batch(batch: dict, vae, weight_dtype: torch.dtype) -> torch.Tensor:
-    """Scaled latents: a sample of the VAE's distribution (cached, or encoded now) using the batch's noise."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    if "latent_dist" in batch:
-        parameters = batch["latent_dist"]
-    else:
-        with torch.no_grad():
-            parameters = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist.parameters
-    distribution = DiagonalGaussianDistribution(parameters.float())
-    latents = distribution.mean + distribution.std * batch["latent_noise"].float()
-    return (latents * vae.config.scaling_factor).to(weight_dtype)
-
-
-def compute_losses(batch: dict, *, controlnet, unet, vae, noise_scheduler, weight_dtype: torch.dtype,
+def compute_losses(batch: dict, *, controlnet, backbone: Backbone, weight_dtype: torch.dtype,
                    extra_loss: ExtraLoss | None, step: int) -> StepLosses:
-    """One forward pass: ControlNet + frozen UNet, epsilon/v MSE, plus the extra loss if any."""
-    latents = latents_from_batch(batch, vae, weight_dtype)
-    noise = batch["noise"].to(weight_dtype)
-    timesteps = batch["timesteps"].long()
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    prompt_embeds = batch["prompt_embeds"].to(weight_dtype)
-    added = {"text_embeds": batch["pooled_prompt_embeds"].to(weight_dtype), "time_ids": batch["time_ids"].to(weight_dtype)}
-    down_samples, mid_sample = controlnet(
-        noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
-        controlnet_cond=batch["conditioning_pixel_values"].to(weight_dtype), return_dict=False,
-    )
-    model_pred = unet(
-        noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
-        down_block_additional_residuals=[s.to(weight_dtype) for s in down_samples],
-        mid_block_additional_residual=mid_sample.to(weight_dtype),
-    ).sample
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise SkingenError(f"noise scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
-    loss_diffusion = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    """One forward pass: the backbone's ControlNet + frozen denoiser and its diffusion loss, plus the extra loss."""
+    output = backbone.forward(batch, controlnet, weight_dtype)
+    loss_diffusion = output.diffusion_loss()
     if extra_loss is None:
         return StepLosses(loss=loss_diffusion, loss_diffusion=loss_diffusion)
-    loss_extra, extra_logs = extra_loss(
-        batch=batch, model_pred=model_pred, noisy_latents=noisy_latents, latents=latents, timesteps=timesteps,
-        noise=noise, noise_scheduler=noise_scheduler, vae=vae, weight_dtype=weight_dtype, step=step,
-    )
+    loss_extra, extra_logs = extra_loss(batch=batch, output=output, backbone=backbone, weight_dtype=weight_dtype,
+                                        step=step)
     return StepLosses(loss_diffusion + loss_extra, loss_diffusion, loss_extra, dict(extra_logs))
 
 
@@ -639,25 +669,37 @@ def _main_process_value(accelerator, compute: Callable[[], Any]) -> Any:
     return broadcast_object_list([compute() if accelerator.is_main_process else None])[0]
 
 
-def _cache_text_embeddings(args, accelerator, components, captions: set[str], dtype, cache_root: Path):
-    encoders = components.text_encoders
+def _cache_text_embeddings(args, accelerator, backbone: Backbone, captions: set[str], dtype, cache_root: Path):
+    encoders = backbone.text_encoders
     cache = TextEmbeddingCache(cache_root, model_fingerprint(
-        args.pretrained_model_name_or_path, {"text_encoder": encoders[0], "text_encoder_2": encoders[1]},
-        dtype=dtype, revision=args.revision, variant=args.variant,
-        subfolders=("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+        args.pretrained_model_name_or_path,
+        {name: encoder for name, encoder in zip(backbone.text_subfolders[len(encoders):], encoders)},
+        dtype=dtype, revision=args.revision, variant=args.variant, subfolders=backbone.text_subfolders,
+        settings=backbone.text_settings(),
     ))
     missing = _main_process_value(accelerator, lambda: cache.missing(captions))
     if missing:
         for encoder in encoders:
             _place(encoder, accelerator.device, dtype)
         fill_sharded(accelerator, missing, lambda shard: cache.compute(
-            shard, components.tokenizers, encoders, progress=accelerator.is_local_main_process))
+            shard, backbone.encode_prompts, progress=accelerator.is_local_main_process))
         if cache.missing(captions):
             raise SkingenError(f"{cache.folder}: some text embeddings were not written; is the folder shared by all processes?")
     return cache, {"text_embeddings_computed": len(missing), "text_embeddings_reused": len(captions) - len(missing)}
 
 
-def _cache_latents(args, accelerator, dataset, vae, dtype, cache_root: Path, load_pixels):
+def _report_truncated_captions(backbone: Backbone, captions: Sequence[str], accelerator) -> None:
+    """One warning line (and a log entry) when captions are longer than a text encoder reads."""
+    if not accelerator.is_main_process:
+        return
+    counts = {name: count for name, count in backbone.count_truncated(captions).items() if count}
+    if counts:
+        logger.warning(f"{max(counts.values())} of {len(captions)} distinct captions are longer than the text "
+                       "encoders read and are cut: " + ", ".join(f"{n} over {name}" for name, n in counts.items())
+                       + " (shorten them, e.g. caption.py --max_writing_texts)")
+
+
+def _cache_latents(args, accelerator, dataset, vae, dtype, cache_root: Path, sizes: Sequence, load_pixels):
     import datasets
 
     separate_vae = args.pretrained_vae_model_name_or_path is not None
@@ -665,19 +707,30 @@ def _cache_latents(args, accelerator, dataset, vae, dtype, cache_root: Path, loa
         args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path, {"vae": vae}, dtype=dtype,
         revision=args.revision, variant=None if separate_vae else args.variant,
         subfolders=() if separate_vae else ("vae",),
-    ), args.resolution)
+    ), latent_cache_tag(args))
     refs = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))["image"]
     row_ids = list(dataset["row_id"])
     keys = [LatentCache.key(row_id, image_signature(ref)) for row_id, ref in zip(row_ids, refs)]
     missing = _main_process_value(accelerator, lambda: [i for i, key in enumerate(keys) if not cache.is_cached(key)])
     if missing:
         _place(vae, accelerator.device, dtype)
-        fill_sharded(accelerator, missing, lambda shard: cache.compute(
-            [(keys[i], row_ids[i], i) for i in shard], load_pixels, vae,
-            batch_size=args.train_batch_size, progress=accelerator.is_local_main_process))
+        for size in sorted(set(sizes)):  # the VAE encodes one training size at a time (aspect-ratio buckets)
+            fill_sharded(accelerator, [i for i in missing if sizes[i] == size], lambda shard: cache.compute(
+                [(keys[i], row_ids[i], i) for i in shard], load_pixels, vae,
+                batch_size=args.train_batch_size, progress=accelerator.is_local_main_process))
         if any(not cache.is_cached(key) for key in keys):
             raise SkingenError(f"{cache.folder}: some latents were not written; is the folder shared by all processes?")
     return cache, keys, {"latents_computed": len(missing), "latents_reused": len(keys) - len(missing)}
+
+
+def _in_save_dtype(controlnet, args):
+    """The ControlNet to save: a copy in ``--save_weight_dtype`` (FLUX's flag) when that is not fp32."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(getattr(args, "save_weight_dtype", "fp32"))
+    if dtype is None:
+        return controlnet
+    import copy
+
+    return copy.deepcopy(controlnet).to(dtype=dtype)
 
 
 def _place(model, device, dtype: torch.dtype | None = None):

@@ -11,31 +11,37 @@ import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
+from .backbones import backbone_class
 from .config import parse_args_with_config
 from .data import ON_BAD_SAMPLE
 from .errors import SkingenError
+from .training_options import add_option_args, check_option_args, lr_scheduler_names, tracker_names
 
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-REPORT_TO = ("tensorboard", "wandb", "all", "none")
+LR_SCHEDULERS = lr_scheduler_names()  # every name diffusers.optimization.get_scheduler takes
+REPORT_TO = tracker_names()  # every tracker accelerate knows, "all" and "none"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Flags
 
 
-def build_arg_parser(description: str = "Train an SDXL ControlNet on a skin dataset.") -> argparse.ArgumentParser:
-    """The trainer's flags (diffusers' names where diffusers has the flag); other trainers add theirs to it."""
-    parser = argparse.ArgumentParser(description=description)
+def build_arg_parser(description: str | None = None, backbone: str = "sdxl") -> argparse.ArgumentParser:
+    """The trainer's flags for a ``backbone`` family (diffusers' names where diffusers has the flag); other
+    trainers add theirs to it."""
+    family = backbone_class(backbone)
+    parser = argparse.ArgumentParser(description=description or f"Train a {family.title} ControlNet on a skin dataset.")
     add = parser.add_argument
 
     models = parser.add_argument_group("models")
     models.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                        help="SDXL base pipeline: a local diffusers folder or a hub id (required).")
+                        help="Base pipeline (SDXL, SD3/SD3.5 or FLUX.1, as the trainer script says): a local "
+                             "diffusers folder or a hub id (required).")
     models.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                         help="An fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix); it then runs in the mixed "
                              "precision dtype instead of fp32.")
     models.add_argument("--controlnet_model_name_or_path", type=str, default=None,
-                        help="ControlNet to fine-tune (e.g. an SDXL Canny one); default: initialise from the UNet.")
+                        help="ControlNet to fine-tune (e.g. a Canny one of the same base model); default: "
+                             "initialise from the base model's UNet or transformer.")
     models.add_argument("--variant", type=str, default=None, help="Weight variant of the base model files, e.g. fp16.")
     models.add_argument("--revision", type=str, default=None, help="Revision of a hub model.")
     models.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
@@ -46,7 +52,9 @@ def build_arg_parser(description: str = "Train an SDXL ControlNet on a skin data
     data.add_argument("--dataset_name", type=str, default=None, help="A hub dataset (instead of --train_data_dir).")
     data.add_argument("--dataset_config_name", type=str, default=None, help="Config of the hub dataset, if it has several.")
     data.add_argument("--image_column", type=str, default=None, help="Target image column/key (default: the form's own).")
-    data.add_argument("--conditioning_image_column", type=str, default=None, help="Conditioning image column/key.")
+    data.add_argument("--conditioning_image_column", type=str, nargs="+", default=None,
+                      help="Conditioning image column/key; several (e.g. conditioning_image conditioning_image_canny) "
+                           "are concatenated on channels, 3 per image, in this order.")
     data.add_argument("--caption_column", type=str, default=None, help="Caption column/key.")
     data.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N good rows only.")
     data.add_argument("--on_bad_sample", choices=ON_BAD_SAMPLE, default="error",
@@ -56,7 +64,8 @@ def build_arg_parser(description: str = "Train an SDXL ControlNet on a skin data
     data.add_argument("--resolution", type=int, default=512,
                       help="Training size: the shorter side is resized to this, then centre-cropped to a square.")
     data.add_argument("--crops_coords_top_left_h", type=int, default=None,
-                      help="Fixed crop top for SDXL's time ids (default: the actual centre-crop offset).")
+                      help="Fixed crop top for SDXL's time ids (default: the actual centre-crop offset; unused by "
+                           "SD3/FLUX).")
     data.add_argument("--crops_coords_top_left_w", type=int, default=None,
                       help="Fixed crop left for SDXL's time ids (default: the actual centre-crop offset).")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (0: main process).")
@@ -130,13 +139,17 @@ def build_arg_parser(description: str = "Train an SDXL ControlNet on a skin data
                      help="How many training rows --validation_loss_timesteps evaluates.")
 
     log = parser.add_argument_group("logging and hub")
-    log.add_argument("--report_to", choices=REPORT_TO, default="tensorboard")
+    log.add_argument("--report_to", type=str, default="tensorboard",
+                     help=f"Tracker(s), comma-separated: {', '.join(REPORT_TO)} ('all': every installed one).")
     log.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, under --output_dir.")
     log.add_argument("--tracker_project_name", type=str, default="sd_xl_train_controlnet")
     log.add_argument("--push_to_hub", action="store_true", help="Upload the result to the Hugging Face Hub.")
     log.add_argument("--hub_model_id", type=str, default=None)
     log.add_argument("--hub_token", type=str, default=None)
 
+    add_option_args(parser)
+    family.add_arguments(parser)
+    parser.set_defaults(backbone=backbone, tracker_project_name=family.default_tracker_project_name)
     add("--debug_inject_nan_at_step", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -144,6 +157,7 @@ def build_arg_parser(description: str = "Train an SDXL ControlNet on a skin data
 def parse_training_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse (``--config`` included) and check the flags; mistakes raise ``SkingenError``."""
     args = parse_args_with_config(parser, argv)
+    backbone_class(args.backbone).normalize_arguments(args)
     for name in ("validation_prompt", "validation_image", "validation_loss_timesteps", "debug_inject_nan_at_step"):
         value = getattr(args, name)
         if value is not None and not isinstance(value, list):
@@ -160,7 +174,8 @@ def _require(condition: bool, message: str) -> None:
 def validate_training_args(args: argparse.Namespace) -> None:
     """Flag combinations that cannot work, and optional packages a flag needs, before anything is loaded."""
     _require(args.pretrained_model_name_or_path is not None,
-             "--pretrained_model_name_or_path is required (the SDXL base pipeline), on the command line or in --config")
+             "--pretrained_model_name_or_path is required (the base pipeline), on the command line or in --config")
+    backbone_class(args.backbone).validate_arguments(args)
     _require((args.train_data_dir is None) != (args.dataset_name is None),
              "give exactly one of --train_data_dir (a local dataset folder) or --dataset_name (a hub dataset)")
     _require(0.0 <= args.proportion_empty_prompts <= 1.0,
@@ -200,12 +215,8 @@ def validate_training_args(args: argparse.Namespace) -> None:
         _require(importlib.util.find_spec("xformers") is not None,
                  "--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
                  "(or drop the flag: PyTorch's SDPA attention is the default and as memory-efficient)")
-    if args.report_to == "wandb":
-        _require(importlib.util.find_spec("wandb") is not None, "--report_to wandb needs wandb: pip install wandb")
-    if args.report_to == "tensorboard":
-        _require(importlib.util.find_spec("tensorboard") is not None,
-                 "--report_to tensorboard needs tensorboard: pip install tensorboard (or --report_to none)")
-    _require(not (args.hub_token and args.report_to in ("wandb", "all")),
+    check_option_args(args)
+    _require(not (args.hub_token and any(name.strip() in ("wandb", "all") for name in args.report_to.split(","))),
              "--hub_token with --report_to wandb would expose the token in the run's logged config; log in with "
              "`huggingface-cli login` instead of passing --hub_token")
     if args.push_to_hub:

@@ -26,7 +26,6 @@ from .caching import LatentCache, TextEmbeddingCache
 from .data import load_skin_dataset
 from .errors import SkingenError
 from .loss_weighting import LossOptions
-from .models import compute_time_ids
 from .training_options import conditioning_columns
 
 EXIF_ORIENTATION = 0x0112
@@ -261,7 +260,7 @@ class TrainingSamples(torch.utils.data.Dataset):
 
     Keys: ``conditioning_pixel_values`` (3 per conditioning column, H, W) in [0, 1]; ``latent_dist`` (2C, H/f, W/f)
     when latents are cached, and/or ``pixel_values`` (3, H, W) in [-1, 1]; ``prompt_embeds``,
-    ``pooled_prompt_embeds``, ``time_ids`` (6,); ``noise`` and ``latent_noise`` (C, H/f, W/f); ``timesteps`` ();
+    ``pooled_prompt_embeds`` (what the backbone caches), SDXL's ``time_ids`` (6,); ``noise`` and ``latent_noise`` (C, H/f, W/f); ``timesteps`` ();
     with the loss options ``offset_noise`` (C, 1, 1) and ``perturbation_noise`` (C, H/f, W/f); ``boxes``
     (N, 4, 2); ``texts``, ``captions`` (the caption used, "" when dropped), ``row_ids`` and ``sample_seeds`` (seed
     an extra loss's own randomness from these to keep resume and multi-process runs exact). H x W is the
@@ -269,8 +268,8 @@ class TrainingSamples(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, *, resolution: int, text_cache: TextEmbeddingCache, latent_cache: LatentCache | None,
-                 latent_keys: Sequence[str] | None, latent_shape: tuple[int, int, int], num_train_timesteps: int,
-                 proportion_empty_prompts: float, time_ids_crop: tuple[int, int] | None, load_pixel_values: bool,
+                 latent_keys: Sequence[str] | None, latent_shape: tuple[int, int, int], backbone,
+                 proportion_empty_prompts: float, load_pixel_values: bool,
                  placements: Sequence[Placement] | None = None, bucketed: bool = False,
                  resample: int = Image.BILINEAR, conditioning_dropout: Sequence[float] | None = None,
                  loss_options: LossOptions | None = None):
@@ -285,9 +284,8 @@ class TrainingSamples(torch.utils.data.Dataset):
         self.text_cache = text_cache
         self.latent_cache, self.latent_keys = latent_cache, latent_keys
         self.latent_shape = latent_shape
-        self.num_train_timesteps = num_train_timesteps
+        self.backbone = backbone  # draws the noise level, adds per-sample conditioning (SDXL's time ids)
         self.proportion_empty_prompts = proportion_empty_prompts
-        self.time_ids_crop = time_ids_crop
         self.load_pixel_values = load_pixel_values or latent_cache is None
         self.placements = list(placements) if placements is not None else None
         self.bucketed = bucketed
@@ -323,7 +321,7 @@ class TrainingSamples(torch.utils.data.Dataset):
         # turning an option on leaves the others' draws as they were.
         generator = torch.Generator().manual_seed(seed)
         dropped = bool(torch.rand((), generator=generator) < self.proportion_empty_prompts)
-        timestep = torch.randint(0, self.num_train_timesteps, (), generator=generator)
+        timestep = self.backbone.draw_timestep(generator)
         noise = torch.randn(shape, generator=generator)
         latent_noise = torch.randn(shape, generator=generator)
         sample: dict[str, Any] = {}
@@ -334,7 +332,7 @@ class TrainingSamples(torch.utils.data.Dataset):
         conditioning_dropped = [bool(torch.rand((), generator=generator) < p) if p > 0 else False
                                 for p in self.conditioning_dropout]
         if fixed_timestep is not None:
-            dropped, timestep = False, torch.tensor(fixed_timestep)
+            dropped, timestep = False, self.backbone.fixed_timestep(fixed_timestep)
             conditioning_dropped = [False] * len(conditioning_dropped)
 
         sample.update(timesteps=timestep, noise=noise, latent_noise=latent_noise)
@@ -353,8 +351,8 @@ class TrainingSamples(torch.utils.data.Dataset):
         ])
 
         caption = "" if dropped else self.captions[row]
-        sample["prompt_embeds"], sample["pooled_prompt_embeds"] = self.text_cache.load(caption)
-        sample["time_ids"] = compute_time_ids(original, self.time_ids_crop or crop, target)
+        sample.update(self.text_cache.load(caption))
+        sample.update(self.backbone.sample_conditioning(original, crop, target))
         height, width = original
         resized = placement.resized if placement is not None else square_placement(width, height, self.resolution).resized
         sample["boxes"], sample["texts"] = place_boxes(

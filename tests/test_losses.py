@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from PIL import Image
 from test_recognizer import render_line
 
+from skingen.backbones.sdxl import ddpm_output
 from skingen.errors import SkingenError
 from skingen.losses import (
     TextLoss,
@@ -54,10 +56,11 @@ def ctc_on_box(recognizer, image, text):
 
 
 def call_loss(loss_fn, *, batch, model_pred, noisy_latents, latents, timesteps, noise, scheduler, vae):
-    return loss_fn(
-        batch=batch, model_pred=model_pred, noisy_latents=noisy_latents, latents=latents, timesteps=timesteps,
-        noise=noise, noise_scheduler=scheduler, vae=vae, weight_dtype=torch.float32, step=0,
-    )
+    """The trainer's call of an extra loss, with an SDXL (DDPM) step's output; the loss reads only the VAE of the
+    backbone."""
+    output = ddpm_output(model_pred=model_pred, noisy_latents=noisy_latents, latents=latents, timesteps=timesteps,
+                         noise=noise, noise_scheduler=scheduler)
+    return loss_fn(batch=batch, output=output, backbone=SimpleNamespace(vae=vae), weight_dtype=torch.float32, step=0)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -92,12 +92,12 @@ class RecordingLoss:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, *, batch, model_pred, noisy_latents, latents, timesteps, noise, noise_scheduler, vae,
-                 weight_dtype, step):
+    def __call__(self, *, batch, output, backbone, weight_dtype, step):
         self.calls.append({"step": step, "captions": list(batch["captions"]), "row_ids": list(batch["row_ids"]),
                            "boxes": [b.clone() for b in batch["boxes"]], "texts": list(batch["texts"]),
-                           "shapes": (tuple(model_pred.shape), tuple(latents.shape), tuple(timesteps.shape))})
-        return (model_pred.float() ** 2).mean() * 0.0, {"recorder_boxes": float(sum(len(b) for b in batch["boxes"]))}
+                           "shapes": (tuple(output.model_pred.shape), tuple(output.latents.shape),
+                                      tuple(output.timesteps.shape))})
+        return (output.model_pred.float() ** 2).mean() * 0.0, {"recorder_boxes": float(sum(len(b) for b in batch["boxes"]))}
 
 
 def test_short_run_writes_loadable_controlnet_grid_card_and_logs(tiny_sdxl_dir, skin_dataset, tmp_path):

@@ -1,0 +1,38 @@
+"""Base-model families: one module each (``sdxl``, ``sd3``, ``flux``), behind the interface in ``base``.
+
+``backbone_class(family)`` gives a family's :class:`~skingen.backbones.base.Backbone` subclass;
+``family_of_pipeline(folder)`` reads a diffusers pipeline folder's ``model_index.json`` to tell which family it is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from ..errors import SkingenError
+
+FAMILIES = {"sdxl": "SDXLBackbone", "sd3": "SD3Backbone", "flux": "FluxBackbone"}
+
+
+def backbone_class(family: str):
+    """The Backbone subclass of ``family`` (imported on first use)."""
+    if family not in FAMILIES:
+        raise SkingenError(f"unknown backbone {family!r}; choose one of {', '.join(FAMILIES)}")
+    return getattr(importlib.import_module(f"{__name__}.{family}"), FAMILIES[family])
+
+
+def family_of_pipeline(folder) -> str | None:
+    """The family of a local diffusers pipeline folder from ``model_index.json``'s ``_class_name``; None when the
+    folder has no model_index.json or the class is not one of ours."""
+    index = Path(folder).expanduser() / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError) as err:
+        raise SkingenError(f"{index}: not readable as JSON ({err})") from None
+    for family in FAMILIES:
+        if class_name in backbone_class(family).base_pipeline_classes:
+            return family
+    return None

@@ -1,0 +1,103 @@
+"""Rectified-flow training shared by SD3 and FLUX (diffusers' ``train_controlnet_sd3.py``/``_flux.py`` math).
+
+The noise level is a sigma in [0, 1]: ``u`` is drawn from ``--weighting_scheme``'s density
+(``diffusers.training_utils.compute_density_for_timestep_sampling``, here with each sample's own generator),
+picks the scheduler's training timestep ``timesteps[int(u * N)]`` and ``sigma = timestep / N``. The input is
+``x_t = (1 - sigma) * x0 + sigma * noise``, the target the velocity ``noise - x0`` (or ``x0`` itself with
+SD3's ``--precondition_outputs``), the loss weighted by ``compute_loss_weighting_for_sd3``, and the one-step
+clean estimate ``x0 = x_t - sigma * v``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from ..errors import SkingenError
+from ..loss_weighting import offset_noise, perturbed_noise
+from .base import Backbone
+
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+
+
+class FlowMatchingBackbone(Backbone):
+    default_weighting_scheme = "logit_normal"
+    encodes_conditioning = True
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group(f"{cls.title} flow matching")
+        group.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default=cls.default_weighting_scheme,
+                           help="Density of the training noise level (logit_normal, mode) or loss weighting over a "
+                                "uniform one (sigma_sqrt, cosmap); none: uniform and unweighted.")
+        group.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal scheme.")
+        group.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal scheme.")
+        group.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode scheme.")
+        group.add_argument("--max_sequence_length", type=int, default=cls.default_max_sequence_length,
+                           help="T5 tokens per caption (longer captions are cut and counted in a warning).")
+
+    @classmethod
+    def validate_arguments(cls, args: argparse.Namespace) -> None:
+        if args.logit_std <= 0:
+            raise SkingenError(f"--logit_std must be positive, got {args.logit_std}")
+        if args.max_sequence_length < 1:
+            raise SkingenError(f"--max_sequence_length must be at least 1, got {args.max_sequence_length}")
+        # Options of the SDXL trainer that have no meaning (or no implementation) for a flow-matching transformer.
+        if getattr(args, "snr_gamma", None) is not None:
+            raise SkingenError(f"--snr_gamma is min-SNR weighting of DDPM timesteps; {cls.title} trains with flow "
+                               "matching: use --weighting_scheme instead")
+        if getattr(args, "unet_lora_rank", None):
+            raise SkingenError(f"--unet_lora_rank adds LoRA to an SDXL UNet; {cls.title} has a transformer (not supported)")
+        columns = getattr(args, "conditioning_image_column", None)
+        if isinstance(columns, list) and len(columns) > 1:
+            raise SkingenError(f"several --conditioning_image_column: {cls.title}'s ControlNet reads one conditioning "
+                               "image through the VAE; give one column")
+
+    def load_scheduler(self) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.noise_scheduler = self.part("noise scheduler", FlowMatchEulerDiscreteScheduler.from_pretrained, "scheduler")
+        # The training schedule is the one the scheduler is built with (a sampler's set_timesteps changes it).
+        self.training_timesteps = copy.deepcopy(self.noise_scheduler).timesteps.float().clone()
+
+    def draw_timestep(self, generator: torch.Generator) -> torch.Tensor:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        args = self.args
+        u = compute_density_for_timestep_sampling(args.weighting_scheme, 1, logit_mean=args.logit_mean,
+                                                  logit_std=args.logit_std, mode_scale=args.mode_scale,
+                                                  generator=generator)
+        index = (u * self.num_train_timesteps).long().clamp(0, len(self.training_timesteps) - 1)
+        return self.training_timesteps[index][0]
+
+    def fixed_timestep(self, timestep: int) -> torch.Tensor:
+        return torch.tensor(float(timestep))  # sigma = timestep / N, as for the sampled ones
+
+    def sigmas(self, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
+        sigma = timesteps.float() / self.num_train_timesteps
+        return sigma.view(-1, *([1] * (ndim - 1)))
+
+    def loss_weighting(self, sigmas: torch.Tensor) -> torch.Tensor:
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        return compute_loss_weighting_for_sd3(self.args.weighting_scheme, sigmas)
+
+    @torch.no_grad()
+    def control_latents(self, batch: dict, weight_dtype: torch.dtype) -> torch.Tensor:
+        """The conditioning image through the VAE, normalised like the latents (the distribution's mean, so the
+        ControlNet input does not depend on a random draw)."""
+        pixels = batch["conditioning_pixel_values"] * 2.0 - 1.0
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
+        return self.normalize_latents(latents.float()).to(weight_dtype)
+
+    def flow_step(self, batch: dict, weight_dtype: torch.dtype):
+        """``(latents, noise, sigmas, noisy latents)`` of a batch."""
+        options = self.loss_options
+        latents = self.clean_latents(batch, weight_dtype)
+        noise = offset_noise(batch["noise"].to(weight_dtype), batch.get("offset_noise"), options.noise_offset)
+        input_noise = perturbed_noise(noise, batch.get("perturbation_noise"), options.input_perturbation)
+        sigmas = self.sigmas(batch["timesteps"], latents.ndim).to(latents.device)
+        noisy = ((1.0 - sigmas) * latents.float() + sigmas * input_noise.float()).to(weight_dtype)
+        return latents, noise, sigmas, noisy

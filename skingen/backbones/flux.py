@@ -1,0 +1,173 @@
+"""FLUX.1: CLIP-L (pooled) + T5 text encoders, a double/single-stream transformer on 2x2-packed latents,
+rectified-flow training.
+
+As diffusers' ``examples/controlnet/train_controlnet_flux.py``: the cache stores T5's ``--max_sequence_length``
+hidden states and CLIP's pooled output; latents and the VAE-encoded conditioning image are packed 2x2 into
+tokens with 3-axis image ids (text ids are zeros); guidance-distilled models (FLUX.1-dev) get
+``--guidance_scale`` as their guidance input; the ControlNet is ``FluxControlNetModel.from_transformer`` with
+``--num_double_layers``/``--num_single_layers``. The prediction is unpacked again, so losses see ``(B, C, h, w)``.
+Generation uses ``FluxControlNetPipeline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import SkingenError
+from .base import DenoiserOutput, config_mismatches
+from .flow_matching import FlowMatchingBackbone
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, H/2 * W/2, 4C)``: each 2x2 patch becomes one token (FluxPipeline._pack_latents)."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents` for latents of ``height`` x ``width``."""
+    b, _, channels = tokens.shape
+    patches = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, channels // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """``(h/2 * w/2, 3)`` positions of the packed tokens: (0, row, column)."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] += torch.arange(height // 2)[:, None]
+    ids[..., 2] += torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxBackbone(FlowMatchingBackbone):
+    family = "flux"
+    title = "FLUX.1"
+    pipeline_class_name = "FluxControlNetPipeline"
+    base_pipeline_classes = ("FluxPipeline", "FluxControlNetPipeline")
+    controlnet_class_name = "FluxControlNetModel"
+    denoiser_subfolder = "transformer"
+    text_subfolders = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+    default_tracker_project_name = "flux_train_controlnet"
+    default_max_sequence_length = 512
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        group = parser.add_argument_group("FLUX")
+        group.add_argument("--num_double_layers", type=int, default=4,
+                           help="Double-stream blocks the new ControlNet copies from the transformer.")
+        group.add_argument("--num_single_layers", type=int, default=4,
+                           help="Single-stream blocks the new ControlNet copies from the transformer.")
+        group.add_argument("--guidance_scale", type=float, default=3.5,
+                           help="Guidance input of a guidance-distilled transformer (FLUX.1-dev) during training.")
+        group.add_argument("--save_weight_dtype", choices=("fp16", "bf16", "fp32"), default="fp32",
+                           help="Dtype of the saved ControlNet weights (a variant file for fp16/bf16, as diffusers).")
+
+    @classmethod
+    def validate_arguments(cls, args: argparse.Namespace) -> None:
+        super().validate_arguments(args)
+        for name in ("num_double_layers", "num_single_layers"):
+            if getattr(args, name) < 0:
+                raise SkingenError(f"--{name} must not be negative, got {getattr(args, name)}")
+
+    def load(self) -> None:
+        from diffusers import FluxTransformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        variant = self.args.variant
+        self.tokenizers = [self.part(f"tokenizer {name}", AutoTokenizer.from_pretrained, name)
+                           for name in ("tokenizer", "tokenizer_2")]
+        self.text_encoders = [
+            self.part("CLIP text encoder", CLIPTextModel.from_pretrained, "text_encoder", variant=variant),
+            self.part("T5 text encoder", T5EncoderModel.from_pretrained, "text_encoder_2", variant=variant),
+        ]
+        self.denoiser = self.part("transformer", FluxTransformer2DModel.from_pretrained, "transformer", variant=variant)
+        self.load_scheduler()
+
+    def resolution_multiple(self) -> tuple[int, str]:
+        return self.vae_scale_factor * 2, f"VAE /{self.vae_scale_factor}, then 2x2 latent packing"
+
+    # -- text -----------------------------------------------------------------------------------------------
+
+    def text_settings(self):
+        return {"max_sequence_length": self.args.max_sequence_length}
+
+    def token_limits(self):
+        return [(self.tokenizers[0], self.tokenizers[0].model_max_length), (self.tokenizers[1], self.args.max_sequence_length)]
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        captions = list(captions)
+        clip_tokenizer, clip = self.tokenizers[0], self.text_encoders[0]
+        ids = clip_tokenizer(captions, padding="max_length", max_length=clip_tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        pooled = clip(ids.to(clip.device), output_hidden_states=False).pooler_output
+        t5_tokenizer, t5 = self.tokenizers[1], self.text_encoders[1]
+        ids = t5_tokenizer(captions, padding="max_length", max_length=self.args.max_sequence_length, truncation=True,
+                           return_tensors="pt").input_ids
+        return {"prompt_embeds": t5(ids.to(t5.device), output_hidden_states=False)[0], "pooled_prompt_embeds": pooled}
+
+    # -- the step -------------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype) -> DenoiserOutput:
+        latents, noise, sigmas, noisy = self.flow_step(batch, weight_dtype)
+        height, width = latents.shape[-2:]
+        timesteps = batch["timesteps"].float()
+        prompt_embeds = batch["prompt_embeds"].to(weight_dtype)
+        pooled = batch["pooled_prompt_embeds"].to(weight_dtype)
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=weight_dtype)
+        image_ids = latent_image_ids(height, width, latents.device, weight_dtype)
+        guidance = None
+        if self.denoiser.config.guidance_embeds:
+            guidance = torch.full((latents.shape[0],), self.args.guidance_scale, device=latents.device,
+                                  dtype=weight_dtype)
+        tokens = pack_latents(noisy)
+        common = {"hidden_states": tokens, "timestep": timesteps / self.num_train_timesteps, "guidance": guidance,
+                  "pooled_projections": pooled, "encoder_hidden_states": prompt_embeds, "txt_ids": text_ids,
+                  "img_ids": image_ids, "return_dict": False}
+        double, single = controlnet(controlnet_cond=pack_latents(self.control_latents(batch, weight_dtype)), **common)
+        velocity_tokens = self.denoiser(
+            controlnet_block_samples=None if double is None else [s.to(weight_dtype) for s in double],
+            controlnet_single_block_samples=None if single is None else [s.to(weight_dtype) for s in single],
+            **common)[0]
+        velocity = unpack_latents(velocity_tokens, height, width)
+
+        def estimate_x0(rows):
+            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+            return pick(noisy).float() - pick(sigmas) * pick(velocity).float()
+
+        return DenoiserOutput(model_pred=velocity, target=noise - latents, latents=latents, noisy_latents=noisy,
+                              noise=noise, timesteps=timesteps, estimate_x0=estimate_x0,
+                              signal=(1 - sigmas.flatten()) ** 2, weighting=self.loss_weighting(sigmas))
+
+    # -- the ControlNet -------------------------------------------------------------------------------------
+
+    def new_controlnet(self):
+        from diffusers import FluxControlNetModel
+
+        config = self.denoiser.config
+        return FluxControlNetModel.from_transformer(
+            self.denoiser, num_layers=self.args.num_double_layers, num_single_layers=self.args.num_single_layers,
+            attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads)
+
+    @classmethod
+    def controlnet_mismatches(cls, controlnet_config: dict, denoiser_config) -> list[str]:
+        return config_mismatches(controlnet_config, denoiser_config, [
+            ("in_channels", "in_channels"), ("attention_head_dim", "attention_head_dim"),
+            ("num_attention_heads", "num_attention_heads"), ("joint_attention_dim", "joint_attention_dim"),
+            ("pooled_projection_dim", "pooled_projection_dim"), ("guidance_embeds", "guidance_embeds"),
+            ("axes_dims_rope", "axes_dims_rope"),
+        ])
+
+    # -- generating -----------------------------------------------------------------------------------------
+
+    def validation_pipeline(self, controlnet, scheduler=None):
+        from diffusers import FluxControlNetPipeline
+
+        return FluxControlNetPipeline(
+            scheduler=scheduler or self.noise_scheduler, vae=self.vae, text_encoder=None, tokenizer=None,
+            text_encoder_2=None, tokenizer_2=None, transformer=self.denoiser, controlnet=controlnet)
