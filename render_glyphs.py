@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from skingen import data, rows
 from skingen.config import parse_args_with_config
 from skingen.errors import SkingenError, run_cli
 from skingen.fileio import atomic_save_image, atomic_write_json, remove_stale_temp_files
-from skingen.glyphs import canny_control, find_cjk_font, render_glyph_control
+from skingen.glyphs import GlyphCounts, canny_control, find_cjk_font, keep_ocr_lines, render_glyph_control
 from skingen.images import open_rgb
 from skingen.layout import LAYOUT_RECORD, Layout, load_layout, render_template
 from skingen.ocr import BACKENDS, get_ocr
@@ -195,17 +194,6 @@ def render_shared(args, dataset_dir: Path, checked: list[rows.Row], name: str, d
     print(f"{args.mode}: {path} shared by {len(checked)} rows ({len(changed)} rows updated)")
 
 
-@dataclass
-class GlyphCounts:
-    """What the glyph modes kept of the OCR's lines (one warning line at the end of the run)."""
-
-    found: int = 0
-    kept: int = 0
-    low_score: int = 0
-    unusable_box: int = 0
-    rows_without_text: int = 0
-
-
 def render_per_image(args, dataset_dir: Path, checked: list[rows.Row], base: Image.Image | None, font) -> None:
     """Canny or glyph images, one per row, in batches; rows are saved after each batch so a rerun resumes."""
     glyph = args.mode in GLYPH_MODES
@@ -224,7 +212,7 @@ def render_per_image(args, dataset_dir: Path, checked: list[rows.Row], base: Ima
                 target = conditioning_path_for(row.image.rel)
                 if glyph:
                     check_same_size(base, image, row, args.mode)
-                    good = keep_lines(image_lines, image.size, args.min_confidence, counts)
+                    good = keep_ocr_lines(image_lines, image.size, args.min_confidence, counts)
                     control = render_glyph_control(base, good, font)
                     row.raw["box"] = [line.quad for line in good]
                     row.raw["texts"] = [line.text for line in good]
@@ -246,22 +234,6 @@ def render_per_image(args, dataset_dir: Path, checked: list[rows.Row], base: Ima
                 "with no area or outside the image",
                 file=sys.stderr,
             )
-
-
-def keep_lines(lines, size: tuple[int, int], min_confidence: float, counts: GlyphCounts) -> list:
-    """The OCR lines a row keeps: confident, non-blank, with a box the row check accepts."""
-    good = []
-    for line in lines:
-        if line.score < min_confidence or not line.text.strip():
-            counts.low_score += 1
-        elif rows.box_problem(line.quad, size) is not None:
-            counts.unusable_box += 1
-        else:
-            good.append(line)
-    counts.found += len(lines)
-    counts.kept += len(good)
-    counts.rows_without_text += not good
-    return good
 
 
 def is_done(dataset_dir: Path, row: rows.Row, glyph: bool) -> bool:

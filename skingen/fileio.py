@@ -32,8 +32,19 @@ TEMP_SUFFIX = ".tmp"
 
 
 def _naming(path: Path, err: OSError) -> OSError:
-    """The OSError of a write, naming the file the user asked for (not our temp file, or nothing at all)."""
-    return OSError(err.errno, err.strerror or str(err), str(path)) if err.errno is not None else err
+    """The OSError of a write, naming the path the user knows: the one it names (e.g. a parent folder that is a
+    file), else the file asked for (not our temp file, or nothing at all as a failed write or fsync does)."""
+    named = err.filename is not None and not os.fsdecode(err.filename).endswith(TEMP_SUFFIX)
+    if err.errno is None or named:
+        return err
+    return OSError(err.errno, err.strerror or str(err), str(path))
+
+
+def _reraise_naming(path: Path, err: OSError) -> None:
+    named = _naming(path, err)
+    if named is err:
+        raise err
+    raise named from err
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -59,7 +70,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except OSError as err:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise _naming(path, err) from err
+        _reraise_naming(path, err)
     except BaseException:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -88,7 +99,7 @@ def atomic_save_image(image, path: str | os.PathLike, **save_kwargs) -> Path:
     except OSError as err:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise _naming(path, err) from err
+        _reraise_naming(path, err)
     except BaseException:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -160,7 +171,7 @@ class AtomicDirectory:
             self.tmp_path = Path(tempfile.mkdtemp(prefix=f".{self.final_path.name}.", dir=self.final_path.parent))
             os.chmod(self.tmp_path, 0o777 & ~_umask())
         except OSError as err:
-            raise _naming(self.final_path, err) from err
+            _reraise_naming(self.final_path, err)
 
     def __enter__(self) -> Path:
         return self.tmp_path
@@ -173,7 +184,7 @@ class AtomicDirectory:
             self._publish()
         except OSError as err:
             shutil.rmtree(self.tmp_path, ignore_errors=True)
-            raise _naming(self.final_path, err) from err
+            _reraise_naming(self.final_path, err)
 
     def _publish(self) -> None:
         for folder, _, files in os.walk(self.tmp_path, topdown=False):

@@ -7,6 +7,7 @@ import functools
 import shutil
 import subprocess
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -15,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import SkingenError
 from .ocr import TextLine, as_quad, quad_size, to_bgr
+from .rows import box_problem
 
 # Checked in order when fontconfig finds no Chinese font (Debian/Ubuntu, Fedora, Arch paths).
 KNOWN_CJK_FONTS = (
@@ -143,3 +145,30 @@ def render_glyph_control(
         region = canvas[y0:y1, x0:x1]
         np.maximum(region, glyph.astype(np.uint8), out=region)
     return Image.fromarray(canvas)
+
+
+@dataclass
+class GlyphCounts:
+    """What the glyph modes kept of the OCR's lines (one warning line at the end of the run)."""
+
+    found: int = 0
+    kept: int = 0
+    low_score: int = 0
+    unusable_box: int = 0
+    rows_without_text: int = 0
+
+
+def keep_ocr_lines(lines, size: tuple[int, int], min_confidence: float, counts: GlyphCounts) -> list:
+    """The OCR lines a row keeps: confident, non-blank, with a box the row check accepts."""
+    good = []
+    for line in lines:
+        if line.score < min_confidence or not line.text.strip():
+            counts.low_score += 1
+        elif box_problem(line.quad, size) is not None:
+            counts.unusable_box += 1
+        else:
+            good.append(line)
+    counts.found += len(lines)
+    counts.kept += len(good)
+    counts.rows_without_text += not good
+    return good
