@@ -24,18 +24,26 @@ def controlnet_input_conv(controlnet) -> torch.nn.Conv2d:
     return controlnet.controlnet_cond_embedding.conv_in
 
 
-def match_conditioning_channels(controlnet, num_images: int, source: str = "the ControlNet"):
-    """``controlnet`` taking ``3 * num_images`` channels: as is, or widened with zero weights for new channels."""
+def match_conditioning_channels(controlnet, num_images: int, *, new: bool = False, source: str = "the ControlNet"):
+    """``controlnet`` taking ``3 * num_images`` channels: as is, or widened with zero weights for the new channels
+    of a pretrained ControlNet; a ``new`` one (just initialised from the UNet) gets a freshly initialised input
+    layer of that width, as ``ControlNetModel.from_unet(unet, conditioning_channels=3n)`` builds it."""
     wanted = conditioning_channels(num_images)
     have = controlnet.config.conditioning_channels
     if have == wanted:
+        return controlnet
+    conv = controlnet_input_conv(controlnet)
+    if new:
+        controlnet.controlnet_cond_embedding.conv_in = torch.nn.Conv2d(
+            wanted, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            dtype=conv.weight.dtype, device=conv.weight.device)
+        controlnet.register_to_config(conditioning_channels=wanted)
         return controlnet
     if have > wanted:
         raise SkingenError(
             f"{source} takes {have} conditioning channels ({have // CHANNELS_PER_IMAGE} images) but "
             f"{num_images} --conditioning_image_column were given; name {have // CHANNELS_PER_IMAGE} columns"
         )
-    conv = controlnet_input_conv(controlnet)
     widened = torch.nn.Conv2d(wanted, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                               dtype=conv.weight.dtype, device=conv.weight.device)
     with torch.no_grad():

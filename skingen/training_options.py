@@ -107,6 +107,14 @@ def check_option_args(args: argparse.Namespace) -> None:
     if args.lr_scheduler == "piecewise_constant":
         _require(args.lr_step_rules is not None,
                  "--lr_scheduler piecewise_constant needs --lr_step_rules, e.g. '1:100,0.1:200,0.01'")
+    if args.lr_step_rules is not None:
+        *pairs, last = args.lr_step_rules.split(",")
+        try:
+            [(float(m), int(n)) for m, n in (pair.split(":") for pair in pairs)]
+            float(last)
+        except ValueError:
+            raise SkingenError(f"--lr_step_rules {args.lr_step_rules!r}: expected multiplier:step pairs and a final "
+                               "multiplier, e.g. '1:100,0.1:200,0.01'") from None
     check_report_to(args.report_to)
     if args.enable_npu_flash_attention:
         from diffusers.utils.import_utils import is_torch_npu_available
@@ -186,6 +194,19 @@ def conditioning_dropout(args: argparse.Namespace) -> list[float]:
     columns = conditioning_columns(args)
     probabilities = args.conditioning_dropout_prob or [0.0]
     return list(probabilities) * len(columns) if len(probabilities) == 1 else list(probabilities)
+
+
+def scaled_step_rules(rules: str | None, processes: int) -> str | None:
+    """``--lr_step_rules`` in scheduler steps: accelerate steps a prepared scheduler once per process per optimizer
+    step, so every step boundary is multiplied by the number of processes."""
+    if rules is None or processes == 1:
+        return rules
+    *pairs, last = rules.split(",")
+    scaled = []
+    for pair in pairs:
+        multiplier, step = pair.split(":")
+        scaled.append(f"{multiplier}:{int(step) * processes}")
+    return ",".join([*scaled, last])
 
 
 def interpolation_filter(mode: str) -> int:
