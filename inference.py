@@ -1,4 +1,4 @@
-"""Batch generation with a trained SDXL ControlNet, over a dataset split or prompt/control lists.
+"""Batch generation with a trained SDXL, SD3/SD3.5 or FLUX.1 ControlNet, over a dataset split or prompt/control lists.
 
     python inference.py --pretrained_model_name_or_path models/stable-diffusion-xl-base-1.0 \\
         --controlnet outputs/controlnet/checkpoint-16000/controlnet \\
@@ -9,8 +9,10 @@
 Writes ``images/<row>_s<seed>.png``, ``grids/<row>.png`` (control image(s), then the row's images),
 ``results.jsonl`` (one record per image: prompt, seed, control image, settings, output path, and the
 row's ``box``/``texts`` for evaluate.py) and, with ``--split_elements``, a skin package per image under
-``packages/``. Several ``--controlnet`` folders make a MultiControlNet. A rerun skips images already
-listed in results.jsonl, so an interrupted run resumes; ``--overwrite`` regenerates everything.
+``packages/``. The base model folder's ``model_index.json`` picks the pipeline (SDXL, SD3, FLUX) and its
+default sampler (UniPC for SDXL, flow-matching Euler for SD3/FLUX). Several ``--controlnet`` folders make a
+multi-ControlNet. A rerun skips images already listed in results.jsonl, so an interrupted run resumes;
+``--overwrite`` regenerates everything.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import argparse
 import functools
 from pathlib import Path
 
-from skingen import data, generation
+from skingen import data, generation, pipelines
 from skingen.config import parse_args_with_config
 from skingen.errors import SkingenError, run_cli
 
@@ -40,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--pretrained_model_name_or_path",
         type=str,
         default=None,
-        help="SDXL base pipeline folder (or hub id when online).",
+        help="Base pipeline folder: SDXL, SD3/SD3.5 or FLUX.1, from its model_index.json (or a hub id when online).",
     )
     models.add_argument(
         "--controlnet",
@@ -57,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         dest="vae",
         type=str,
         default=None,
-        help="A separate VAE folder (e.g. sdxl-vae-fp16-fix).",
+        help="A separate VAE folder (e.g. sdxl-vae-fp16-fix for SDXL).",
     )
     models.add_argument("--variant", type=str, default=None, help="Weights variant of the base pipeline, e.g. fp16.")
 
@@ -99,9 +101,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
 
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--scheduler", type=str, default="unipc", choices=list(generation.SCHEDULERS))
+    sampling.add_argument(
+        "--scheduler",
+        type=str,
+        default=None,
+        choices=list(generation.SCHEDULERS),
+        help="Sampler (default: unipc for SDXL; flow_euler, the only one, for SD3 and FLUX).",
+    )
     sampling.add_argument("--num_inference_steps", type=int, default=20)
-    sampling.add_argument("--guidance_scale", type=float, default=5.0)
+    sampling.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="Classifier-free guidance for SDXL/SD3 (default 5.0); FLUX.1-dev's distilled guidance (default 3.5).",
+    )
     sampling.add_argument("--negative_prompt", type=str, default=None)
     sampling.add_argument("--num_images_per_prompt", type=int, default=1)
     sampling.add_argument(
@@ -132,7 +145,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call.")
     runtime.add_argument(
-        "--dtype", type=str, default=None, choices=list(generation.DTYPES), help="Default: fp16 on CUDA, fp32 on CPU."
+        "--dtype",
+        type=str,
+        default=None,
+        choices=list(generation.DTYPES),
+        help="Default: fp32 on CPU; on CUDA fp16 for SDXL, bf16 for SD3 and FLUX.",
     )
     runtime.add_argument("--device", type=str, default=None, help="Default: cuda when available, else cpu.")
     runtime.add_argument(
@@ -146,7 +163,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Keep models on the CPU, each moved to the GPU when used.",
     )
     runtime.add_argument(
-        "--torch_compile", action="store_true", help="torch.compile the UNet and ControlNet (slow first batch)."
+        "--torch_compile",
+        action="store_true",
+        help="torch.compile the UNet/transformer and ControlNet (slow first batch).",
     )
 
     outputs = parser.add_argument_group("outputs")
@@ -208,11 +227,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     rows = read_generation_rows(args)
     generation.check_control_counts(rows, len(args.controlnet))
+    family = pipelines.family_of_pipeline(args.pretrained_model_name_or_path)
+    scheduler = args.scheduler or family.default_scheduler
+    pipelines.check_scheduler(family, scheduler)
     device = generation.resolve_device(args.device)
-    dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = args.dtype or (family.cuda_dtype if device.type == "cuda" else "fp32")
     sampling = generation.SamplingSettings(
         num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=family.default_guidance_scale if args.guidance_scale is None else args.guidance_scale,
         negative_prompt=args.negative_prompt,
         controlnet_conditioning_scale=tuple(args.controlnet_conditioning_scale),
         control_guidance_start=tuple(args.control_guidance_start),
@@ -223,12 +245,17 @@ def main(argv=None) -> None:
         controlnet_model_name_or_path=args.controlnet,
         vae_model_name_or_path=args.vae,
         variant=args.variant,
-        scheduler=args.scheduler,
+        scheduler=scheduler,
         dtype=dtype,
         sampling=sampling,
     )
     jobs = generation.plan_jobs(
-        rows, num_images_per_prompt=args.num_images_per_prompt, seed=args.seed, height=args.height, width=args.width
+        rows,
+        num_images_per_prompt=args.num_images_per_prompt,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        size_multiple=family.size_multiple,
     )
     load_pipeline = functools.partial(
         generation.load_controlnet_pipeline,
@@ -236,7 +263,7 @@ def main(argv=None) -> None:
         args.controlnet,
         vae_model_name_or_path=args.vae,
         variant=args.variant,
-        scheduler=args.scheduler,
+        scheduler=scheduler,
         dtype=dtype,
         device=device,
         enable_xformers_memory_efficient_attention=args.enable_xformers_memory_efficient_attention,

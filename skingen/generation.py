@@ -1,4 +1,4 @@
-"""Batch generation with an SDXL ControlNet pipeline.
+"""Batch generation with a ControlNet pipeline of any backbone family (SDXL, SD3/SD3.5, FLUX.1).
 
 What to generate comes from a dataset split (each row's caption and conditioning image) or from
 ``--prompt`` / ``--control_image`` lists; each row gives ``num_images_per_prompt`` images, each with its
@@ -22,20 +22,14 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import data, rows
+from . import data, pipelines, rows
 from .errors import SkingenError
 from .fileio import atomic_save_image, read_jsonl, write_jsonl
 from .layout import Layout, load_layout, split_atlas
 from .models import SDXLComponents, load_or_init_controlnet, load_sdxl_components
 
-# Sampler names users know from SDXL front-ends -> diffusers scheduler classes.
-SCHEDULERS = {
-    "unipc": "UniPCMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-}
+# Sampler names -> diffusers scheduler classes (SDXL's DDPM samplers and the flow-matching ones; see pipelines).
+SCHEDULERS = pipelines.ALL_SCHEDULERS
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 RESULTS_FILE = "results.jsonl"
@@ -230,26 +224,28 @@ def plan_jobs(
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
+    size_multiple: int = 8,
 ) -> list[ImageJob]:
     """Every image of a run, in row order.
 
     Seeds: row ``i`` gives images with seeds ``seed + i * num_images_per_prompt + k`` (k < num_images_per_prompt),
     so with one image per prompt row i uses ``seed + i`` and no two images of a run share noise; a row's own
     ``seed`` field replaces the first seed. Size: ``height``/``width`` when given, else the first control image's
-    size rounded down to a multiple of 8.
+    size rounded down to a multiple of ``size_multiple`` (8 for SDXL's VAE; 16 for SD3's patches and FLUX's packing).
     """
     if num_images_per_prompt < 1:
         raise SkingenError(f"--num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
     for name, value in (("--height", height), ("--width", width)):
-        if value is not None and (value < 8 or value % 8):
+        if value is not None and (value < size_multiple or value % size_multiple):
             raise SkingenError(
-                f"{name} {value}: must be a positive multiple of 8 (SDXL's VAE works on 8x8 pixel blocks)"
+                f"{name} {value}: must be a positive multiple of {size_multiple} "
+                "(the model works on blocks of that many pixels: 8 for SDXL, 16 for SD3 and FLUX)"
             )
     jobs = []
     for index, row in enumerate(rows):
         control_w, control_h = _image_size(row.control_images[0])
-        job_h = height if height is not None else max(8, control_h // 8 * 8)
-        job_w = width if width is not None else max(8, control_w // 8 * 8)
+        job_h = height if height is not None else max(size_multiple, control_h // size_multiple * size_multiple)
+        job_w = width if width is not None else max(size_multiple, control_w // size_multiple * size_multiple)
         first = row.seed if row.seed is not None else seed + index * num_images_per_prompt
         jobs.extend(ImageJob(row=row, seed=first + k, height=job_h, width=job_w) for k in range(num_images_per_prompt))
     outputs: dict[str, ImageJob] = {}
@@ -288,7 +284,7 @@ def load_scheduler(name: str, pretrained_model_name_or_path: str | os.PathLike):
     except (OSError, ValueError) as err:
         raise SkingenError(
             f"{pretrained_model_name_or_path}/scheduler: could not read the scheduler config ({str(err).splitlines()[0]}); "
-            "expected a diffusers SDXL pipeline folder"
+            "expected a diffusers pipeline folder (SDXL, SD3/SD3.5 or FLUX.1)"
         ) from None
     return cls.from_config(config)
 
@@ -311,29 +307,46 @@ def load_controlnet_pipeline(
     *,
     vae_model_name_or_path: str | os.PathLike | None = None,
     variant: str | None = None,
-    scheduler: str = "unipc",
+    scheduler: str | None = None,
     dtype: str = "fp32",
     device: str | torch.device | None = None,
     enable_xformers_memory_efficient_attention: bool = False,
     enable_model_cpu_offload: bool = False,
     torch_compile: bool = False,
 ):
-    """A ``StableDiffusionXLControlNetPipeline`` (several ControlNets: a MultiControlNet), loaded once;
-    see ``place_pipeline`` for the runtime options."""
+    """The base model's ControlNet pipeline, loaded once: ``model_index.json`` decides the family
+    (``StableDiffusionXLControlNetPipeline``, ``StableDiffusion3ControlNetPipeline``, ``FluxControlNetPipeline``;
+    several ControlNets: the family's multi-ControlNet). ``scheduler`` None: the family's default sampler (UniPC for
+    SDXL, flow-matching Euler for SD3/FLUX). See ``place_pipeline`` for the runtime options."""
     if not controlnet_model_name_or_path:
         raise SkingenError("--controlnet: give at least one ControlNet folder (e.g. the output of training)")
-    scheduler_class(scheduler)  # an unknown name fails before any model is loaded
+    scheduler_class(scheduler or "unipc")  # an unknown name fails before any model is loaded
     _check_runtime(
         dtype,
         resolve_device(None if device is None else str(device)),
         enable_xformers_memory_efficient_attention,
         enable_model_cpu_offload,
     )
-    components = load_sdxl_components(
-        pretrained_model_name_or_path, variant=variant, vae_model_name_or_path=vae_model_name_or_path
-    )
-    controlnets = [load_or_init_controlnet(components.unet, path) for path in controlnet_model_name_or_path]
-    pipeline = assemble_pipeline(components, controlnets, load_scheduler(scheduler, pretrained_model_name_or_path))
+    family = pipelines.family_of_pipeline(pretrained_model_name_or_path)
+    scheduler = scheduler or family.default_scheduler
+    pipelines.check_scheduler(family, scheduler)
+    for path in controlnet_model_name_or_path:
+        pipelines.check_controlnet_family(family, path)
+    if family.name == "sdxl":
+        components = load_sdxl_components(
+            pretrained_model_name_or_path, variant=variant, vae_model_name_or_path=vae_model_name_or_path
+        )
+        controlnets = [load_or_init_controlnet(components.unet, path) for path in controlnet_model_name_or_path]
+        pipeline = assemble_pipeline(components, controlnets, load_scheduler(scheduler, pretrained_model_name_or_path))
+    else:
+        pipeline = load_flow_pipeline(
+            family,
+            pretrained_model_name_or_path,
+            controlnet_model_name_or_path,
+            vae_model_name_or_path=vae_model_name_or_path,
+            variant=variant,
+            scheduler=scheduler,
+        )
     return place_pipeline(
         pipeline,
         dtype=dtype,
@@ -342,6 +355,87 @@ def load_controlnet_pipeline(
         enable_model_cpu_offload=enable_model_cpu_offload,
         torch_compile=torch_compile,
     )
+
+
+def load_flow_pipeline(
+    family: pipelines.Family,
+    pretrained_model_name_or_path: str | os.PathLike,
+    controlnet_model_name_or_path: Sequence[str | os.PathLike],
+    *,
+    vae_model_name_or_path: str | os.PathLike | None = None,
+    variant: str | None = None,
+    scheduler: str = "flow_euler",
+):
+    """An SD3 or FLUX ControlNet pipeline through diffusers' ``from_pretrained``, as the real weights load.
+
+    Each ControlNet's config is checked against the base transformer's before any weights are read."""
+    import diffusers
+
+    base = str(Path(pretrained_model_name_or_path).expanduser())
+    if not Path(base).exists():
+        base = str(pretrained_model_name_or_path)  # a hub id
+    controlnet_class = getattr(diffusers, family.controlnet_model)
+    # load_config reads any model's config.json; here the base transformer's, without its weights.
+    denoiser_config = _load_part(
+        f"{family.title} transformer config", controlnet_class.load_config, base, subfolder=family.denoiser
+    )
+    controlnets = []
+    for path in controlnet_model_name_or_path:
+        config = _load_part("ControlNet config", controlnet_class.load_config, str(path))
+        pipelines.check_controlnet_fits(family, config, denoiser_config, str(path))
+        controlnets.append(_load_part(f"{family.title} ControlNet", controlnet_class.from_pretrained, str(path)))
+    extra = {}
+    if vae_model_name_or_path is not None:
+        extra["vae"] = _load_part("VAE", diffusers.AutoencoderKL.from_pretrained, str(vae_model_name_or_path))
+    controlnet = (
+        controlnets[0] if len(controlnets) == 1 else getattr(diffusers, family.multi_controlnet_model)(controlnets)
+    )
+    pipeline_class = getattr(diffusers, family.controlnet_pipeline)
+    pipeline = _load_part(
+        f"{family.title} pipeline",
+        pipeline_class.from_pretrained,
+        base,
+        controlnet=controlnet,
+        variant=variant,
+        **extra,
+    )
+    pipeline.scheduler = pipelines.make_scheduler(family, scheduler, pipeline.scheduler.config)
+    _encode_controls_with_mode(pipeline.vae)
+    return pipeline
+
+
+def _encode_controls_with_mode(vae) -> None:
+    """Make this VAE's ``encode(...).latent_dist.sample()`` return the distribution's mode.
+
+    The SD3/FLUX ControlNet pipelines encode the control image with ``latent_dist.sample()``; SD3's draws from the
+    global RNG, so an image would depend on the batch it was made in and on earlier calls. The mode is what the
+    trainer feeds the ControlNet (skingen.backbones), and these pipelines encode nothing else with the VAE.
+    """
+    encode = vae.encode
+
+    def encode_with_mode(*args, **kwargs):
+        output = encode(*args, **kwargs)
+        distribution = output.latent_dist if hasattr(output, "latent_dist") else output[0]
+        distribution.sample = lambda generator=None: distribution.mode()
+        return output
+
+    vae.encode = encode_with_mode
+
+
+def _load_part(what: str, loader, *args, **kwargs):
+    """``loader(*args, **kwargs)``; a load failure becomes a SkingenError naming the part and the folder."""
+    try:
+        return loader(*args, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        where = next((str(a) for a in args if isinstance(a, (str, os.PathLike))), "")
+        sub = kwargs.get("subfolder")
+        where = f"{where}/{sub}" if sub else where
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SkingenError(
+            f"{where}: could not load the {what} ({first}); expected a diffusers folder as "
+            "`python scripts/make_tiny_pipeline.py --backbone sd3|flux --out DIR --controlnet` writes (the pipeline, "
+            "and the ControlNet in DIR/controlnet). Without internet, pass local folders."
+        ) from None
 
 
 def assemble_pipeline(components: SDXLComponents, controlnets: Sequence, scheduler):
@@ -392,7 +486,8 @@ def place_pipeline(
     """
     device = resolve_device(None if device is None else str(device))
     _check_runtime(dtype, device, enable_xformers_memory_efficient_attention, enable_model_cpu_offload)
-    if pipeline.unet.dtype != DTYPES[dtype]:
+    denoiser = pipelines.family_of_pipeline_object(pipeline).denoiser  # "unet" or "transformer"
+    if getattr(pipeline, denoiser).dtype != DTYPES[dtype]:
         pipeline.to(dtype=DTYPES[dtype])
     if enable_model_cpu_offload:
         pipeline.enable_model_cpu_offload(device=device)
@@ -401,7 +496,7 @@ def place_pipeline(
     if enable_xformers_memory_efficient_attention:
         pipeline.enable_xformers_memory_efficient_attention()
     if torch_compile:
-        pipeline.unet = torch.compile(pipeline.unet)
+        setattr(pipeline, denoiser, torch.compile(getattr(pipeline, denoiser)))
         pipeline.controlnet = torch.compile(pipeline.controlnet)
     pipeline.set_progress_bar_config(disable=True)  # one bar for the whole run instead of one per call
     return pipeline
@@ -432,14 +527,19 @@ def generate_batch(pipeline, jobs: Sequence[ImageJob], settings: SamplingSetting
     """
     if len({(job.height, job.width) for job in jobs}) != 1:
         raise ValueError("generate_batch: all jobs of one call must have the same height and width")
+    family = pipelines.family_of_pipeline_object(pipeline)
+    if settings.negative_prompt is not None and not family.negative_prompt:
+        raise SkingenError(
+            f"--negative_prompt: {family.title} ControlNet pipelines sample with distilled guidance "
+            "(--guidance_scale) and no negative prompt; drop the flag"
+        )
     count = controlnet_count(pipeline)
     height, width = jobs[0].height, jobs[0].width
-    # Control images go in as one (batch, 3, H, W) tensor per ControlNet: the pipeline takes a batch of PIL
-    # images for a single ControlNet only, and tensors give both cases the same preprocessing.
+    # Control images go in as one (batch, 3, H, W) tensor in [0, 1] per ControlNet: the pipeline takes a batch of
+    # PIL images for a single ControlNet only, and tensors give both cases the same preprocessing.
+    processor = getattr(pipeline, "control_image_processor", None) or _unit_range_processor()
     groups = [
-        pipeline.control_image_processor.preprocess(
-            [load_control_image(_control_for(job.row, k)) for job in jobs], height=height, width=width
-        )
+        processor.preprocess([load_control_image(_control_for(job.row, k)) for job in jobs], height=height, width=width)
         for k in range(count)
     ]
     scales = per_controlnet(settings.controlnet_conditioning_scale, count, "--controlnet_conditioning_scale")
@@ -447,9 +547,9 @@ def generate_batch(pipeline, jobs: Sequence[ImageJob], settings: SamplingSetting
     ends = per_controlnet(settings.control_guidance_end, count, "--control_guidance_end")
     result = pipeline(
         prompt=[job.row.prompt for job in jobs],
-        # None keeps SDXL's zeroed negative embedding; a string is encoded like the prompt.
-        negative_prompt=None if settings.negative_prompt is None else [settings.negative_prompt] * len(jobs),
-        image=groups[0] if count == 1 else groups,
+        # None: the family's default (SDXL's zeroed negative embedding, SD3's empty prompt); a string is encoded.
+        **({} if settings.negative_prompt is None else {"negative_prompt": [settings.negative_prompt] * len(jobs)}),
+        **{family.control_image_argument: groups[0] if count == 1 else groups},
         height=height,
         width=width,
         num_inference_steps=settings.num_inference_steps,
@@ -461,6 +561,13 @@ def generate_batch(pipeline, jobs: Sequence[ImageJob], settings: SamplingSetting
         output_type="pil",  # latents stay on the device until the final decode
     )
     return result.images
+
+
+def _unit_range_processor():
+    """Control images as [0, 1] tensors, for pipelines (SD3, FLUX) that normalise them before their VAE."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(do_normalize=False, do_convert_rgb=True)
 
 
 def _control_for(row: GenerationRow, index: int) -> str:

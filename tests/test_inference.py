@@ -376,7 +376,7 @@ def test_user_errors_are_clear(tiny_sdxl_dir, controlnet_dir, dataset_dir, tmp_p
         SkingenError, match=r"validation\.jsonl:2: 'conditioning_image' file 'conditioning_images/9\.png'.*not found"
     ):
         inference.main(args + ["--dataset_dir", str(broken)])
-    with pytest.raises(SkingenError, match="not an SDXL pipeline folder"):
+    with pytest.raises(SkingenError, match="not a diffusers pipeline folder"):
         inference.main(args + ["--dataset_dir", str(dataset_dir), "--pretrained_model_name_or_path", str(tmp_path)])
     with pytest.raises(SkingenError, match="unknown scheduler"):
         generation.load_controlnet_pipeline(tiny_sdxl_dir, [controlnet_dir], scheduler="plms")
