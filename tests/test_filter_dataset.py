@@ -97,6 +97,8 @@ def test_threshold_and_output_paths(dataset, tmp_path):
             str(dataset),
             "--min_edge_f1",
             "0",
+            "--min_layout_recall",
+            "0",
             "--max_hash_distance",
             "-1",
             "--output_jsonl",
@@ -149,3 +151,34 @@ def test_the_layout_merge_elements_recorded_is_used_for_every_row(dataset):
     filter_dataset.main(["--dataset_dir", str(dataset), "--min_edge_f1", "0.5"])
     kept = [json.loads(line)["package"] for line in (dataset / "train.filtered.jsonl").read_text().splitlines()]
     assert kept == ["good_0", "good_1", "good_2"]
+
+
+def test_defaults_keep_aligned_skins_of_every_stock_layout_and_say_why_others_go(tmp_path):
+    """Real-like skins (synthetic packages, Android themes) pass the defaults in every stock layout; the same
+    atlases with their layers shifted by 3% of the canvas are dropped, with the reason spelled out."""
+    import merge_elements
+    from android_theme import write_themes
+
+    load_script("scripts/make_synthetic_skins.py").make_synthetic_skins(tmp_path / "skins", 3, seed=7)
+    write_themes(tmp_path / "android")
+    runs = [("skins", layout, []) for layout in ("key_elements", "four_parts", "full_keyboard")]
+    runs.append(("android", "key_elements", ["--element_map", "android"]))
+    for source, layout, extra in runs:
+        dataset = tmp_path / f"{source}_{layout}"
+        merge_elements.main(["--packages_dir", str(tmp_path / source), "--layout", layout, "--output_dir", str(dataset), *extra])
+        rows = read_rows(dataset)
+        for row in rows[:2]:  # a misaligned copy: layers 3% off the layout's boxes
+            image = Image.open(dataset / row["image"])
+            shifted = Image.new("RGB", image.size, image.getpixel((0, 0)))
+            shifted.paste(image, (round(image.width * 0.03), round(image.height * 0.03)))
+            shifted.save(dataset / "images" / f"shifted_{row['package']}.png")
+            rows.append({**row, "image": f"images/shifted_{row['package']}.png", "package": f"shifted_{row['package']}"})
+        write_rows(dataset, rows)
+        filter_dataset.main(["--dataset_dir", str(dataset)])
+        report = json.loads((dataset / "filter_report.json").read_text(encoding="utf-8"))
+        kept = {Path(r["image"]).stem: r["kept"] for r in report["rows"]}
+        assert all(ok for name, ok in kept.items() if not name.startswith("shifted")), (source, layout, report["rows"])
+        if layout != "full_keyboard":  # one box: no interior line to misalign
+            dropped = [r for r in report["rows"] if not r["kept"]]
+            assert len(dropped) == 2 and all("of the layout's lines have an edge" in r["why"][0] for r in dropped)
+            assert "of the layout's lines have an edge" in (dataset / "filter_report.md").read_text(encoding="utf-8")
