@@ -202,7 +202,7 @@ def validate_training_args(args: argparse.Namespace) -> None:
         _require(len(images) in (1, len(prompts)) or len(prompts) == 1,
                  f"got {len(prompts)} --validation_prompt and {len(images)} --validation_image; give one image for "
                  "all prompts, one prompt for all images, or the same number of each")
-        for path in images:
+        for path in (part for entry in images for part in entry.split(",")):  # a,b: one per conditioning column
             _require(Path(path).is_file(), f"--validation_image {path}: file not found")
         _require(args.validation_split is None, "--validation_split is used only without --validation_prompt/--validation_image")
     if args.validation_split is not None:

@@ -34,8 +34,10 @@ EXIF_ORIENTATION = 0x0112
 # Rows
 
 
-def load_training_rows(args: argparse.Namespace) -> datasets.Dataset:
-    """The training rows the data flags name, with skingen's columns (see ``skingen.data.load_skin_dataset``).
+def load_training_rows(args: argparse.Namespace, split: str = "train", max_samples: int | None = None
+                       ) -> datasets.Dataset:
+    """The rows of ``split`` the data flags name, with skingen's columns (see ``skingen.data.load_skin_dataset``);
+    ``max_samples`` caps a split other than ``train`` (which ``--max_train_samples`` caps).
 
     With several ``--conditioning_image_column``, the first one fills ``conditioning_image`` and the others
     ``conditioning_image_1``, ``conditioning_image_2``, ... (each read by the same row reader); a row is kept
@@ -46,8 +48,9 @@ def load_training_rows(args: argparse.Namespace) -> datasets.Dataset:
         load_skin_dataset(
             args.train_data_dir, args.dataset_name, image_column=args.image_column,
             conditioning_image_column=column, caption_column=args.caption_column,
-            on_bad_sample=args.on_bad_sample, cache_dir=args.cache_dir, max_samples=args.max_train_samples,
-            dataset_config_name=args.dataset_config_name,
+            on_bad_sample=args.on_bad_sample, cache_dir=args.cache_dir,
+            max_samples=max_samples if split != "train" else args.max_train_samples,
+            dataset_config_name=args.dataset_config_name, split=split,
         )
         for column in columns
     ]

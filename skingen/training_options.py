@@ -155,6 +155,10 @@ def check_option_args(args: argparse.Namespace) -> None:
                  f"--conditioning_dropout_prob values must be between 0 and 1, got {probabilities}")
     _require(len(set(columns)) == len(columns),
              f"--conditioning_image_column names a column twice: {columns}")
+    for entry in getattr(args, "validation_image", None) or ():
+        _require(len(entry.split(",")) == len(columns),
+                 f"--validation_image {entry}: give one image per --conditioning_image_column ({len(columns)}), "
+                 "comma-separated in column order, e.g. template.png,canny.png")
 
 
 def check_report_to(report_to: str) -> None:

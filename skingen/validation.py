@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import gc
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +15,25 @@ from PIL import Image
 
 from . import pipelines
 from .caching import TextEmbeddingCache
-from .data import load_skin_dataset, open_rgb
+from .conditioning import stack_conditions
+from .data import open_rgb
 from .errors import SkingenError
 from .fileio import atomic_save_image, atomic_write_text
-from .training_data import resize_and_center_crop
+from .training_data import conditioning_keys, load_training_rows, resize_and_center_crop
 
 
 @dataclass
 class ValidationPair:
     prompt: str
-    control: Image.Image  # conditioning image at training size
+    control: Image.Image  # conditioning image at training size (the first one, shown in the grid)
+    extra_controls: list[Image.Image] = field(default_factory=list)  # further --conditioning_image_column images
+
+    def pipeline_image(self):
+        """What the pipeline takes as the control: the image, or all images stacked on channels."""
+        if not self.extra_controls:
+            return self.control
+        return stack_conditions([torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+                                 for image in (self.control, *self.extra_controls)])
 
 
 def load_validation_pairs(args: argparse.Namespace) -> list[ValidationPair]:
@@ -35,17 +44,18 @@ def load_validation_pairs(args: argparse.Namespace) -> list[ValidationPair]:
             images = images * len(prompts)
         elif len(prompts) == 1:
             prompts = prompts * len(images)
-        return [
-            ValidationPair(prompt, resize_and_center_crop(open_rgb(path, "--validation_image"), args.resolution)[0])
-            for prompt, path in zip(prompts, images)
-        ]
+        # With several --conditioning_image_column, each --validation_image lists one image per column: a.png,b.png
+        controls = [[resize_and_center_crop(open_rgb(part, "--validation_image"), args.resolution)[0]
+                     for part in path.split(",")] for path in images]
+        return [ValidationPair(prompt, first, rest) for prompt, (first, *rest) in zip(prompts, controls)]
     if args.validation_split is not None:
-        rows = load_skin_dataset(
-            args.train_data_dir, split=args.validation_split, image_column=args.image_column,
-            conditioning_image_column=args.conditioning_image_column, caption_column=args.caption_column,
-            on_bad_sample=args.on_bad_sample, max_samples=args.validation_rows,
-        ).select_columns(["text", "conditioning_image"])
-        return [ValidationPair(row["text"], resize_and_center_crop(row["conditioning_image"], args.resolution)[0]) for row in rows]
+        rows = load_training_rows(args, split=args.validation_split, max_samples=args.validation_rows)
+        keys = conditioning_keys(rows)
+        pairs = []
+        for row in rows.select_columns(["text", *keys]):
+            first, *rest = (resize_and_center_crop(row[key], args.resolution)[0] for key in keys)
+            pairs.append(ValidationPair(row["text"], first, rest))
+        return pairs
     return []
 
 
@@ -98,7 +108,7 @@ def log_validation(pairs: Sequence[ValidationPair], *, args, accelerator, backbo
                     torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
                 torch.manual_seed(seed + index)
                 images.append(pipeline(
-                    **prompt, **negative, **{family.control_image_argument: pair.control},
+                    **prompt, **negative, **{family.control_image_argument: pair.pipeline_image()},
                     height=args.resolution, width=args.resolution, guidance_scale=guidance_scale,
                     num_inference_steps=args.validation_inference_steps,
                     generator=torch.Generator().manual_seed(seed + index),

@@ -315,7 +315,10 @@ def test_two_condition_controlnet_trains_with_per_column_dropout_and_generates(t
     recorder = Recorder()
     train(_args(tiny_sdxl_dir, mixed_dataset, out, "--max_train_steps", 2,
                 "--conditioning_image_column", "conditioning_image", "conditioning_image_canny",
-                "--conditioning_dropout_prob", 0.0, 1.0), recorder)
+                "--conditioning_dropout_prob", 0.0, 1.0, "--validation_prompt", "a keyboard skin",
+                "--validation_image", f"{mixed_dataset / 'conditioning_images' / '4.png'},{mixed_dataset / 'canny' / '4.png'}",
+                "--num_validation_images", 1, "--validation_inference_steps", 2), recorder)
+    assert Image.open(out / "validation" / "step-2.png").size == (64 * 2, 64)  # sampled with both conditions
     for batch in recorder.batches:
         control = batch["conditioning_pixel_values"]
         assert control.shape[1] == 6
