@@ -33,6 +33,8 @@ def describe_os_error(err: OSError) -> str:
     """``<path>: <reason>; <fix>`` for an OSError (without a path when the error names none)."""
     reason = err.strerror or str(err) or type(err).__name__
     fix = _OS_ERROR_FIXES.get(err.errno, "check the path and its permissions, then rerun")
+    if err.errno == errno.EEXIST and err.filename is not None and os.path.isfile(err.filename):
+        fix = "it is a file where a folder is needed; move it away or choose another path"
     if err.filename is None:
         return f"{reason}; {fix}"
     where = os.fsdecode(err.filename)
