@@ -413,6 +413,13 @@ def fit_image(image: Image.Image | NinePatch | ShapeDrawable, fit: str, size: tu
     return draw_layer(image, fit, size).tile
 
 
+@functools.lru_cache(maxsize=16)
+def _label_font_path(preferred: str | None) -> str:
+    from .glyphs import find_cjk_font  # only labels need a font; asking fontconfig takes a subprocess, once
+
+    return str(find_cjk_font(preferred))
+
+
 @functools.lru_cache(maxsize=64)
 def _label_font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size)
@@ -421,9 +428,7 @@ def _label_font(path: str, size: int) -> ImageFont.FreeTypeFont:
 def draw_label(tile: Image.Image, label: Label) -> tuple[int, int, int, int]:
     """Draw ``label`` centred on ``tile`` (in place); returns the ink's box. The font is the label's own file or
     the CJK font :func:`skingen.glyphs.find_cjk_font` finds (labels such as 中/英 need Chinese glyphs)."""
-    from .glyphs import find_cjk_font  # only labels need a font, and fontconfig is slow to ask
-
-    font_path = str(find_cjk_font(label.font) if label.font else find_cjk_font())
+    font_path = _label_font_path(label.font)
     size = max(6, round(tile.height * label.size))
     font = _label_font(font_path, size)
     text_width = font.getlength(label.text)

@@ -65,7 +65,7 @@ def _zip_entry_name(info: zipfile.ZipInfo) -> str:
 
 def drawable_name(relpath: str) -> str:
     """The Android resource name: the file name without ``.9.png``, ``.png``, ``.xml``... (lower case)."""
-    name = PurePosixPath(relpath).name.lower()
+    name = relpath.rsplit("/", 1)[-1].lower()
     if is_ninepatch_name(name):
         return name[: -len(".9.png")]
     stem, dot, suffix = name.rpartition(".")
@@ -74,8 +74,8 @@ def drawable_name(relpath: str) -> str:
 
 def drawable_density(relpath: str) -> int:
     """dpi of the ``drawable-*dpi`` folder holding the file; 160 (Android's default, mdpi) elsewhere."""
-    for part in PurePosixPath(relpath).parts[:-1]:
-        match = _DENSITY_QUALIFIER.match(part.lower())
+    for part in relpath.lower().split("/")[:-1]:
+        match = _DENSITY_QUALIFIER.match(part)
         if match:
             return DENSITIES[match.group(1)]
     return 160
@@ -349,14 +349,28 @@ class ElementMatches:
         return lines
 
 
-def _matches(relpath: str, pattern: str) -> bool:
+@dataclass(frozen=True)
+class _Candidate:
+    """A package file in the three forms patterns are matched against (all lower case)."""
+
+    relpath: str
+    path: str
+    name: str
+    drawable: str
+
+    @classmethod
+    def of(cls, relpath: str) -> _Candidate:
+        lower = relpath.lower()
+        return cls(relpath, lower, lower.rsplit("/", 1)[-1], drawable_name(relpath))
+
+
+def _matches(candidate: _Candidate, pattern: str) -> bool:
     pattern = pattern.lower()
     if "/" in pattern:
-        return fnmatch.fnmatchcase(relpath.lower(), pattern)
-    name = PurePosixPath(relpath).name.lower()
+        return fnmatch.fnmatchcase(candidate.path, pattern)
     if "." not in pattern:  # a drawable name: any of its file forms
-        return name.endswith(DRAWABLE_SUFFIXES) and fnmatch.fnmatchcase(drawable_name(relpath), pattern)
-    return fnmatch.fnmatchcase(name, pattern)
+        return fnmatch.fnmatchcase(candidate.drawable, pattern)
+    return fnmatch.fnmatchcase(candidate.name, pattern)
 
 
 def rank_candidates(package: SkinPackage, candidates: list[tuple[int, str]], role: str = "background") -> Choice:
@@ -383,8 +397,8 @@ def rank_candidates(package: SkinPackage, candidates: list[tuple[int, str]], rol
     return Choice(role=role, source=source, reason=reason, others=others, tie=tie)
 
 
-def _choose(package: SkinPackage, patterns: tuple[str, ...], role: str, files: list[str]) -> Choice | None:
-    candidates = [(i, f) for i, pattern in enumerate(patterns) for f in files if _matches(f, pattern)]
+def _choose(package: SkinPackage, patterns: tuple[str, ...], role: str, files: list[_Candidate]) -> Choice | None:
+    candidates = [(i, f.relpath) for i, pattern in enumerate(patterns) for f in files if _matches(f, pattern)]
     seen, unique = set(), []
     for index, relpath in candidates:  # a file matched by several patterns counts at its earliest one
         if relpath not in seen:
@@ -403,7 +417,7 @@ def _rule_for(element: Element, element_map: ElementMap | None) -> ElementRule:
 def find_elements(package: SkinPackage, layout: Layout, element_map: ElementMap | None = None) -> ElementMatches:
     """Each layout element's layers: from the package's manifest, else the element map, else the layout's patterns."""
     result = ElementMatches(manifest=package.manifest(layout))
-    files = [f for f in package.files if f.lower().endswith(DRAWABLE_SUFFIXES)]
+    files = [_Candidate.of(f) for f in package.files if f.lower().endswith(DRAWABLE_SUFFIXES)]
     for element in layout.elements:
         manifest = result.manifest
         if manifest is not None and element.id in manifest.missing:
