@@ -87,13 +87,22 @@ class UnreadableImage(Exception):
         self.reason = reason
 
 
+def _too_large(err: Exception) -> UnreadableImage:
+    return UnreadableImage("image too large", f"has too many pixels for a training image ({err})")
+
+
 def header_size(opener: Callable[[], Any]) -> tuple[int, int]:
-    """Open just the image header (cheap, no pixel decode): the displayed size, or :class:`UnreadableImage`."""
+    """Open just the image header (cheap, no pixel decode): the displayed size, or :class:`UnreadableImage`
+    (also for more pixels than Pillow's ``MAX_IMAGE_PIXELS``: no skin is that large, a decompression bomb is)."""
     try:
-        with Image.open(opener()) as image:
-            return oriented_size(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(opener()) as image:
+                return oriented_size(image)
     except FileNotFoundError:
         raise UnreadableImage("image not found", "not found") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise _too_large(err) from None
     except IMAGE_READ_ERRORS as err:
         raise UnreadableImage("unreadable image", f"is not a readable image ({err})") from None
 
@@ -109,7 +118,7 @@ def decode_fully(path: str | os.PathLike) -> None:
             with Image.open(path) as image:
                 image.load()
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise UnreadableImage("image too large", f"has too many pixels for a training image ({err})") from None
+        raise _too_large(err) from None
     except IMAGE_READ_ERRORS as err:
         reason = str(err) or type(err).__name__
         raise UnreadableImage("unreadable image", f"does not decode ({reason})") from None

@@ -232,7 +232,7 @@ def test_a_bomb_past_the_hard_limit_is_refused_by_every_row_reader(tmp_path, cap
         script, argv = stage_argv(stage, root, tmp_path)
         code, _, err = run(script, argv, capsys)
         assert code == 2 and "Traceback" not in err, (stage, err)
-        assert f"{root / 'train.jsonl'}:2: 'image' file 'images/1.png' is not a readable image" in err, (stage, err)
+        assert f"{root / 'train.jsonl'}:2: 'image' file 'images/1.png' has too many pixels" in err, (stage, err)
         assert "exceeds limit" in err
 
 

@@ -277,3 +277,40 @@ def test_config_file_sets_flags(dataset, tmp_path):
     rows = run(root, "--config", str(config))
     control = np.asarray(Image.open(root / rows[0]["conditioning_image"]))[..., 0]
     np.testing.assert_array_equal(control, cv2.Canny(cv2.imread(str(root / rows[0]["image"])), 10, 20))
+
+
+def test_reference_mode_shares_the_canny_edges_of_one_reference_skin(dataset, tmp_path):
+    """The original experiments 1-3: every row trains against the edges of one reference keyboard."""
+    root, _, _ = dataset(count=3)
+    reference = tmp_path / "reference.png"
+    draw_skin(0)[0].save(reference)
+    rows = run(root, "--mode", "reference", "--reference_image", str(reference))
+    assert {row["conditioning_image"] for row in rows} == {"conditioning_images/reference.png"}
+    assert sorted(p.name for p in (root / "conditioning_images").glob("*.png")) == ["reference.png"]
+    control = np.asarray(Image.open(root / "conditioning_images/reference.png"))
+    for channel in range(3):
+        np.testing.assert_array_equal(control[..., channel], cv2.Canny(cv2.imread(str(reference)), 50, 80))
+    assert [row["custom"] for row in rows] == [{"keep": i} for i in range(3)]
+
+    draw_skin(1)[0].save(reference)  # another reference skin (same path): the shared image is made again
+    run(root, "--mode", "reference", "--reference_image", str(reference))
+    control = np.asarray(Image.open(root / "conditioning_images/reference.png"))[..., 0]
+    np.testing.assert_array_equal(control, cv2.Canny(cv2.imread(str(reference)), 50, 80))
+
+
+def test_reference_glyph_mode_writes_each_rows_text_onto_the_shared_edges(dataset, tmp_path):
+    root, _, inks = dataset(count=2)
+    reference = tmp_path / "reference.png"
+    draw_skin(2)[0].save(reference)  # a skin without text
+    edges = cv2.Canny(cv2.imread(str(reference)), 50, 80)
+    rows = run(root, "--mode", "reference_glyph", "--reference_image", str(reference))
+    reader = get_ocr("rapidocr", num_threads=2)
+    for row, ink in zip(rows, inks):
+        assert sorted(row["texts"]) == sorted(ink) and len(row["box"]) == len(ink)
+        control = np.asarray(Image.open(root / row["conditioning_image"]))
+        assert (control[edges > 0] == 255).all()  # every edge of the reference is there
+        assert sorted(line.text for line in reader.read(control)) == sorted(ink)
+
+    Image.open(reference).resize((256, 256)).save(reference)
+    with pytest.raises(SkingenError, match=r"train.jsonl:1: image images/skin_0.png is 512x512 but the reference"):
+        run(root, "--mode", "reference_glyph", "--reference_image", str(reference))
