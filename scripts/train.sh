@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# Train an SDXL ControlNet with accelerate (the seed's controlnet.sh, with skingen's defaults).
+# Train an SDXL, SD3/SD3.5 or FLUX.1 ControlNet with accelerate (the seed's controlnet.sh, with skingen's defaults).
 #
 # Usage: MODEL_DIR=/models/stable-diffusion-xl-base-1.0 DATA_DIR=datasets/keyboard_512 bash scripts/train.sh [more flags]
-# Every variable below can be set from the environment; extra arguments go to train_controlnet_sdxl.py and win
-# over the defaults here (e.g. --config configs/train/exp5_glyph_102_1024_canny_finetune.yaml, --resume_from_checkpoint latest).
+#        BACKBONE=sd3 MODEL_DIR=/models/stable-diffusion-3.5-medium DATA_DIR=... bash scripts/train.sh
+# BACKBONE (sdxl | sd3 | flux) picks train_controlnet_$BACKBONE.py. Every variable below can be set from the
+# environment; extra arguments go to the training script and win over the defaults here (e.g.
+# --config configs/train/sd35_medium_glyph_1024.yaml, --resume_from_checkpoint latest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODEL_DIR=${MODEL_DIR:-stabilityai/stable-diffusion-xl-base-1.0}   # SDXL base: local folder or hub id
+BACKBONE=${BACKBONE:-sdxl}
+case "$BACKBONE" in
+  sdxl) default_model=stabilityai/stable-diffusion-xl-base-1.0 ;;
+  sd3) default_model=stabilityai/stable-diffusion-3.5-medium ;;
+  flux) default_model=black-forest-labs/FLUX.1-dev ;;
+  *) echo "error: BACKBONE=$BACKBONE: choose sdxl, sd3 or flux" >&2; exit 2 ;;
+esac
+MODEL_DIR=${MODEL_DIR:-$default_model}        # the base pipeline: local folder or hub id
 DATA_DIR=${DATA_DIR:?set DATA_DIR to a prepared dataset folder (train.jsonl + images/ + conditioning_images/)}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/controlnet}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-configs/accelerate/single_gpu.yaml}
-CONTROLNET_DIR=${CONTROLNET_DIR:-}           # e.g. a Canny SDXL ControlNet to fine-tune; empty: start from the UNet
+CONTROLNET_DIR=${CONTROLNET_DIR:-}           # e.g. a Canny ControlNet of the same family to fine-tune; empty: from the base
 RESOLUTION=${RESOLUTION:-512}
 BATCH_SIZE=${BATCH_SIZE:-4}                  # per GPU
 GRAD_ACCUM=${GRAD_ACCUM:-1}
@@ -21,7 +30,7 @@ MIXED_PRECISION=${MIXED_PRECISION:-bf16}
 CHECKPOINT_STEPS=${CHECKPOINT_STEPS:-1000}
 VALIDATION_STEPS=${VALIDATION_STEPS:-500}
 SEED=${SEED:-42}
-TRAIN_SCRIPT=${TRAIN_SCRIPT:-train_controlnet_sdxl.py}   # scripts/train_ctc.sh sets train_controlnet_sdxl_ctc.py
+TRAIN_SCRIPT=${TRAIN_SCRIPT:-train_controlnet_$BACKBONE.py}   # scripts/train_ctc.sh sets the text-loss trainer
 
 controlnet_flag=()
 if [ -n "$CONTROLNET_DIR" ]; then

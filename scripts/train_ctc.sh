@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Train an SDXL ControlNet with the OCR text loss (the CTC experiment, done the ControlNet++/AnyText way:
+# Train a ControlNet with the OCR text loss (the CTC experiment, done the ControlNet++/AnyText way:
 # one-step x0 at t <= TEXT_LOSS_MAX_TIMESTEP, VAE decode around the text boxes, frozen PP-OCRv4 recognizer).
 #
 # Usage: MODEL_DIR=/models/stable-diffusion-xl-base-1.0 DATA_DIR=datasets/keyboard_512 bash scripts/train_ctc.sh [more flags]
+#        BACKBONE=flux MODEL_DIR=/models/FLUX.1-dev DATA_DIR=... bash scripts/train_ctc.sh
 # The dataset rows need "box" (4-point quads) and "texts" (render_glyphs.py --mode glyph writes both).
-# Every variable of scripts/train.sh applies too (MODEL_DIR, DATA_DIR, OUTPUT_DIR, ACCELERATE_CONFIG, RESOLUTION, ...);
-# extra arguments go to train_controlnet_sdxl_ctc.py and win over the defaults.
+# BACKBONE=sdxl runs train_controlnet_sdxl_ctc.py; sd3 and flux run train_controlnet_sd3.py / _flux.py with the same
+# text-loss flags (there, timesteps are sigma x 1000: TEXT_LOSS_MAX_TIMESTEP=200 means sigma <= 0.2).
+# Every variable of scripts/train.sh applies too (BACKBONE, MODEL_DIR, DATA_DIR, OUTPUT_DIR, ACCELERATE_CONFIG,
+# RESOLUTION, ...); extra arguments go to the training script and win over the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +31,14 @@ if [ -n "$VALIDATION_LOSS_TIMESTEPS" ]; then
   validation_loss_flag=(--validation_loss_timesteps "${timesteps[@]}")
 fi
 
-OUTPUT_DIR=${OUTPUT_DIR:-outputs/controlnet_ctc} TRAIN_SCRIPT=train_controlnet_sdxl_ctc.py exec bash scripts/train.sh \
+BACKBONE=${BACKBONE:-sdxl}
+case "$BACKBONE" in
+  sdxl) train_script=train_controlnet_sdxl_ctc.py ;;
+  sd3 | flux) train_script=train_controlnet_$BACKBONE.py ;;
+  *) echo "error: BACKBONE=$BACKBONE: choose sdxl, sd3 or flux" >&2; exit 2 ;;
+esac
+
+OUTPUT_DIR=${OUTPUT_DIR:-outputs/controlnet_ctc} BACKBONE=$BACKBONE TRAIN_SCRIPT=$train_script exec bash scripts/train.sh \
   --text_loss_type "$TEXT_LOSS_TYPE" \
   --text_loss_weight "$TEXT_LOSS_WEIGHT" \
   --text_loss_max_timestep "$TEXT_LOSS_MAX_TIMESTEP" \
