@@ -33,7 +33,7 @@ from skingen.config import parse_args_with_config
 from skingen.data import read_rows, write_rows
 from skingen.element_maps import ElementMap, check_map_against_layout, load_element_map
 from skingen.errors import SkingenError, run_cli
-from skingen.fileio import atomic_save_image, atomic_write_json
+from skingen.fileio import atomic_save_image, atomic_write_json, remove_stale_temp_files
 from skingen.layout import LAYOUT_RECORD, Layout, compose_package, load_layout, split_atlas
 from skingen.skins import check_unique_names, list_packages, open_package, package_name
 
@@ -73,16 +73,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def remove_stale_temp_files(folder: Path, subfolders: Sequence[str] = ("images", MASKS_DIR)) -> None:
-    """Temp files and folders a killed run left beside its outputs (finished outputs are never partial)."""
+def remove_leftovers(folder: Path, subfolders: Sequence[str] = ("images", MASKS_DIR)) -> None:
+    """Temp files and half-built package folders a killed run left beside its outputs (finished outputs are
+    never partial, so everything else stays)."""
     for place in (folder, *(folder / sub for sub in subfolders)):
-        if not place.is_dir():
-            continue
-        for tmp in place.glob(".*"):
-            if tmp.is_file() and tmp.name.endswith(".tmp"):
-                tmp.unlink(missing_ok=True)
-            elif tmp.is_dir() and not tmp.is_symlink():  # AtomicDirectory's build folders and moved-aside versions
-                shutil.rmtree(tmp, ignore_errors=True)
+        remove_stale_temp_files(place)
+        if place.is_dir():
+            for tmp in place.glob(".*"):
+                if tmp.is_dir() and not tmp.is_symlink():  # AtomicDirectory's build folders and moved-aside versions
+                    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_layout_file(dataset_dir: Path, layout: Layout) -> None:
@@ -150,7 +149,7 @@ def merge_packages(args: argparse.Namespace, layout: Layout, element_map: Elemen
     dataset_dir = Path(args.output_dir)
     for sub in ("images", MASKS_DIR):
         (dataset_dir / sub).mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(dataset_dir)
+    remove_leftovers(dataset_dir)
     check_layout_file(dataset_dir, layout)
 
     rows = read_rows(dataset_dir) if (dataset_dir / ROWS_FILE).is_file() else []
@@ -231,7 +230,7 @@ def split_atlases(args: argparse.Namespace) -> None:
     records = merge_records(Path(args.dataset_dir)) if args.dataset_dir else {}
     default_layout = load_layout(args.layout, args.resolution)
     output_dir = Path(args.output_dir)
-    remove_stale_temp_files(output_dir, subfolders=())
+    remove_leftovers(output_dir, subfolders=())
     written = 0
     for path in tqdm(inputs, desc="split", unit="atlas"):
         target = output_dir / path.stem

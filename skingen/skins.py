@@ -321,6 +321,7 @@ class ElementMatches:
     missing: list = field(default_factory=list)  # required elements with no matching file
     extras: list[str] = field(default_factory=list)  # package files no element uses
     manifest: Manifest | None = None
+    tried: dict[str, tuple[str, ...]] = field(default_factory=dict)  # element id -> patterns tried (for messages)
 
     @property
     def found(self) -> dict[str, str]:
@@ -328,7 +329,7 @@ class ElementMatches:
         return {k: v.main.source for k, v in self.layers.items() if v.main is not None}
 
     def missing_message(self, package: SkinPackage, layout: Layout) -> str:
-        details = "; ".join(f"{e.id} (tried {', '.join(e.patterns)})" for e in self.missing)
+        details = "; ".join(f"{e.id} (tried {', '.join(self.tried.get(e.id, e.patterns))})" for e in self.missing)
         return (
             f"{package.path}: missing required element(s) for layout '{layout.name}': {details}. "
             f"Add the files to the package, extend the patterns in {layout.path} or the element map, "
@@ -441,6 +442,7 @@ def find_elements(package: SkinPackage, layout: Layout, element_map: ElementMap 
             result.layers[element.id] = layers
         elif element.required:
             result.missing.append(element)
+            result.tried[element.id] = (*rule.background, *rule.icon)
     used = {c.source for v in result.layers.values() for c in (v.background, v.icon) if c is not None}
     manifest_file = {f for f in package.files if PurePosixPath(f).name == MANIFEST_NAME}
     result.extras = [f for f in package.files if f not in used and f not in manifest_file]

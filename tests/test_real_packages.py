@@ -319,3 +319,45 @@ def test_whole_keyboard_layouts_keep_their_aspect_ratio(tmp_path):
     preview.save(tmp_path / "pkg" / "preview.png")
     image, _ = merge_package(tmp_path / "pkg", load_layout("full_keyboard", 1024))
     assert image.size == (1024, 640) and np.asarray(image)[5, 5, 1] == 200  # filled, not letterboxed
+
+
+@pytest.mark.parametrize("mode", ["I;16", "LA", "P", "CMYK", "RGBA", "exif"])
+def test_the_rgba_opener_agrees_with_the_dataset_opener(mode):
+    """Element images keep their alpha; composited on white they look exactly as the dataset opener shows them."""
+    from PIL import ImageOps
+
+    from skingen.drawables import to_rgba
+    from skingen.images import to_rgb
+
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (6, 5, 4), dtype=np.uint8), "RGBA")
+    image = {
+        "I;16": Image.fromarray(rng.integers(0, 65536, (6, 5), dtype=np.uint16)),
+        "LA": base.convert("LA"),
+        "P": base.convert("RGB").quantize(8),
+        "CMYK": base.convert("CMYK"),
+        "RGBA": base,
+        "exif": base.convert("RGB"),
+    }[mode]
+    if mode == "P":
+        image.info["transparency"] = 0
+    if mode == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        image.info["exif"] = exif.tobytes()
+        image.getexif()[0x0112] = 6
+    rgba = to_rgba(image)
+    white = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    assert np.array_equal(np.asarray(white), np.asarray(to_rgb(image)))
+    if mode == "exif":
+        assert rgba.size == (6, 5) and ImageOps.exif_transpose(image).size == (6, 5)
+
+
+def test_split_removes_what_a_killed_split_left(tmp_path):
+    Image.new("RGB", LAYOUT.size, (9, 9, 9)).save(tmp_path / "gen.png")
+    out = tmp_path / "out"
+    (out / ".gen.abc123").mkdir(parents=True)  # a package folder a killed run was building
+    (out / ".gen.abc123" / "key_shift.9.png").write_bytes(b"half")
+    (out / ".skin.yaml.x1.tmp").write_text("half")
+    run("--split", "--input", str(tmp_path / "gen.png"), "--output_dir", str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["gen"]
