@@ -62,6 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="A separate VAE folder (e.g. sdxl-vae-fp16-fix for SDXL).",
     )
     models.add_argument("--variant", type=str, default=None, help="Weights variant of the base pipeline, e.g. fp16.")
+    models.add_argument(
+        "--lora",
+        type=str,
+        default=None,
+        help="A LoRA in diffusers' format for the base model, e.g. the training output of --unet_lora_rank "
+        "(the folder holding pytorch_lora_weights.safetensors).",
+    )
 
     inputs = parser.add_argument_group("what to generate")
     inputs.add_argument(
@@ -80,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=str,
         nargs="+",
         default=None,
-        help="Row key(s) of the control image: one for all ControlNets, or one per --controlnet (default: conditioning_image).",
+        help="Row key(s) of the control image: one for all ControlNets, or one per --controlnet; a ControlNet trained on "
+        "several conditioning columns takes that many, in training order (default: conditioning_image).",
     )
     inputs.add_argument(
         "--image_column",
@@ -226,7 +234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     rows = read_generation_rows(args)
-    generation.check_control_counts(rows, len(args.controlnet))
+    generation.check_control_counts(rows, generation.controlnet_inputs_of(args.controlnet))
     family = pipelines.family_of_pipeline(args.pretrained_model_name_or_path)
     scheduler = args.scheduler or family.default_scheduler
     pipelines.check_scheduler(family, scheduler)
@@ -248,6 +256,7 @@ def main(argv=None) -> None:
         scheduler=scheduler,
         dtype=dtype,
         sampling=sampling,
+        lora=args.lora,
     )
     jobs = generation.plan_jobs(
         rows,
@@ -269,6 +278,7 @@ def main(argv=None) -> None:
         enable_xformers_memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
         enable_model_cpu_offload=args.enable_model_cpu_offload,
         torch_compile=args.torch_compile,
+        lora=args.lora,
     )
     results = generation.ResultsLog(args.output_dir, overwrite=args.overwrite)
     summary = generation.generate_all(

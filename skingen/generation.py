@@ -10,6 +10,7 @@ rerun skips every image already listed there whose file exists, so an interrupte
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
@@ -313,11 +314,14 @@ def load_controlnet_pipeline(
     enable_xformers_memory_efficient_attention: bool = False,
     enable_model_cpu_offload: bool = False,
     torch_compile: bool = False,
+    lora: str | os.PathLike | None = None,
 ):
     """The base model's ControlNet pipeline, loaded once: ``model_index.json`` decides the family
     (``StableDiffusionXLControlNetPipeline``, ``StableDiffusion3ControlNetPipeline``, ``FluxControlNetPipeline``;
     several ControlNets: the family's multi-ControlNet). ``scheduler`` None: the family's default sampler (UniPC for
-    SDXL, flow-matching Euler for SD3/FLUX). See ``place_pipeline`` for the runtime options."""
+    SDXL, flow-matching Euler for SD3/FLUX). ``lora``: a LoRA folder or file in diffusers' format (e.g. the trainer's
+    ``--unet_lora_rank`` output) loaded with ``pipeline.load_lora_weights``. See ``place_pipeline`` for the runtime
+    options."""
     if not controlnet_model_name_or_path:
         raise SkingenError("--controlnet: give at least one ControlNet folder (e.g. the output of training)")
     scheduler_class(scheduler or "unipc")  # an unknown name fails before any model is loaded
@@ -347,6 +351,8 @@ def load_controlnet_pipeline(
             variant=variant,
             scheduler=scheduler,
         )
+    if lora is not None:
+        load_lora(pipeline, lora)
     return place_pipeline(
         pipeline,
         dtype=dtype,
@@ -355,6 +361,22 @@ def load_controlnet_pipeline(
         enable_model_cpu_offload=enable_model_cpu_offload,
         torch_compile=torch_compile,
     )
+
+
+def load_lora(pipeline, lora: str | os.PathLike) -> None:
+    """``pipeline.load_lora_weights(lora)``; a missing or unreadable LoRA is a SkingenError naming it."""
+    path = Path(lora).expanduser()
+    if not path.exists():
+        raise SkingenError(f"--lora {lora}: not found; give the training output folder holding "
+                           "pytorch_lora_weights.safetensors (or that file)")
+    try:
+        if path.is_file():
+            pipeline.load_lora_weights(str(path.parent), weight_name=path.name)
+        else:
+            pipeline.load_lora_weights(str(path))
+    except (OSError, ValueError, KeyError) as err:
+        raise SkingenError(f"--lora {lora}: could not load it as a diffusers LoRA ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}); is it one for this base model?") from None
 
 
 def load_flow_pipeline(
@@ -507,6 +529,26 @@ def controlnet_count(pipeline) -> int:
     return len(controlnet.nets) if hasattr(controlnet, "nets") else 1
 
 
+def controlnet_inputs(pipeline) -> list[int]:
+    """How many control images each ControlNet takes (a ControlNet trained on n conditioning columns: 3n channels)."""
+    controlnet = getattr(pipeline.controlnet, "_orig_mod", pipeline.controlnet)
+    nets = controlnet.nets if hasattr(controlnet, "nets") else [controlnet]
+    return [max(1, getattr(getattr(net, "_orig_mod", net).config, "conditioning_channels", 3) // 3) for net in nets]
+
+
+def controlnet_inputs_of(paths: Sequence[str | os.PathLike]) -> list[int]:
+    """:func:`controlnet_inputs` from the ControlNet folders' config.json, before loading them (hub ids: 1)."""
+    inputs = []
+    for path in paths:
+        config = Path(path).expanduser() / "config.json"
+        try:
+            channels = json.loads(config.read_text(encoding="utf-8")).get("conditioning_channels", 3)
+        except (OSError, ValueError):
+            channels = 3
+        inputs.append(max(1, int(channels or 3) // 3))
+    return inputs
+
+
 def per_controlnet(values: Sequence[float], count: int, flag: str) -> list[float]:
     """One value per ControlNet: a single value is used for all of them."""
     values = list(values)
@@ -534,12 +576,18 @@ def generate_batch(pipeline, jobs: Sequence[ImageJob], settings: SamplingSetting
             "(--guidance_scale) and no negative prompt; drop the flag"
         )
     count = controlnet_count(pipeline)
+    inputs = controlnet_inputs(pipeline)
     height, width = jobs[0].height, jobs[0].width
     # Control images go in as one (batch, 3, H, W) tensor in [0, 1] per ControlNet: the pipeline takes a batch of
     # PIL images for a single ControlNet only, and tensors give both cases the same preprocessing.
     processor = getattr(pipeline, "control_image_processor", None) or _unit_range_processor()
+    # A ControlNet trained on several conditioning images takes them stacked on channels, in column order.
     groups = [
-        processor.preprocess([load_control_image(_control_for(job.row, k)) for job in jobs], height=height, width=width)
+        torch.cat([
+            processor.preprocess([load_control_image(_controls_for(job.row, inputs, k)[i]) for job in jobs],
+                                 height=height, width=width)
+            for i in range(inputs[k])
+        ], dim=1)
         for k in range(count)
     ]
     scales = per_controlnet(settings.controlnet_conditioning_scale, count, "--controlnet_conditioning_scale")
@@ -570,17 +618,31 @@ def _unit_range_processor():
     return VaeImageProcessor(do_normalize=False, do_convert_rgb=True)
 
 
-def _control_for(row: GenerationRow, index: int) -> str:
-    """The row's control image for ControlNet ``index``; a single control image serves every ControlNet."""
-    return row.control_images[0] if len(row.control_images) == 1 else row.control_images[index]
+def _controls_for(row: GenerationRow, inputs: Sequence[int], index: int) -> tuple[str, ...]:
+    """The row's control images for ControlNet ``index`` (``inputs``: images per ControlNet, in order); a single
+    control image serves every single-input ControlNet."""
+    if len(row.control_images) == 1 and set(inputs) == {1}:
+        return row.control_images
+    start = sum(inputs[:index])
+    return row.control_images[start:start + inputs[index]]
 
 
-def check_control_counts(rows: Sequence[GenerationRow], count: int) -> None:
+def check_control_counts(rows: Sequence[GenerationRow], count: int | Sequence[int]) -> None:
+    """Every row has the control images the ControlNets take: ``count`` ControlNets of one image each, or a list
+    of images per ControlNet (several for one trained on several conditioning columns)."""
+    inputs = [1] * count if isinstance(count, int) else list(count)
+    needed = sum(inputs)
     for row in rows:
-        if len(row.control_images) not in (1, count):
+        if set(inputs) == {1} and len(row.control_images) not in (1, needed):
             raise SkingenError(
-                f"{row.where}: {len(row.control_images)} control images for {count} ControlNet(s); "
+                f"{row.where}: {len(row.control_images)} control images for {needed} ControlNet(s); "
                 "give one control image (shared) or one per --controlnet"
+            )
+        if set(inputs) != {1} and len(row.control_images) != needed:
+            raise SkingenError(
+                f"{row.where}: {len(row.control_images)} control images, but the ControlNet(s) take {needed} "
+                f"({' + '.join(map(str, inputs))}: one per conditioning column they were trained on); name them with "
+                "--conditioning_image_column (or repeat --control_image) in training order"
             )
 
 
@@ -597,10 +659,12 @@ def settings_record(
     scheduler: str,
     dtype: str,
     sampling: SamplingSettings,
+    lora: str | os.PathLike | None = None,
 ) -> dict:
     """What decides the pixels of a run (not how fast it runs), as stored with every results record."""
     count = len(controlnet_model_name_or_path)
     return {
+        **({} if lora is None else {"lora": _model_id(lora)}),
         "pretrained_model_name_or_path": _model_id(pretrained_model_name_or_path),
         "controlnet": [_model_id(path) for path in controlnet_model_name_or_path],
         "vae": None if vae_model_name_or_path is None else _model_id(vae_model_name_or_path),

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from repo_scripts import tiny_training_argv
+from repo_scripts import load_script, tiny_training_argv
 from safetensors.torch import load_file
 
 from skingen.errors import SkingenError
+from skingen.fileio import read_jsonl
 from skingen.training import build_arg_parser, parse_training_args, train
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -51,6 +53,15 @@ def mixed_dataset(tmp_path_factory) -> Path:
 
 def _args(*argv):
     return parse_training_args(build_arg_parser(), tiny_training_argv(*argv))
+
+
+def _generate(tiny_sdxl_dir, controlnet: Path, dataset: Path, out: Path, *extra) -> list[np.ndarray]:
+    """inference.py on the first two rows of ``dataset``, 2 steps at 64 px; the images it wrote."""
+    inference = load_script("inference.py")
+    inference.main(["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--controlnet", str(controlnet),
+                    "--dataset_dir", str(dataset), "--split", "train", "--max_samples", "2", "--output_dir", str(out),
+                    "--num_inference_steps", "2", "--resolution", "64", "--device", "cpu", *map(str, extra)])
+    return [np.asarray(Image.open(out / record["output"]), dtype=np.int16) for _, record in read_jsonl(out / "results.jsonl")]
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -303,6 +314,10 @@ def test_unet_lora_is_saved_loads_into_the_pipeline_and_changes_the_output(tiny_
     pipeline.load_lora_weights(out)
     assert abs(generate() - without).max() > 1e-3
 
+    plain = _generate(tiny_sdxl_dir, out, mixed_dataset, tmp_path / "plain")
+    with_lora = _generate(tiny_sdxl_dir, out, mixed_dataset, tmp_path / "lora", "--lora", out)
+    assert all(np.abs(a - b).max() > 0 for a, b in zip(plain, with_lora))
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Several conditioning images
@@ -331,6 +346,24 @@ def test_two_condition_controlnet_trains_with_per_column_dropout_and_generates(t
     images = pipeline("a keyboard skin", image=torch.rand(1, 6, 64, 64), num_inference_steps=2, height=64, width=64,
                       output_type="np").images
     assert images.shape == (1, 64, 64, 3)
+
+    # The second condition feeds the ControlNet's residuals.
+    latents, timestep = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    pooled = controlnet.config.projection_class_embeddings_input_dim - 6 * controlnet.config.addition_time_embed_dim
+    text = {"encoder_hidden_states": torch.randn(1, 77, controlnet.config.cross_attention_dim),
+            "added_cond_kwargs": {"text_embeds": torch.randn(1, pooled), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}}
+    first = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        residuals = [controlnet(latents, timestep, controlnet_cond=torch.cat([first, second], dim=1), **text,
+                                return_dict=False)[1] for second in (torch.zeros(1, 3, 64, 64), torch.ones(1, 3, 64, 64))]
+    assert (residuals[0] - residuals[1]).abs().max() > 0
+
+    # inference.py takes the same column list, and refuses a row short of images.
+    both = _generate(tiny_sdxl_dir, out, mixed_dataset, tmp_path / "both",
+                     "--conditioning_image_column", "conditioning_image", "conditioning_image_canny")
+    assert len(both) == 2 and both[0].shape == (64, 64, 3)
+    with pytest.raises(SkingenError, match="take 2"):
+        _generate(tiny_sdxl_dir, out, mixed_dataset, tmp_path / "one")
 
 
 def test_a_canny_controlnet_fine_tuned_on_two_conditions_keeps_its_first_input(tiny_sdxl_dir, mixed_dataset, tmp_path):
