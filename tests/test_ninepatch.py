@@ -115,3 +115,19 @@ def test_missing_stretch_marker_and_broken_padding_line_are_errors():
         parse_ninepatch(broken)
     with pytest.raises(SkingenError, match="only 2x2"):
         parse_ninepatch(Image.new("RGBA", (2, 2)))
+
+
+def test_encode_parse_and_unstretch_invert_stretch():
+    from skingen.ninepatch import encode_ninepatch, insets_to_ranges, unstretch
+
+    content = coded_content(10, 8)
+    content[:, 4:6] = (90, 90, 90, 255)  # uniform bands, as 9-patch bands are
+    content[3:5, :] = (30, 60, 90, 255)
+    encoded = encode_ninepatch(Image.fromarray(content, "RGBA"), ((4, 6),), ((3, 5),), (1, 1, 2, 2))
+    parsed = parse_ninepatch(encoded)
+    assert parsed.stretch_x == ((4, 6),) and parsed.stretch_y == ((3, 5),) and parsed.padding == (1, 1, 2, 2)
+    wide = stretch(parsed, (37, 23))
+    back = unstretch(wide, (10, 8), parsed.stretch_x, parsed.stretch_y)
+    assert np.array_equal(np.asarray(back), content)
+    assert insets_to_ranges((80, 104), (12, 12, 12, 12)) == (((12, 68),), ((12, 92),))
+    assert insets_to_ranges((10, 10), (8, 8, 8, 8)) == (((8, 9),), ((8, 9),))  # always at least one band

@@ -361,3 +361,43 @@ def test_split_removes_what_a_killed_split_left(tmp_path):
     (out / ".skin.yaml.x1.tmp").write_text("half")
     run("--split", "--input", str(tmp_path / "gen.png"), "--output_dir", str(out))
     assert sorted(p.name for p in out.iterdir()) == ["gen"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: m\nelements:\n  key_shift: {icon: []}\n", r"element 'key_shift': 'icon' must be a file-name glob"),
+        ("name: m\nelements:\n  key_shift: {sticker: [a]}\n", r"element 'key_shift': unknown key\(s\) \['sticker'\]"),
+        ("name: m\nelements:\n  key_num: {label: {text: '123', size: 3}}\n", r"label 'size' is a share of the box height"),
+        ("name: m\nelements:\n  key_num: {label: {text: '123', colour: red}}\n", r"colour 'red' is not drawn by skingen"),
+        ("name: m\nelements: [\n", r"map.yaml:\d+: invalid YAML"),
+        ("name: m\nelements:\n  no_such_element: [a*]\n", r"names none of the elements of layout 'key_elements'"),
+    ],
+)
+def test_element_map_mistakes_name_the_file_and_the_fix(tmp_path, text, expected):
+    from skingen.element_maps import check_map_against_layout
+
+    path = tmp_path / "map.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SkingenError, match=expected) as err:
+        check_map_against_layout(load_element_map(path), LAYOUT)
+    assert str(path) in str(err.value)
+    with pytest.raises(SkingenError, match=r"no such map .* available: android"):
+        load_element_map("no_such_map")
+
+
+def test_xml_colour_references_and_broken_xml_are_named(tmp_path):
+    package = write_theme(tmp_path / "pkg", "light")
+    strip = package / "res/drawable/keyboard_suggest_strip.xml"
+    strip.write_text(SHAPE_REFERENCE, encoding="utf-8")
+    with pytest.raises(SkingenError, match=r"keyboard_suggest_strip.xml': <solid>: colour '@color/bar' is not drawn"):
+        merge_package(package, LAYOUT, ANDROID)
+    strip.write_text("<shape>\n<solid\n", encoding="utf-8")
+    with pytest.raises(SkingenError, match=r"keyboard_suggest_strip.xml':\d+: not well-formed XML"):
+        merge_package(package, LAYOUT, ANDROID)
+
+
+SHAPE_REFERENCE = """<shape xmlns:android="http://schemas.android.com/apk/res/android">
+    <solid android:color="@color/bar"/>
+</shape>
+"""
