@@ -248,6 +248,11 @@ def split_atlases(args: argparse.Namespace) -> None:
         record = records.get(path.stem)
         if args.dataset_dir and record is None:
             tqdm.write(f"warning: {path.name}: no row of package '{path.stem}' in {args.dataset_dir}; split by the layout alone")
+        boxes = {e.id: list(e.box) for e in layout.elements}
+        if record is not None and any(boxes.get(r.get("id")) != r.get("box") for r in record["elements"]):
+            tqdm.write(f"warning: {path.name}: the row in {args.dataset_dir} was merged with other boxes (another layout "
+                       f"or size than '{layout.name}' at {layout.width}x{layout.height}); split by the layout alone")
+            record = None
         alpha = None
         if record is not None and record["alpha"].is_file():
             with Image.open(record["alpha"]) as mask:

@@ -401,3 +401,13 @@ SHAPE_REFERENCE = """<shape xmlns:android="http://schemas.android.com/apk/res/an
     <solid android:color="@color/bar"/>
 </shape>
 """
+
+
+def test_split_ignores_a_record_of_other_boxes(merged, tmp_path, capsys):
+    _, dataset, _ = merged
+    big = Image.open(dataset / "images" / "theme_dark.png").resize((1024, 1024))
+    big.save(tmp_path / "theme_dark.png")
+    run("--split", "--input", str(tmp_path / "theme_dark.png"), "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"))
+    assert "merged with other boxes" in capsys.readouterr().out
+    assert (tmp_path / "out" / "theme_dark" / "key_shift.9.png").is_file()  # the layout's names, box sizes
+    assert Image.open(tmp_path / "out" / "theme_dark" / "keyboard_bg.png").size == (960, 832)
