@@ -410,4 +410,4 @@ def test_split_ignores_a_record_of_other_boxes(merged, tmp_path, capsys):
     run("--split", "--input", str(tmp_path / "theme_dark.png"), "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"))
     assert "merged with other boxes" in capsys.readouterr().out
     assert (tmp_path / "out" / "theme_dark" / "key_shift.9.png").is_file()  # the layout's names, box sizes
-    assert Image.open(tmp_path / "out" / "theme_dark" / "keyboard_bg.png").size == (960, 832)
+    assert Image.open(tmp_path / "out" / "theme_dark" / "keyboard_bg.png").size == (480, 416)
