@@ -175,7 +175,9 @@ def score_rows(rows: list[dict], dataset_dir: Path, args: argparse.Namespace) ->
             duplicate_of = nearest
         reasons, why = [], []
         if layout_recall is not None and layout_recall < args.min_layout_recall:
-            why.append(f"only {layout_recall:.0%} of the layout's lines have an edge (--min_layout_recall {args.min_layout_recall:.0%})")
+            why.append(
+                f"only {layout_recall:.0%} of the layout's lines have an edge (--min_layout_recall {args.min_layout_recall:.0%})"
+            )
         if edges.f1 < args.min_edge_f1:
             why.append(f"edge F1 {edges.f1:.3f} < --min_edge_f1 {args.min_edge_f1}")
         if why:
@@ -221,7 +223,9 @@ def summary_of(scores: list[dict], args: argparse.Namespace) -> dict:
         "edge_f1_quantiles": {f"p{q}": round(float(np.percentile(f1, q)), 4) for q in (0, 10, 25, 50, 75, 90, 100)},
         "layout_recall_quantiles": {
             f"p{q}": round(float(np.percentile(recall, q)), 4) for q in (0, 10, 25, 50, 75, 90, 100)
-        } if recall.size else None,
+        }
+        if recall.size
+        else None,
         "settings": {
             k: getattr(args, k)
             for k in ("layout", "min_layout_recall", "min_edge_f1", "tolerance", "min_std", "max_hash_distance")

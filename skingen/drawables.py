@@ -182,7 +182,7 @@ def _selector_item(root: ET.Element, source: str, density: int) -> ShapeDrawable
 def _parse_shape(root: ET.Element, source: str, density: int) -> ShapeDrawable:
     kind = _attr(root, "shape") or "rectangle"
     if kind not in ("rectangle", "oval"):
-        raise SkingenError(f"{source}: <shape android:shape=\"{kind}\"> is not drawn by skingen (rectangle and oval are)")
+        raise SkingenError(f'{source}: <shape android:shape="{kind}"> is not drawn by skingen (rectangle and oval are)')
     colours: tuple = ((0, 0, 0, 0),)
     gradient, angle, radius, stroke_width, stroke_colour, size = "solid", 0.0, 0.0, 0.0, None, None
     for child in root:
@@ -194,7 +194,9 @@ def _parse_shape(root: ET.Element, source: str, density: int) -> ShapeDrawable:
             colours = tuple(parse_colour(c, where) for c in stops if c is not None)
             gradient = _attr(child, "type") or "linear"
             if gradient not in ("linear", "radial"):
-                raise SkingenError(f"{where}: gradient type {gradient!r} is not drawn by skingen (linear and radial are)")
+                raise SkingenError(
+                    f"{where}: gradient type {gradient!r} is not drawn by skingen (linear and radial are)"
+                )
             angle = float(_attr(child, "angle") or 0)
         elif child.tag == "corners":
             corner_keys = ("topLeftRadius", "topRightRadius", "bottomLeftRadius", "bottomRightRadius")

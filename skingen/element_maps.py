@@ -189,7 +189,9 @@ def parse_manifest(text: bytes, path: str, base: str, files: set[str], layout) -
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else path
-        raise SkingenError(f"{where}: invalid skin.yaml ({getattr(err, 'problem', None) or err}); fix or remove it") from None
+        raise SkingenError(
+            f"{where}: invalid skin.yaml ({getattr(err, 'problem', None) or err}); fix or remove it"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("elements", {}), dict):
         raise SkingenError(f"{path}: skin.yaml must be a mapping with 'elements' (element id -> file or layers)")
     unknown = sorted(set(data) - _MANIFEST_KEYS)
@@ -207,7 +209,9 @@ def parse_manifest(text: bytes, path: str, base: str, files: set[str], layout) -
             for name in getattr(rule, role):
                 relpath = str(PurePosixPath(base) / name) if base else name
                 if relpath not in files:
-                    raise SkingenError(f"{where}: {role} file '{name}' is not in the package; fix the name in skin.yaml")
+                    raise SkingenError(
+                        f"{where}: {role} file '{name}' is not in the package; fix the name in skin.yaml"
+                    )
                 layers[role] = (relpath,)
         resolved[element_id] = ElementRule(**layers, label=rule.label)
     missing = data.get("missing", [])

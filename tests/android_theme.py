@@ -118,9 +118,13 @@ def theme_files(theme: str) -> dict[str, bytes]:
         border = BORDER_BY_DENSITY[density]
         files[f"{folder}/btn_keyboard_key_normal.9.png"] = _png(_key_ninepatch(KEY_FILL[theme], border, scale))
         files[f"{folder}/btn_keyboard_key_pressed.9.png"] = _png(_key_ninepatch((*PRESSED, 255), PRESSED, scale))
-        files[f"{folder}/btn_keyboard_key_dark_normal.9.png"] = _png(_key_ninepatch(DARK_KEY_FILL[theme], border, scale))
+        files[f"{folder}/btn_keyboard_key_dark_normal.9.png"] = _png(
+            _key_ninepatch(DARK_KEY_FILL[theme], border, scale)
+        )
         for state in ("pressed", "on"):
-            files[f"{folder}/btn_keyboard_key_dark_{state}.9.png"] = _png(_key_ninepatch((*PRESSED, 255), PRESSED, scale))
+            files[f"{folder}/btn_keyboard_key_dark_{state}.9.png"] = _png(
+                _key_ninepatch((*PRESSED, 255), PRESSED, scale)
+            )
         files[f"{folder}/btn_keyboard_key_dark_off.9.png"] = _png(_key_ninepatch((*PRESSED, 120), PRESSED, scale))
         if density in ICON_DENSITIES:
             for kind in ICONS:

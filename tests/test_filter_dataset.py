@@ -156,8 +156,9 @@ def test_the_layout_merge_elements_recorded_is_used_for_every_row(dataset):
 def test_defaults_keep_aligned_skins_of_every_stock_layout_and_say_why_others_go(tmp_path):
     """Real-like skins (synthetic packages, Android themes) pass the defaults in every stock layout; the same
     atlases with their layers shifted by 3% of the canvas are dropped, with the reason spelled out."""
-    import merge_elements
     from android_theme import write_themes
+
+    import merge_elements
 
     load_script("scripts/make_synthetic_skins.py").make_synthetic_skins(tmp_path / "skins", 3, seed=7)
     write_themes(tmp_path / "android")

@@ -80,8 +80,15 @@ def test_ties_and_the_largest_image_rule_are_visible_in_verbose(tmp_path, capsys
         Image.new("RGBA", size, (255, 255, 255, 255)).save(package / folder / "sym_keyboard_delete.png")
     for old in package.glob("res/drawable-*/sym_keyboard_delete.png"):
         old.unlink()
-    run("--packages_dir", str(tmp_path / "pkgs"), "--element_map", "android", "--output_dir", str(tmp_path / "ds"),
-        "--verbose")
+    run(
+        "--packages_dir",
+        str(tmp_path / "pkgs"),
+        "--element_map",
+        "android",
+        "--output_dir",
+        str(tmp_path / "ds"),
+        "--verbose",
+    )
     out = capsys.readouterr().out
     line = next(text for text in out.splitlines() if "key_delete.icon" in text)
     assert "theme_a/sym_keyboard_delete.png" in line and "largest (40x40)" in line and "TIE" in line
@@ -92,14 +99,17 @@ def test_ties_and_the_largest_image_rule_are_visible_in_verbose(tmp_path, capsys
 
 def test_manifest_wins_over_the_map_and_names_missing_elements(tmp_path):
     package = write_theme(tmp_path / "pkg", "dark")
-    (package / "skin.yaml").write_text(textwrap.dedent("""\
+    (package / "skin.yaml").write_text(
+        textwrap.dedent("""\
         elements:
           key_shift:
             background: res/drawable-mdpi/btn_keyboard_key_dark_pressed.9.png
             icon: res/drawable-mdpi/sym_keyboard_shift_locked.png
             label: {text: "大写", colour: "#00ff00", size: 0.2}
         missing: [key_emoji]
-        """), encoding="utf-8")
+        """),
+        encoding="utf-8",
+    )
     _, placements = merge_package(package, LAYOUT, ANDROID)
     by_id = {p["id"]: p for p in placements}
     assert by_id["key_shift"]["source"] == "res/drawable-mdpi/btn_keyboard_key_dark_pressed.9.png"
@@ -107,7 +117,9 @@ def test_manifest_wins_over_the_map_and_names_missing_elements(tmp_path):
     assert by_id["key_shift"]["layers"][2]["text"] == "大写"
     assert "key_emoji" not in by_id and "key_delete" in by_id  # the map still finds what the manifest leaves out
     (package / "skin.yaml").write_text("elements:\n  key_shift: no_such_file.png\n", encoding="utf-8")
-    with pytest.raises(SkingenError, match=r"skin.yaml: element 'key_shift': background file 'no_such_file.png' is not in"):
+    with pytest.raises(
+        SkingenError, match=r"skin.yaml: element 'key_shift': background file 'no_such_file.png' is not in"
+    ):
         merge_package(package, LAYOUT, ANDROID)
 
 
@@ -201,7 +213,8 @@ def test_xml_shapes_render_and_other_xml_drawables_are_named(merged, tmp_path):
     assert pixels[-3, 256, 0] > 100  # #80C0FF at the bottom
     package = write_theme(tmp_path / "pkg", "light")
     (package / "res/drawable/keyboard_suggest_strip.xml").write_text(
-        '<layer-list xmlns:android="http://schemas.android.com/apk/res/android"/>', encoding="utf-8")
+        '<layer-list xmlns:android="http://schemas.android.com/apk/res/android"/>', encoding="utf-8"
+    )
     with pytest.raises(SkingenError, match=r"keyboard_suggest_strip.xml': XML drawable <layer-list> is not drawn"):
         merge_package(package, LAYOUT, ANDROID)
     with open_package(package) as opened:  # a <selector> follows its normal-state item to the PNG
@@ -240,8 +253,15 @@ def test_split_writes_no_file_for_an_element_the_package_lacked(tmp_path):
         icon.unlink()
     (package / "skin.yaml").write_text("missing: [key_emoji]\nelements: {}\n", encoding="utf-8")
     run("--packages_dir", str(tmp_path / "pkgs"), "--element_map", "android", "--output_dir", str(tmp_path / "ds"))
-    run("--split", "--input", str(tmp_path / "ds" / "images"), "--dataset_dir", str(tmp_path / "ds"),
-        "--output_dir", str(tmp_path / "out"))
+    run(
+        "--split",
+        "--input",
+        str(tmp_path / "ds" / "images"),
+        "--dataset_dir",
+        str(tmp_path / "ds"),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
     split = tmp_path / "out" / "no_emoji"
     assert not (split / "key_emoji.9.png").exists() and "key_emoji" in (split / "skin.yaml").read_text()
     run("--packages_dir", str(tmp_path / "out"), "--output_dir", str(tmp_path / "again"))
@@ -265,14 +285,19 @@ def test_symlinks_out_of_a_package_are_refused(tmp_path):
     Image.new("RGB", (4, 4)).save(secret)
     package = write_theme(tmp_path / "pkgs" / "linked", "dark")
     os.symlink(secret, package / "res" / "drawable" / "keyboard_background_link.png")
-    with pytest.raises(SkingenError, match=r"'res/drawable/keyboard_background_link.png' is a symbolic link to .*secret.png, outside the package"):
+    with pytest.raises(
+        SkingenError,
+        match=r"'res/drawable/keyboard_background_link.png' is a symbolic link to .*secret.png, outside the package",
+    ):
         run("--packages_dir", str(tmp_path / "pkgs"), "--output_dir", str(tmp_path / "ds"))
     archive = tmp_path / "zipped.zip"
     with zipfile.ZipFile(archive, "w") as zipped:
         info = zipfile.ZipInfo("res/drawable/keyboard_background.png")
-        info.external_attr = (0o120777 << 16)
+        info.external_attr = 0o120777 << 16
         zipped.writestr(info, "../../../etc/passwd")
-    with pytest.raises(SkingenError, match=r"zipped.zip: zip entry 'res/drawable/keyboard_background.png' is a symbolic link"):
+    with pytest.raises(
+        SkingenError, match=r"zipped.zip: zip entry 'res/drawable/keyboard_background.png' is a symbolic link"
+    ):
         open_package(archive)
 
 
@@ -290,8 +315,8 @@ def test_a_killed_merge_keeps_the_rows_it_finished(tmp_path):
                 os._exit(9)
             return real(*args, **kwargs)
         merge_elements.compose_package = dying
-        merge_elements.main(["--packages_dir", {str(tmp_path / 'pkgs')!r}, "--element_map", "android",
-                             "--output_dir", {str(tmp_path / 'ds')!r}])
+        merge_elements.main(["--packages_dir", {str(tmp_path / "pkgs")!r}, "--element_map", "android",
+                             "--output_dir", {str(tmp_path / "ds")!r}])
     """)
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 9
@@ -303,8 +328,11 @@ def test_a_killed_merge_keeps_the_rows_it_finished(tmp_path):
 def test_nothing_to_merge_is_an_error(tmp_path, capsys, kind):
     pkgs = tmp_path / "pkgs"
     pkgs.mkdir()
-    expected = {"no packages": "no skin packages inside", "empty package": "the package is empty",
-                "nothing merged": "no package could be merged"}[kind]
+    expected = {
+        "no packages": "no skin packages inside",
+        "empty package": "the package is empty",
+        "nothing merged": "no package could be merged",
+    }[kind]
     if kind != "no packages":
         (pkgs / "empty").mkdir()
     extra = ["--skip_incomplete"] if kind == "nothing merged" else []
@@ -368,8 +396,14 @@ def test_split_removes_what_a_killed_split_left(tmp_path):
     [
         ("name: m\nelements:\n  key_shift: {icon: []}\n", r"element 'key_shift': 'icon' must be a file-name glob"),
         ("name: m\nelements:\n  key_shift: {sticker: [a]}\n", r"element 'key_shift': unknown key\(s\) \['sticker'\]"),
-        ("name: m\nelements:\n  key_num: {label: {text: '123', size: 3}}\n", r"label 'size' is a share of the box height"),
-        ("name: m\nelements:\n  key_num: {label: {text: '123', colour: red}}\n", r"colour 'red' is not drawn by skingen"),
+        (
+            "name: m\nelements:\n  key_num: {label: {text: '123', size: 3}}\n",
+            r"label 'size' is a share of the box height",
+        ),
+        (
+            "name: m\nelements:\n  key_num: {label: {text: '123', colour: red}}\n",
+            r"colour 'red' is not drawn by skingen",
+        ),
         ("name: m\nelements: [\n", r"map.yaml:\d+: invalid YAML"),
         ("name: m\nelements:\n  no_such_element: [a*]\n", r"names none of the elements of layout 'key_elements'"),
     ],
@@ -407,7 +441,15 @@ def test_split_ignores_a_record_of_other_boxes(merged, tmp_path, capsys):
     _, dataset, _ = merged
     big = Image.open(dataset / "images" / "theme_dark.png").resize((1024, 1024))
     big.save(tmp_path / "theme_dark.png")
-    run("--split", "--input", str(tmp_path / "theme_dark.png"), "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"))
+    run(
+        "--split",
+        "--input",
+        str(tmp_path / "theme_dark.png"),
+        "--dataset_dir",
+        str(dataset),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
     assert "merged with other boxes" in capsys.readouterr().out
     assert (tmp_path / "out" / "theme_dark" / "key_shift.9.png").is_file()  # the layout's names, box sizes
     assert Image.open(tmp_path / "out" / "theme_dark" / "keyboard_bg.png").size == (480, 416)
