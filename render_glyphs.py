@@ -7,7 +7,9 @@ each row's own text (``reference_glyph``).
     python render_glyphs.py --dataset_dir datasets/keyboard_512 --mode reference --reference_image ref.png
 
 Writes ``conditioning_images/`` and sets each row's ``conditioning_image`` (glyph modes
-also ``box`` + ``texts``) in ``train.jsonl``, keeping every other field. A rerun skips
+also ``box`` + ``texts``) in ``train.jsonl``, keeping every other field. ``--output_column`` writes another kind
+next to it (``--mode canny --output_column conditioning_image_canny``: folder ``conditioning_image_canny/``), for a
+ControlNet trained on several conditioning columns. A rerun skips
 rows already done with the same settings (kept in ``conditioning_images/settings.json``), so an
 interrupted run resumes (train.jsonl is saved after every batch) and changed settings redo everything;
 ``--overwrite`` redoes it all anyway. Temp files of a run killed midway are removed first.
@@ -43,10 +45,20 @@ GLYPH_MODES = ("glyph", "reference_glyph")  # OCR text drawn onto a shared base 
 SETTINGS_NAME = f"{CONDITIONING_DIR}/settings.json"
 
 
+def output_folder(column: str) -> str:
+    """Where a column's images go: ``conditioning_images/`` for ``conditioning_image``, else the column's name."""
+    return CONDITIONING_DIR if column == "conditioning_image" else column
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", type=str, default=None, help="Dataset folder with train.jsonl and images/.")
     parser.add_argument("--mode", type=str, default=None, choices=MODES)
+    parser.add_argument(
+        "--output_column", type=str, default="conditioning_image",
+        help="Row key to write (default conditioning_image); e.g. conditioning_image_canny keeps the existing "
+        "conditioning images and adds a second kind in its own folder.",
+    )
     parser.add_argument(
         "--reference_image",
         type=str,
@@ -103,6 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--mode {args.mode} needs --reference_image PATH (the skin whose edges every row shares)")
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
+    if not args.output_column.startswith("conditioning_image") or not args.output_column.replace("_", "").isalnum():
+        parser.error(f"--output_column {args.output_column}: use conditioning_image or conditioning_image_<kind> "
+                     "(letters, digits, underscores)")
     return args
 
 
@@ -110,19 +125,22 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     dataset_dir = Path(args.dataset_dir)
     checked = data.read_checked_rows(dataset_dir, rows.RENDER)
-    removed = remove_stale_temp_files(dataset_dir) + remove_stale_temp_files(dataset_dir / CONDITIONING_DIR, True)
+    removed = remove_stale_temp_files(dataset_dir) + remove_stale_temp_files(dataset_dir / output_folder(args.output_column), True)
     if removed:
         print(f"removed {removed} temp file(s) left by an interrupted run")
     reference = load_reference(args) if args.mode.startswith("reference") else None
     layout = dataset_layout(args, dataset_dir, checked) if args.mode in ("template", "glyph") else None
     font = find_cjk_font(args.font) if args.mode in GLYPH_MODES else None
-    settings_changed = start_run(dataset_dir, checked, run_settings(args, layout, font))
+    folder = output_folder(args.output_column)
+    settings_changed = start_run(dataset_dir, checked, run_settings(args, layout, font), args.output_column)
     if args.mode == "template":
         render_shared(
-            args, dataset_dir, checked, TEMPLATE_NAME, lambda: render_template(layout).convert("RGB"), settings_changed
+            args, dataset_dir, checked, TEMPLATE_NAME.replace(CONDITIONING_DIR, folder, 1),
+            lambda: render_template(layout).convert("RGB"), settings_changed,
         )
     elif args.mode == "reference":
-        render_shared(args, dataset_dir, checked, REFERENCE_NAME, lambda: reference, settings_changed)
+        render_shared(args, dataset_dir, checked, REFERENCE_NAME.replace(CONDITIONING_DIR, folder, 1), lambda: reference,
+                      settings_changed)
     else:
         base = None
         if args.mode == "glyph":
@@ -159,19 +177,19 @@ def run_settings(args, layout, font) -> dict:
     return settings
 
 
-def start_run(dataset_dir: Path, checked: list[rows.Row], settings: dict) -> bool:
+def start_run(dataset_dir: Path, checked: list[rows.Row], settings: dict, column: str = "conditioning_image") -> bool:
     """Record this run's settings beside its images. If they differ from the last run's (another mode,
     thresholds, layout...), rows forget their conditioning images first, so none counts as done."""
-    path = dataset_dir / SETTINGS_NAME
+    path = dataset_dir / SETTINGS_NAME.replace(CONDITIONING_DIR, output_folder(column), 1)
     try:
         recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, json.JSONDecodeError):
         recorded = None
     if recorded == settings:
         return False
-    if any("conditioning_image" in row.raw for row in checked):
+    if any(column in row.raw for row in checked):
         for row in checked:
-            row.raw.pop("conditioning_image", None)
+            row.raw.pop(column, None)
         save_rows(dataset_dir, checked)
     atomic_write_json(path, settings)
     return True
@@ -186,9 +204,9 @@ def render_shared(args, dataset_dir: Path, checked: list[rows.Row], name: str, d
     path = dataset_dir / name
     if args.overwrite or settings_changed or not path.is_file():
         atomic_save_image(draw(), path)
-    changed = [row for row in checked if row.raw.get("conditioning_image") != name]
+    changed = [row for row in checked if row.raw.get(args.output_column) != name]
     for row in changed:
-        row.raw["conditioning_image"] = name
+        row.raw[args.output_column] = name
     if changed:
         save_rows(dataset_dir, checked)
     print(f"{args.mode}: {path} shared by {len(checked)} rows ({len(changed)} rows updated)")
@@ -197,7 +215,7 @@ def render_shared(args, dataset_dir: Path, checked: list[rows.Row], name: str, d
 def render_per_image(args, dataset_dir: Path, checked: list[rows.Row], base: Image.Image | None, font) -> None:
     """Canny or glyph images, one per row, in batches; rows are saved after each batch so a rerun resumes."""
     glyph = args.mode in GLYPH_MODES
-    todo = [row for row in checked if args.overwrite or not is_done(dataset_dir, row, glyph)]
+    todo = [row for row in checked if args.overwrite or not is_done(dataset_dir, row, glyph, args.output_column)]
     print(f"{args.mode}: {len(checked)} rows, {len(checked) - len(todo)} already done, {len(todo)} to render")
     if not todo:
         return
@@ -209,7 +227,7 @@ def render_per_image(args, dataset_dir: Path, checked: list[rows.Row], base: Ima
             images = [open_rgb(row.image.path, row.where) for row in batch]
             lines = ocr.read_batch([np.asarray(image) for image in images]) if glyph else [None] * len(batch)
             for row, image, image_lines in zip(batch, images, lines):
-                target = conditioning_path_for(row.image.rel)
+                target = conditioning_path_for(row.image.rel, output_folder(args.output_column))
                 if glyph:
                     check_same_size(base, image, row, args.mode)
                     good = keep_ocr_lines(image_lines, image.size, args.min_confidence, counts)
@@ -219,7 +237,7 @@ def render_per_image(args, dataset_dir: Path, checked: list[rows.Row], base: Ima
                 else:
                     control = canny_control(image, args.low_threshold, args.high_threshold)
                 atomic_save_image(control, dataset_dir / target)
-                row.raw["conditioning_image"] = target
+                row.raw[args.output_column] = target
                 progress.update(1)
             save_rows(dataset_dir, checked)
     if glyph:
@@ -236,19 +254,19 @@ def render_per_image(args, dataset_dir: Path, checked: list[rows.Row], base: Ima
             )
 
 
-def is_done(dataset_dir: Path, row: rows.Row, glyph: bool) -> bool:
-    target = conditioning_path_for(row.image.rel)
-    if row.raw.get("conditioning_image") != target or not (dataset_dir / target).is_file():
+def is_done(dataset_dir: Path, row: rows.Row, glyph: bool, column: str = "conditioning_image") -> bool:
+    target = conditioning_path_for(row.image.rel, output_folder(column))
+    if row.raw.get(column) != target or not (dataset_dir / target).is_file():
         return False
     return not glyph or ("box" in row.raw and "texts" in row.raw)
 
 
-def conditioning_path_for(image_rel: str) -> str:
+def conditioning_path_for(image_rel: str, folder: str = CONDITIONING_DIR) -> str:
     """``images/a/b.jpg`` -> ``conditioning_images/a/b.png`` (keeping sub-folders avoids name clashes)."""
     rel = Path(image_rel)
     if rel.parts and rel.parts[0] == "images":
         rel = Path(*rel.parts[1:])
-    return (Path(CONDITIONING_DIR) / rel.with_suffix(".png")).as_posix()
+    return (Path(folder) / rel.with_suffix(".png")).as_posix()
 
 
 def dataset_layout(args, dataset_dir: Path, checked: list[rows.Row]) -> Layout:

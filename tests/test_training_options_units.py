@@ -168,3 +168,30 @@ def test_option_names_cover_diffusers_choices():
     from skingen.training_options import conditioning_dropout
 
     assert conditioning_dropout(args) == [0.25, 0.25]
+
+
+def test_render_glyphs_writes_a_second_conditioning_kind_beside_the_first(tmp_path, capsys):
+    from PIL import Image, ImageDraw
+    from repo_scripts import load_script
+
+    from skingen import data
+
+    render_glyphs = load_script("render_glyphs.py")
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        image = Image.new("RGB", (64, 48), (30, 60, 90))
+        ImageDraw.Draw(image).rectangle((10 + i, 10, 40, 30), fill=(250, 250, 250))
+        image.save(tmp_path / "images" / f"{i}.png")
+    data.write_rows(tmp_path, [{"image": f"images/{i}.png", "text": f"skin {i}"} for i in range(2)])
+
+    render_glyphs.main(["--dataset_dir", str(tmp_path), "--mode", "canny"])
+    first = {row["image"]: (tmp_path / row["conditioning_image"]).read_bytes() for row in data.read_rows(tmp_path)}
+    render_glyphs.main(["--dataset_dir", str(tmp_path), "--mode", "canny", "--output_column", "conditioning_image_canny",
+                        "--low_threshold", "10", "--high_threshold", "30"])
+    rows = data.read_rows(tmp_path)
+    assert [row["conditioning_image_canny"] for row in rows] == ["conditioning_image_canny/0.png",
+                                                                 "conditioning_image_canny/1.png"]
+    assert all((tmp_path / row["conditioning_image"]).read_bytes() == first[row["image"]] for row in rows)
+    capsys.readouterr()
+    render_glyphs.main(["--dataset_dir", str(tmp_path), "--mode", "canny"])  # the first kind is still done
+    assert "2 already done, 0 to render" in capsys.readouterr().out
