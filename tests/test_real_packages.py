@@ -453,3 +453,17 @@ def test_split_ignores_a_record_of_other_boxes(merged, tmp_path, capsys):
     assert "merged with other boxes" in capsys.readouterr().out
     assert (tmp_path / "out" / "theme_dark" / "key_shift.9.png").is_file()  # the layout's names, box sizes
     assert Image.open(tmp_path / "out" / "theme_dark" / "keyboard_bg.png").size == (480, 416)
+
+
+def test_a_zipped_theme_with_a_top_folder_and_manifest_merges_like_the_folder(tmp_path):
+    folder = write_theme(tmp_path / "folder", "semi")
+    (folder / "skin.yaml").write_text("elements:\n  key_shift: res/drawable-mdpi/btn_keyboard_key_dark_on.9.png\n")
+    archive = tmp_path / "zipped.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            zipped.write(path, f"theme/{path.relative_to(folder).as_posix()}")
+    from_folder, _ = merge_package(folder, LAYOUT, ANDROID)
+    from_zip, placements = merge_package(archive, LAYOUT, ANDROID)
+    assert np.array_equal(np.asarray(from_folder), np.asarray(from_zip))
+    shift = next(p for p in placements if p["id"] == "key_shift")
+    assert shift["source"] == "theme/res/drawable-mdpi/btn_keyboard_key_dark_on.9.png"  # the manifest, in the zip
