@@ -118,7 +118,9 @@ class Row:
         return ref.size if ref else None
 
 
-class _Problem(Exception):
+class FieldProblem(Exception):
+    """One field's problem, raised by the field checks (:meth:`FolderImages.locate`, :func:`parse_boxes`, ...)."""
+
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.problem = Problem(kind, message)
@@ -145,9 +147,9 @@ class FolderImages:
     def locate(self, value: Any, key: str) -> ImageRef:
         if not isinstance(value, str) or not value.strip():
             shown = "missing" if value is None else f"a {type(value).__name__} ({_short(value)})"
-            raise _Problem("bad path", f"{key!r} must be an image path relative to the dataset folder, got {shown}")
+            raise FieldProblem("bad path", f"{key!r} must be an image path relative to the dataset folder, got {shown}")
         if _is_unsafe_relative(value):
-            raise _Problem(
+            raise FieldProblem(
                 "path outside dataset",
                 f"{key!r} path {value!r} leaves the dataset folder (absolute or '..'); "
                 f"make it relative to {self.base} and keep the file inside it",
@@ -156,18 +158,18 @@ class FolderImages:
         absolute = self.base / rel
         real = absolute.resolve()
         if real != self.real_base and self.real_base not in real.parents:
-            raise _Problem(
+            raise FieldProblem(
                 "path outside dataset",
                 f"{key!r} file {value!r} is a symlink to {real}, outside the dataset folder {self.real_base}; "
                 "copy the file into the folder instead of linking it",
             )
         if absolute not in self._sizes:
             if not absolute.is_file():
-                raise _Problem("image not found", f"{key!r} file {value!r} not found (looked for {absolute})")
+                raise FieldProblem("image not found", f"{key!r} file {value!r} not found (looked for {absolute})")
             try:
                 self._sizes[absolute] = header_size(lambda: absolute)
             except UnreadableImage as err:
-                raise _Problem(err.kind, f"{key!r} file {value!r} {err.reason}") from None
+                raise FieldProblem(err.kind, f"{key!r} file {value!r} {err.reason}") from None
         return ImageRef(str(absolute), rel, self._sizes[absolute])
 
 
@@ -178,7 +180,7 @@ class StoredImages:
         if isinstance(value, str):
             value = {"bytes": None, "path": value}
         if not isinstance(value, dict) or (value.get("bytes") is None and not value.get("path")):
-            raise _Problem("bad path", f"{key!r} holds no image ({type(value).__name__})")
+            raise FieldProblem("bad path", f"{key!r} holds no image ({type(value).__name__})")
         data = value.get("bytes")
         try:
             if data is not None:
@@ -187,7 +189,7 @@ class StoredImages:
                 size = header_size(lambda: value["path"])
         except UnreadableImage as err:
             label = "image bytes" if data is not None else f"file {value['path']!r}"
-            raise _Problem(err.kind, f"{key!r} {label} {err.reason}") from None
+            raise FieldProblem(err.kind, f"{key!r} {label} {err.reason}") from None
         return ImageRef(value, None, size)
 
 
@@ -213,27 +215,27 @@ def quad_area(quad: Sequence[Sequence[float]]) -> float:
 
 
 def parse_boxes(raw: Any) -> list[list[list[float]]]:
-    """``box`` as a list of 4-point float quads; a ``_Problem`` for anything else (first bad box named)."""
+    """``box`` as a list of 4-point float quads; a ``FieldProblem`` for anything else (first bad box named)."""
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise _Problem(
+        raise FieldProblem(
             "bad box", f"'box' must be a list of 4-point quads [[x, y] x4], got a {type(raw).__name__} ({_short(raw)})"
         )
     quads = []
     for number, quad in enumerate(raw, start=1):
         shape_ok = isinstance(quad, list) and len(quad) == 4 and all(isinstance(p, list) and len(p) == 2 for p in quad)
         if not shape_ok or not all(_is_number(v) for point in quad for v in point):
-            raise _Problem(
+            raise FieldProblem(
                 "bad box",
                 f"box {number} is {_short(quad)}: expected 4 [x, y] points like [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]",
             )
         if not all(math.isfinite(v) for point in quad for v in point):
-            raise _Problem("bad box", f"box {number} has a coordinate that is not a finite number ({_short(quad)})")
+            raise FieldProblem("bad box", f"box {number} has a coordinate that is not a finite number ({_short(quad)})")
         points = [[float(x), float(y)] for x, y in quad]
         area = quad_area(points)
         if area < MIN_BOX_AREA:
-            raise _Problem(
+            raise FieldProblem(
                 "empty box",
                 f"box {number} {_short(quad)} has an area of {area:g} px² (its points are on a line or the same "
                 "point); give the four corners of the text or drop the box and its text",
@@ -248,7 +250,7 @@ def check_box_bounds(quads: list, size: tuple[int, int]) -> None:
     for number, quad in enumerate(quads, start=1):
         for x, y in quad:
             if not (-tolerance <= x <= width + tolerance and -tolerance <= y <= height + tolerance):
-                raise _Problem(
+                raise FieldProblem(
                     "box outside image",
                     f"box {number} point ({x:g}, {y:g}) lies outside the {width}x{height} image "
                     f"(tolerance {tolerance:g} px); boxes are in the image's own pixels",
@@ -256,11 +258,11 @@ def check_box_bounds(quads: list, size: tuple[int, int]) -> None:
 
 
 def row_texts(raw_texts: Any, quads: list, caption: str | None) -> list[str]:
-    """The strings of the boxes: ``texts``, else ``writing "..."`` in the caption; a ``_Problem`` unless one per box."""
+    """The strings of the boxes: ``texts``, else ``writing "..."`` in the caption; a ``FieldProblem`` unless one per box."""
     if raw_texts is None:
         texts = texts_from_caption(caption, box_count=len(quads)) if quads and caption else []
         if len(texts) != len(quads):
-            raise _Problem(
+            raise FieldProblem(
                 "texts/box mismatch",
                 f'{len(quads)} box(es) but the caption names {len(texts)} text(s) with writing "..." (neither '
                 "one quoted string per box nor one space-separated word per box) and the row has no 'texts'; "
@@ -268,9 +270,9 @@ def row_texts(raw_texts: Any, quads: list, caption: str | None) -> list[str]:
             )
         return texts
     if not isinstance(raw_texts, list) or not all(isinstance(t, str) for t in raw_texts):
-        raise _Problem("texts/box mismatch", f"'texts' must be a list of strings, got {_short(raw_texts)}")
+        raise FieldProblem("texts/box mismatch", f"'texts' must be a list of strings, got {_short(raw_texts)}")
     if len(raw_texts) != len(quads):
-        raise _Problem(
+        raise FieldProblem(
             "texts/box mismatch",
             f"'texts' has {len(raw_texts)} entries but 'box' has {len(quads)}; they must align one text per box",
         )
@@ -294,12 +296,12 @@ def _boxes_and_texts(raw_box, raw_texts, caption, size, problems: list[Problem])
         quads = parse_boxes(raw_box)
         if quads and size is not None:
             check_box_bounds(quads, size)
-    except _Problem as err:
+    except FieldProblem as err:
         problems.append(err.problem)
         return [], []
     try:
         return quads, row_texts(raw_texts, quads, caption)
-    except _Problem as err:
+    except FieldProblem as err:
         problems.append(err.problem)
         return quads, []
 
@@ -366,7 +368,7 @@ def check_row(
             continue
         try:
             located[role] = images.locate(raw[key], key)
-        except _Problem as err:
+        except FieldProblem as err:
             problems.append(err.problem)
 
     quads, texts = [], []
@@ -411,6 +413,6 @@ def box_problem(quad: Any, size: tuple[int, int]) -> str | None:
     """Why a single box (e.g. an OCR quad about to be written) would fail the row check, or None when it passes."""
     try:
         check_box_bounds(parse_boxes([quad]), size)
-    except _Problem as err:
+    except FieldProblem as err:
         return err.problem.kind
     return None

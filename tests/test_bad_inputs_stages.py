@@ -479,3 +479,32 @@ def test_resuming_is_refused_without_safe_loading(tmp_path, monkeypatch):
     with pytest.raises(SkingenError, match="weights_only"):
         resolve_resume_checkpoint(tmp_path, "checkpoint-5")
     assert resolve_resume_checkpoint(tmp_path / "fresh", "latest") is None  # nothing to load: a first run starts
+
+
+def test_ocr_lines_the_rows_could_not_use_are_dropped_and_counted():
+    from skingen.glyphs import GlyphCounts, keep_ocr_lines
+    from skingen.ocr import TextLine
+
+    lines = [
+        TextLine([[2, 2], [20, 2], [20, 8], [2, 8]], "前往", 0.99),
+        TextLine([[2, 2], [20, 2], [20, 8], [2, 8]], "搜索", 0.50),  # not sure enough
+        TextLine([[2, 2], [20, 2], [20, 8], [2, 8]], "  ", 0.99),  # nothing to draw
+        TextLine([[5, 5], [5, 5], [5, 5], [5, 5]], "点", 0.99),  # no area
+        TextLine([[2, 2], [90, 2], [90, 8], [2, 8]], "外", 0.99),  # past the 32x16 image
+    ]
+    counts = GlyphCounts()
+    kept = keep_ocr_lines(lines, SIZE, 0.98, counts)
+    assert [line.text for line in kept] == ["前往"]
+    assert (counts.found, counts.kept, counts.low_score, counts.unusable_box) == (5, 1, 2, 2)
+    keep_ocr_lines(lines[1:2], SIZE, 0.98, counts)
+    assert counts.rows_without_text == 1
+
+
+def test_validate_checks_the_validation_split_too(tmp_path, capsys):
+    root = make_dataset(tmp_path / "ds", n=3)
+    write_rows(root, [row(2, box=[[[0, 0], [99, 0], [99, 5], [0, 5]]])], split="validation")
+    write_rows(root, [row(0), row(1)])
+    code, out, _ = run("dataset_tool", ["validate", root], capsys)
+    assert code == 1
+    assert f"{root / 'validation.jsonl'}:1: box 1 point (99, 0) lies outside the 32x16 image" in out
+    assert f"{root / 'train.jsonl'}" in out and "rows: 2   ok: 2   bad: 0" in out
