@@ -101,7 +101,7 @@ def _box_size(row: dict, control: str | None, where: str) -> tuple[int, int] | N
         raise SkingenError(f'{where}: "box" needs "box_size" or a "conditioning_image" to say which pixels it is in')
     try:
         return rows.FolderImages(Path(control).parent).locate(Path(control).name, "conditioning_image").size
-    except rows._Problem as err:
+    except rows.FieldProblem as err:
         raise SkingenError(f"{where}: {err.problem.message}") from None
 
 
@@ -121,7 +121,7 @@ def load_results_pairs(results_dir: str) -> list[EvalPair]:
         where = f"{listing}:{lineno}"
         try:
             output = outputs.locate(row.get("output"), "output")
-        except rows._Problem as err:
+        except rows.FieldProblem as err:
             raise SkingenError(f"{where}: {err.problem.message}") from None
         control = _control_path(row.get("conditioning_image"), where)
         prompt = row.get("prompt", "")
