@@ -8,8 +8,12 @@ the warm-up steps; "1st step s" is the time from the start to the end of the fir
 the first, slowest step).
 
     python bench/train_step.py                              # CPU, tiny `small` preset at 256 px
+    python bench/train_step.py --threads 1 --options all   # + each trainer option's overhead
     python bench/train_step.py --device cuda --sdxl_shaped --resolution 1024 --mixed_precision bf16 \
         --gradient_checkpointing --batch_size 1             # real SDXL UNet/ControlNet shapes, random weights
+
+Trainer options (``--options ema snr_gamma ...``, or ``--options all``) are each timed in their own run with cached
+latents, and compared with the plain cached run: the step-time overhead of each option.
 
 Peak memory: CUDA ``torch.cuda.max_memory_allocated`` over the measured steps; CPU the process's peak
 resident set size (``resource`` max RSS, setup included). An extra loss (e.g. the OCR text loss) plugs in
@@ -31,6 +35,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# Trainer options and the flags that turn each on (kohya/diffusers values typical for SDXL).
+OPTIONS = {
+    "ema": ["--use_ema"],
+    "snr_gamma": ["--snr_gamma", "5.0"],
+    "noise_offset": ["--noise_offset", "0.05"],
+    "input_perturbation": ["--input_perturbation", "0.1"],
+    "buckets": ["--enable_bucket", "--min_bucket_reso", "64", "--max_bucket_reso", "1024", "--bucket_reso_steps", "64"],
+    "unet_lora": ["--unet_lora_rank", "4"],
+    "two_conditions": ["--conditioning_image_column", "conditioning_image", "conditioning_image_canny"],
+}
 sys.path.insert(0, str(REPO))
 
 # stable-diffusion-xl-base-1.0/unet/config.json (architecture keys).
@@ -99,13 +113,15 @@ def write_dataset(out_dir: Path, rows: int, resolution: int, boxes_per_row: int 
             boxes.append([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
         control.save(out_dir / "conditioning_images" / f"{i}.png")
         lines.append(json.dumps({"text": f"a keyboard skin {i}, iflyskin", "image": f"images/{i}.png",
-                                 "conditioning_image": f"conditioning_images/{i}.png", "box": boxes,
+                                 "conditioning_image": f"conditioning_images/{i}.png",
+                                 "conditioning_image_canny": f"conditioning_images/{i}.png", "box": boxes,
                                  "texts": ["前往"] * boxes_per_row}, ensure_ascii=False))
     (out_dir / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out_dir
 
 
-def measure(options: argparse.Namespace, model_dir: Path, data_dir: Path, cache_latents: bool, extra_loss=None) -> dict:
+def measure(options: argparse.Namespace, model_dir: Path, data_dir: Path, cache_latents: bool, extra_loss=None,
+            extra_argv: list[str] | None = None) -> dict:
     """Train ``warmup + steps`` steps and time them (run in a fresh process for an honest peak memory)."""
     import torch
 
@@ -121,14 +137,17 @@ def measure(options: argparse.Namespace, model_dir: Path, data_dir: Path, cache_
     ]
     if options.gradient_checkpointing:
         argv.append("--gradient_checkpointing")
+    argv += extra_argv or []
     args = parse_training_args(build_arg_parser(), argv)
     cuda = options.device == "cuda"
     times: list[float] = []
+    cpu_times: list[float] = []  # process CPU time: steadier than wall time on a shared machine
 
     def on_step(step: int, logs: dict) -> None:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter())
+        cpu_times.append(time.process_time())
         if cuda and step == options.warmup:
             torch.cuda.reset_peak_memory_stats()
 
@@ -137,13 +156,15 @@ def measure(options: argparse.Namespace, model_dir: Path, data_dir: Path, cache_
     step_times = [b - a for a, b in zip(times[options.warmup - 1 :], times[options.warmup :])] if options.warmup else \
         [b - a for a, b in zip(times, times[1:])]
     step_s = statistics.median(step_times)
+    first = max(options.warmup - 1, 0)
+    cpu_step_s = statistics.median([b - a for a, b in zip(cpu_times[first:], cpu_times[first + 1:])])
     if cuda:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {
         "caching": cache_latents, "first_step_s": round(times[0] - start, 2), "step_s": round(step_s, 4),
-        "mean_step_s": round(statistics.fmean(step_times), 4),
+        "mean_step_s": round(statistics.fmean(step_times), 4), "cpu_step_s": round(cpu_step_s, 4),
         "samples_per_s": round(options.batch_size / step_s, 3), "peak_memory_mb": round(peak_mb, 1),
     }
 
@@ -166,7 +187,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text_loss_max_timestep", type=int, default=1000,
                         help="Text loss where t <= this; 1000 (default here) pays its cost on every step.")
     parser.add_argument("--boxes_per_row", type=int, default=4, help="Text boxes per training image.")
-    parser.add_argument("--only", choices=("cached", "uncached", "text"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--options", nargs="+", choices=(*OPTIONS, "all"), default=(),
+                        help="Also time the cached step with each of these trainer options on (one run each).")
+    parser.add_argument("--only", choices=("cached", "uncached", "text", *OPTIONS), default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -187,8 +210,11 @@ def main(argv=None) -> None:
 
             extra_loss = TextLoss(load_recognizer(), loss_type=options.text_loss, weight=0.05,
                                   max_timestep=options.text_loss_max_timestep)
-        print(json.dumps(measure(options, work / "model", work / "data", options.only != "uncached", extra_loss)))
+        print(json.dumps(measure(options, work / "model", work / "data", options.only != "uncached", extra_loss,
+                                 OPTIONS.get(options.only))))
         return
+    if "all" in options.options:
+        options.options = tuple(OPTIONS)
 
     if options.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA GPU is visible")
@@ -215,15 +241,19 @@ def main(argv=None) -> None:
     print(f"{model} model, {options.device}, {options.resolution} px, batch {options.batch_size}, "
           f"mixed precision {options.mixed_precision}, gradient checkpointing {options.gradient_checkpointing}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'run':>12} {'1st step s':>10} {'median s':>8} {'mean s':>8} {'samples/s':>10} {'peak MB':>9}")
-    for only in ("cached", "uncached") + (("text",) if options.text_loss != "none" else ()):
+    print(f"{'run':>18} {'1st step s':>10} {'median s':>8} {'mean s':>8} {'CPU s':>7} {'samples/s':>10} "
+          f"{'peak MB':>9} {'vs cached (CPU s)':>17}")
+    plain = None
+    for only in ("cached", "uncached") + (("text",) if options.text_loss != "none" else ()) + tuple(options.options):
         finished = subprocess.run([*child, "--only", only], env=env, capture_output=True, text=True)
         if finished.returncode != 0:
             sys.exit(f"error: the {only} run failed:\n{finished.stderr[-3000:]}")
         row = json.loads(finished.stdout.strip().splitlines()[-1])
-        label = f"cached+{options.text_loss}" if only == "text" else only
-        print(f"{label:>12} {row['first_step_s']:>10} {row['step_s']:>8} {row['mean_step_s']:>8} "
-              f"{row['samples_per_s']:>10} {row['peak_memory_mb']:>9}")
+        label = {"text": f"cached+{options.text_loss}", "cached": "cached", "uncached": "uncached"}.get(only, f"cached+{only}")
+        plain = plain or row["cpu_step_s"]
+        print(f"{label:>18} {row['first_step_s']:>10} {row['step_s']:>8} {row['mean_step_s']:>8} "
+              f"{row['cpu_step_s']:>7} {row['samples_per_s']:>10} {row['peak_memory_mb']:>9} "
+              f"{row['cpu_step_s'] / plain - 1:>+17.0%}")
     if temporary:
         shutil.rmtree(work, ignore_errors=True)
 
