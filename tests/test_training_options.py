@@ -4,6 +4,7 @@ the other loss options, aspect-ratio buckets, the UNet LoRA, a ControlNet on two
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,24 @@ DIFFUSERS_FLAGS = (
 NOT_RUN_HERE = {"use_8bit_adam": "bitsandbytes + CUDA", "enable_xformers_memory_efficient_attention": "xformers",
                 "enable_npu_flash_attention": "an Ascend NPU", "push_to_hub": "the Hub",
                 "dataset_name": "the Hub (and diffusers then reads --train_data_dir as the hub dataset's data_dir)"}
+
+
+def diffusers_flags() -> tuple[str, ...]:
+    """The flags of diffusers' example: read from it where diffusers is installed with its examples (a source
+    checkout), else the list above."""
+    import diffusers
+
+    for root in Path(diffusers.__file__).resolve().parents[:4]:
+        example = root / "examples" / "controlnet" / "train_controlnet_sdxl.py"
+        if example.is_file():
+            return tuple(re.findall(r'add_argument\(\s*"--([a-z0-9_]+)"', example.read_text(encoding="utf-8")))
+    return DIFFUSERS_FLAGS
+
+
+def test_every_diffusers_flag_is_a_trainer_flag():
+    accepted = build_arg_parser()._option_string_actions
+    flags = diffusers_flags()
+    assert len(flags) >= 57 and not [flag for flag in flags if f"--{flag}" not in accepted]
 
 
 def _diffusers_command_line(tiny_sdxl_dir: Path, dataset: Path, out: Path) -> list[str]:
@@ -297,10 +316,16 @@ def test_buckets_keep_exact_resume(tiny_sdxl_dir, mixed_dataset, tmp_path):
 def test_unet_lora_is_saved_loads_into_the_pipeline_and_changes_the_output(tiny_sdxl_dir, mixed_dataset, tmp_path):
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
+    lora = ["--unet_lora_rank", 4, "--learning_rate", 1e-2, "--checkpointing_steps", 1]
     out = tmp_path / "run"
-    train(_args(tiny_sdxl_dir, mixed_dataset, out, "--max_train_steps", 2, "--unet_lora_rank", 4,
-                "--learning_rate", 1e-2))
-    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    train(_args(tiny_sdxl_dir, mixed_dataset, out, "--max_train_steps", 2, *lora))
+    trained = load_file(out / "pytorch_lora_weights.safetensors")
+    assert trained and all(key.startswith("unet.") for key in trained)
+    resumed = tmp_path / "resumed"  # the adapter is part of the checkpoint: resuming continues it exactly
+    train(_args(tiny_sdxl_dir, mixed_dataset, resumed, "--max_train_steps", 1, *lora))
+    train(_args(tiny_sdxl_dir, mixed_dataset, resumed, "--max_train_steps", 2, *lora, "--resume_from_checkpoint", "latest"))
+    assert _max_difference(load_file(resumed / "pytorch_lora_weights.safetensors"), trained) < 1e-6
+    assert _max_difference(_weights(resumed), _weights(out)) < 1e-6
     pipeline = StableDiffusionXLControlNetPipeline.from_pretrained(
         tiny_sdxl_dir, controlnet=ControlNetModel.from_pretrained(out))
     pipeline.set_progress_bar_config(disable=True)
