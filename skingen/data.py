@@ -301,7 +301,7 @@ def problem_counts(bad: list[BadRow]) -> Counter:
     return Counter(kind for row in bad for kind in dict.fromkeys(problem.kind for problem in row.problems))
 
 
-def _enforce(scan: ScanResult, on_bad_sample: str, fix: str = "") -> None:
+def enforce_bad_rows(scan: ScanResult, on_bad_sample: str, fix: str = "") -> None:
     """Raise on bad rows (``error``) or print what was dropped (``skip``); no usable row is always an error."""
     if scan.bad:
         listed = "\n".join(f"  {row.describe()}" for row in scan.bad[:MAX_LISTED_PROBLEMS])
@@ -330,10 +330,10 @@ def _enforce(scan: ScanResult, on_bad_sample: str, fix: str = "") -> None:
 
 def enforce_rows(scan: ScanResult, fix: str) -> None:
     """A stage that needs every row: any bad row (listed by file:line, with ``fix``) or no row at all stops it."""
-    _enforce(scan, "error", fix=fix)
+    enforce_bad_rows(scan, "error", fix=fix)
 
 
-def _check_on_bad_sample(on_bad_sample: str) -> None:
+def check_on_bad_sample(on_bad_sample: str) -> None:
     if on_bad_sample not in ON_BAD_SAMPLE:
         raise SkingenError(f"--on_bad_sample must be one of {list(ON_BAD_SAMPLE)}, got {on_bad_sample!r}")
 
@@ -371,7 +371,7 @@ def load_skin_dataset(
     override the default keys as in diffusers. ``on_bad_sample="skip"`` drops bad rows and prints what was dropped;
     ``max_samples`` keeps the first N good rows; ``dataset_config_name`` is the hub dataset's configuration.
     """
-    _check_on_bad_sample(on_bad_sample)
+    check_on_bad_sample(on_bad_sample)
     if max_samples is not None and max_samples < 1:
         raise SkingenError(f"--max_train_samples must be at least 1, got {max_samples}")
     if (train_data_dir is None) == (dataset_name is None):
@@ -409,7 +409,7 @@ def load_skin_dataset(
         caption_column=caption_column,
         max_samples=max_samples,
     )
-    _enforce(scan, on_bad_sample)
+    enforce_bad_rows(scan, on_bad_sample)
     columns = {
         "image": [row.image.path for row in scan.good],
         "conditioning_image": [row.conditioning_image.path for row in scan.good],
@@ -433,7 +433,7 @@ def normalize_dataset(
     Image columns may be ``Image`` features or path strings; ``box``/``texts``/``row_id`` columns are used when
     present. Images stay in the dataset's own storage and are decoded lazily.
     """
-    _check_on_bad_sample(on_bad_sample)
+    check_on_bad_sample(on_bad_sample)
     if isinstance(dataset, datasets.DatasetDict):
         raise SkingenError(
             f"{source}: got a DatasetDict with splits {list(dataset)}; pass one split (e.g. dataset['train'])"
@@ -451,7 +451,7 @@ def normalize_dataset(
             f"{source}: the image and conditioning image columns must differ, both are {keys['image'][0]!r}"
         )
     scan, good_indices = _scan_loaded(dataset, keys, source, max_samples)
-    _enforce(scan, on_bad_sample)
+    enforce_bad_rows(scan, on_bad_sample)
 
     image_key, cond_key = keys["image"][0], keys["conditioning_image"][0]
     kept = dataset.select_columns(list(dict.fromkeys([image_key, cond_key])))
@@ -513,7 +513,7 @@ def read_checked_rows(dataset_dir: str | os.PathLike, spec: RowSpec, split: str 
         )
     files = DatasetFiles(root=Path(dataset_dir), form="jsonl", split=split, rows_file=path, base=Path(dataset_dir))
     scan = scan_folder(files, spec=spec)
-    _enforce(scan, "error", fix="fix or remove those rows")
+    enforce_bad_rows(scan, "error", fix="fix or remove those rows")
     return scan.good
 
 

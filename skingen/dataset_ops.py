@@ -13,8 +13,8 @@ from .data import (
     DEFAULT_COLUMNS,
     SPLITS,
     ScanResult,
-    _check_on_bad_sample,
-    _enforce,
+    check_on_bad_sample,
+    enforce_bad_rows,
     existing_splits,
     find_dataset_files,
     problem_counts,
@@ -137,7 +137,7 @@ def convert_dataset(
         raise SkingenError(f"--to must be 'jsonl' or 'imagefolder', got {to!r}")
     if link not in LINK_MODES:
         raise SkingenError(f"--link must be one of {list(LINK_MODES)}, got {link!r}")
-    _check_on_bad_sample(on_bad_sample)
+    check_on_bad_sample(on_bad_sample)
     src_path, dst_path = Path(src).resolve(), Path(dst).resolve()
     if dst_path.exists() and (not dst_path.is_dir() or any(dst_path.iterdir())):
         raise SkingenError(f"{dst_path}: already exists and is not empty; convert into a new folder")
@@ -150,7 +150,7 @@ def convert_dataset(
     for split in splits:
         files = find_dataset_files(src_path, split)
         scans[split] = (files, scan_folder(files))
-        _enforce(scans[split][1], on_bad_sample)
+        enforce_bad_rows(scans[split][1], on_bad_sample)
 
     summary = {"dataset": str(dst_path), "form": to, "splits": {}}
     subfolders = to == "imagefolder" and len(splits) > 1
@@ -225,7 +225,7 @@ def split_dataset(
         scan = scan_folder(find_dataset_files(folder, split), spec=SPLIT_SPEC)
         total += scan.total
         if scan.bad:
-            _enforce(scan, "error", fix="fix or remove those rows, then split again")
+            enforce_bad_rows(scan, "error", fix="fix or remove those rows, then split again")
         for row in scan.good:
             rows.setdefault(row.row_id, row.raw)  # a row in both files counts once
     if not total:
