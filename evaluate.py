@@ -20,7 +20,7 @@ from skingen import rows
 from skingen.config import parse_args_with_config
 from skingen.data import enforce_rows, find_dataset_files, scan_folder
 from skingen.errors import SkingenError, run_cli
-from skingen.fileio import atomic_write_json, atomic_write_text, read_jsonl
+from skingen.fileio import atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temp_files
 from skingen.metrics import (
     ClipScorer,
     EvalPair,
@@ -211,6 +211,7 @@ def evaluate_folder(pairs: list[EvalPair], source: str, output_dir: Path, args: 
         high=args.high_threshold,
     )
     report = {"source": source, "tolerance": args.tolerance, "summary": summarize(records), "images": records}
+    remove_stale_temp_files(output_dir)  # of a run killed while writing its metrics
     atomic_write_json(output_dir / METRICS_FILE, report)
     atomic_write_text(output_dir / "metrics.md", metrics_markdown(report))
     return report
