@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import data, pipelines, rows
 from .errors import SkingenError
-from .fileio import atomic_save_image, read_jsonl, write_jsonl
+from .fileio import atomic_save_image, read_jsonl, remove_stale_temp_files, write_jsonl
 from .layout import Layout, load_layout, split_atlas
 from .models import SDXLComponents, load_or_init_controlnet, load_sdxl_components
 
@@ -731,6 +731,7 @@ class ResultsLog:
         self.path = self.output_dir / RESULTS_FILE
         self.records: dict[str, dict] = {}
         self.lines: dict[str, int] = {}
+        remove_stale_temp_files(self.output_dir, recursive=True)  # images and results.jsonl of a killed run
         if self.path.is_file() and not overwrite:
             for lineno, record in read_jsonl(self.path):
                 if not isinstance(record.get("output"), str):

@@ -508,3 +508,19 @@ def test_validate_checks_the_validation_split_too(tmp_path, capsys):
     assert code == 1
     assert f"{root / 'validation.jsonl'}:1: box 1 point (99, 0) lies outside the 32x16 image" in out
     assert f"{root / 'train.jsonl'}" in out and "rows: 2   ok: 2   bad: 0" in out
+
+
+def test_inference_removes_the_temp_files_of_a_killed_run(tiny_sdxl_dir, tmp_path, capsys):
+    root = make_dataset(tmp_path / "ds", n=1)
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / ".images_0_s0.png.x1y2.tmp").write_bytes(b"half an image")
+    (out / ".results.jsonl.a1b2.tmp").write_text('{"out')
+    argv = [
+        "--pretrained_model_name_or_path", tiny_sdxl_dir, "--controlnet", tiny_sdxl_dir / "controlnet",
+        "--dataset_dir", root, "--output_dir", out, "--num_inference_steps", "1", "--resolution", "32",
+        "--device", "cpu",
+    ]  # fmt: skip
+    code, _, err = run("inference", argv, capsys)
+    assert code == 0, err
+    assert no_temp_files(out) and (out / "results.jsonl").is_file()
