@@ -24,12 +24,15 @@ from skingen.fileio import atomic_write_json, atomic_write_text, read_jsonl, rem
 from skingen.metrics import (
     ClipScorer,
     EvalPair,
+    PerceptualDistance,
+    SSIMDistance,
     compare_reports,
     comparison_markdown,
     evaluate_pairs,
     metrics_markdown,
     summarize,
 )
+from skingen.metrics import diversity as measure_diversity
 from skingen.ocr import BACKENDS, get_ocr
 
 RESULTS_FILE = "results.jsonl"
@@ -62,6 +65,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--clip_model", help="local folder of a transformers CLIP model; adds the CLIP score")
     parser.add_argument("--device", default="cpu", help="device for the CLIP model")
+    parser.add_argument(
+        "--diversity_model",
+        help="local folder of a transformers CLIP/DINO/ViT model: diversity as 1 - cosine of its image embeddings "
+        "(perceptual) instead of 1 - SSIM",
+    )
+    parser.add_argument(
+        "--diversity_size", type=int, default=64, help="grey thumbnail size (px) for the 1 - SSIM diversity"
+    )
     args = parse_args_with_config(parser, argv)
     modes = [bool(args.results_dir), bool(args.dataset_dir or args.images_dir), bool(args.compare)]
     if sum(modes) != 1:
@@ -210,7 +221,15 @@ def evaluate_folder(pairs: list[EvalPair], source: str, output_dir: Path, args: 
         low=args.low_threshold,
         high=args.high_threshold,
     )
-    report = {"source": source, "tolerance": args.tolerance, "summary": summarize(records), "images": records}
+    measure = PerceptualDistance(args.diversity_model, args.device) if args.diversity_model else SSIMDistance(args.diversity_size)
+    spread = measure_diversity(records, measure)
+    report = {
+        "source": source,
+        "tolerance": args.tolerance,
+        "summary": summarize(records, diversity_overall=spread["overall"]),
+        "diversity": spread,
+        "images": records,
+    }
     remove_stale_temp_files(output_dir)  # of a run killed while writing its metrics
     atomic_write_json(output_dir / METRICS_FILE, report)
     atomic_write_text(output_dir / "metrics.md", metrics_markdown(report))

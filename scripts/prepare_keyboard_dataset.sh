@@ -12,7 +12,8 @@ PACKAGES_DIR=${PACKAGES_DIR:?set PACKAGES_DIR to a folder of skin packages (fold
 OUTPUT_DIR=${OUTPUT_DIR:?set OUTPUT_DIR to the dataset folder to write}
 LAYOUT=${LAYOUT:-key_elements}          # a name in configs/layouts/ or a YAML path
 RESOLUTION=${RESOLUTION:-512}           # 512 or 1024
-CONDITIONING=${CONDITIONING:-glyph}     # canny | template | glyph
+CONDITIONING=${CONDITIONING:-glyph}     # canny | template | glyph | reference | reference_glyph
+REFERENCE_IMAGE=${REFERENCE_IMAGE:-}    # reference modes: the skin whose Canny edges every row shares
 CAPTIONER=${CAPTIONER:-template}        # template (no weights) | blip
 BLIP_MODEL=${BLIP_MODEL:-Salesforce/blip-image-captioning-large}  # a local path offline
 NUM_WORKERS=${NUM_WORKERS:-2}
@@ -24,7 +25,8 @@ python3 merge_elements.py --packages_dir "$PACKAGES_DIR" --layout "$LAYOUT" --re
   --output_dir "$OUTPUT_DIR" --num_workers "$NUM_WORKERS" --skip_incomplete
 
 echo "== 2/5 conditioning images ($CONDITIONING)"
-python3 render_glyphs.py --dataset_dir "$OUTPUT_DIR" --mode "$CONDITIONING" --layout "$LAYOUT" --resolution "$RESOLUTION"
+python3 render_glyphs.py --dataset_dir "$OUTPUT_DIR" --mode "$CONDITIONING" --layout "$LAYOUT" --resolution "$RESOLUTION" \
+  ${REFERENCE_IMAGE:+--reference_image "$REFERENCE_IMAGE"}
 
 echo "== 3/5 captions ($CAPTIONER)"
 if [ "$CAPTIONER" = blip ]; then

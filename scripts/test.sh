@@ -3,5 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# setup.sh makes .venv where the system Python refuses pip installs (PEP 668); use it when it is there.
+PYTHON=${PYTHON:-python3}
+if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec python3 -m pytest "$@"
+exec "$PYTHON" -m pytest "$@"

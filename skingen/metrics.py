@@ -6,6 +6,10 @@
   correct when the string matches exactly (sentence accuracy), and the normalised edit
   distance is ``1 - levenshtein / max(len)`` (a similarity: 1.0 is a perfect read).
 - CLIP score follows torchmetrics: ``100 * max(cos(image, text), 0)``.
+- Diversity: for each control (and prompt) generated with several seeds, the mean pairwise distance of
+  its images: ``1 - SSIM`` of downscaled grey images by default (SSIM as Wang et al. 2004 and
+  scikit-image's ``structural_similarity(gaussian_weights=True)``), or ``1 - cos`` of the image
+  embeddings of a local CLIP/DINO model (a perceptual distance). 0 means every seed gave the same image.
 """
 
 from __future__ import annotations
@@ -13,15 +17,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import open_rgb
 from .errors import SkingenError
 from .glyphs import canny_control
+from .images import open_rgb
 from .ocr import crop_quad
 
 
@@ -220,6 +225,139 @@ def clip_score(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Diversity: how different the images of one control are across seeds
+
+DIVERSITY_THUMBNAIL = 64  # px: SSIM compares layout and texture at this size, not pixel noise
+
+
+def grey_thumbnail(image, size: int = DIVERSITY_THUMBNAIL) -> np.ndarray:
+    """``image`` as a ``size`` x ``size`` grey float64 array in [0, 255] (area-averaged)."""
+    grey = cv2.cvtColor(np.ascontiguousarray(_as_rgb_array(image)).astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    return cv2.resize(grey, (size, size), interpolation=cv2.INTER_AREA).astype(np.float64)
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, sigma: float = 1.5) -> float:
+    """Mean structural similarity of two grey images of one shape (Wang et al. 2004).
+
+    Gaussian-weighted local statistics (sigma 1.5, 11 x 11 window, population covariances), K1 = 0.01,
+    K2 = 0.03, and the mean taken away from the borders the window does not cover: the conventions of
+    scikit-image's ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)``.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"SSIM needs images of one shape, got {a.shape} and {b.shape}")
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    radius = int(3.5 * sigma + 0.5)  # scikit-image truncates the Gaussian at 3.5 sigma
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return cv2.GaussianBlur(x, (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_REFLECT)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    inner = ssim_map[radius:-radius, radius:-radius] if min(a.shape) > 2 * radius else ssim_map
+    return float(inner.mean())
+
+
+class SSIMDistance:
+    """``1 - SSIM`` of grey thumbnails: 0 for identical images, larger the more layout and texture differ."""
+
+    def __init__(self, size: int = DIVERSITY_THUMBNAIL):
+        if size < 16:
+            raise SkingenError(f"--diversity_size must be >= 16 px (SSIM uses an 11 px window), got {size}")
+        self.size = size
+        self.name = f"1 - SSIM ({size} px grey)"
+
+    def features(self, images: Sequence) -> list[np.ndarray]:
+        return [grey_thumbnail(image, self.size) for image in images]
+
+    def distance(self, a: np.ndarray, b: np.ndarray) -> float:
+        return 1.0 - ssim(a, b)
+
+
+class PerceptualDistance:
+    """``1 - cos`` of image embeddings from a local transformers vision model (CLIP, DINO/DINOv2, ViT).
+
+    CLIP-like models give ``get_image_features``; others their pooled output, else the first token.
+    """
+
+    def __init__(self, model_name_or_path: str | os.PathLike, device: str = "cpu"):
+        from transformers import AutoImageProcessor, AutoModel
+
+        source = str(model_name_or_path)
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(source)
+            self.model = AutoModel.from_pretrained(source).to(device).eval()
+        except (OSError, ValueError) as err:
+            raise SkingenError(
+                f"--diversity_model {source}: could not load a vision model and its image processor "
+                f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); pass a local folder holding a "
+                "transformers CLIP, DINO or ViT model with preprocessor_config.json (e.g. a downloaded "
+                "facebook/dinov2-small); without internet hub ids cannot be fetched"
+            ) from None
+        self.device = device
+        self.name = f"1 - cos ({Path(source).name} embeddings)"
+
+    def features(self, images: Sequence) -> list[np.ndarray]:
+        import torch
+
+        inputs = self.processor(images=[Image.fromarray(_as_rgb_array(im)) for im in images], return_tensors="pt")
+        inputs = {key: value.to(self.device) for key, value in inputs.items()}
+        with torch.no_grad():
+            if hasattr(self.model, "get_image_features"):
+                embeds = self.model.get_image_features(**inputs)
+                embeds = getattr(embeds, "pooler_output", embeds)  # newer transformers return an output object
+            else:
+                outputs = self.model(**inputs)
+                pooled = getattr(outputs, "pooler_output", None)
+                embeds = pooled if pooled is not None else outputs.last_hidden_state[:, 0]
+        embeds = torch.nn.functional.normalize(embeds.float(), dim=-1)
+        return list(embeds.cpu().numpy())
+
+    def distance(self, a: np.ndarray, b: np.ndarray) -> float:
+        return float(1.0 - np.dot(a, b))
+
+
+def mean_pairwise_distance(features: Sequence, distance) -> float | None:
+    """Mean of ``distance`` over all unordered pairs; None with fewer than two items."""
+    pairs = [(i, j) for i in range(len(features)) for j in range(i + 1, len(features))]
+    if not pairs:
+        return None
+    return float(np.mean([distance(features[i], features[j]) for i, j in pairs]))
+
+
+def diversity_groups(records: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Records grouped by what they were generated from (control image and prompt); seeds differ within a group."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((str(record.get("control") or ""), str(record.get("prompt") or "")), []).append(record)
+    return groups
+
+
+def diversity(records: Sequence[dict], measure, open_image=open_rgb) -> dict:
+    """Per control with two or more images, the mean pairwise distance of its images; overall the mean over
+    those controls. ``measure`` is an ``SSIMDistance`` or ``PerceptualDistance``."""
+    per_control = []
+    for (control, prompt), members in diversity_groups(records).items():
+        if len(members) < 2:
+            continue
+        features = measure.features([open_image(record["output"]) for record in members])
+        per_control.append(
+            {
+                "control": control,
+                "prompt": prompt,
+                "images": len(members),
+                "outputs": [record["id"] for record in members],
+                "diversity": mean_pairwise_distance(features, measure.distance),
+            }
+        )
+    overall = _mean(group["diversity"] for group in per_control)
+    return {"measure": measure.name, "controls": len(per_control), "overall": overall, "per_control": per_control}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Evaluating generated images against their controls and texts; reports and comparisons
 
 METRIC_LABELS = {
@@ -229,6 +367,7 @@ METRIC_LABELS = {
     "sentence_accuracy": "sentence accuracy",
     "ned": "NED",
     "clip_score": "CLIP score",
+    "diversity": "diversity",
 }
 
 
@@ -305,8 +444,9 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def summarize(records: Sequence[dict]) -> dict:
-    """Means over images for edge and CLIP scores; text metrics pooled over all lines, as AnyText reports them."""
+def summarize(records: Sequence[dict], diversity_overall: float | None = None) -> dict:
+    """Means over images for edge and CLIP scores; text metrics pooled over all lines, as AnyText reports them;
+    ``diversity`` is the overall value of ``diversity()`` when it was measured."""
     lines = [line for record in records for line in record.get("lines", [])]
     return {
         "images": len(records),
@@ -317,6 +457,7 @@ def summarize(records: Sequence[dict]) -> dict:
         "sentence_accuracy": _mean(float(line["correct"]) for line in lines),
         "ned": _mean(line["ned"] for line in lines),
         "clip_score": _mean(r.get("clip_score") for r in records),
+        "diversity": diversity_overall,
     }
 
 
@@ -347,7 +488,8 @@ def metrics_markdown(report: dict) -> str:
         f"| images | {summary['images']} |",
         f"| text lines | {summary['text_lines']} |",
     ]
-    out += [f"| {label} | {_fmt(summary[key])} |" for key, label in METRIC_LABELS.items()]
+    out += [f"| {label} | {_fmt(summary.get(key))} |" for key, label in METRIC_LABELS.items()]
+    out += diversity_markdown(report.get("diversity"))
     out += [
         "",
         "## Per image",
@@ -362,6 +504,22 @@ def metrics_markdown(report: dict) -> str:
             f"{_fmt(record['ned'])} | {_fmt(record['clip_score'], 2)} | {_cell(reads) or '-'} |"
         )
     return "\n".join(out) + "\n"
+
+
+def diversity_markdown(result: dict | None) -> list[str]:
+    """The per-control diversity table of ``metrics.md`` (nothing when diversity was not measured)."""
+    if not result:
+        return []
+    out = ["", f"## Diversity per control ({result['measure']}; mean over pairs of seeds)", ""]
+    if not result["per_control"]:
+        return out + ["No control has two or more images: generate with --num_images_per_prompt 2 or more."]
+    out += ["| control | prompt | images | diversity |", "|---|---|---|---|"]
+    for group in result["per_control"]:
+        out.append(
+            f"| {_cell(Path(group['control']).name or '-')} | {_cell(group['prompt'][:60])} | {group['images']} | "
+            f"{_fmt(group['diversity'])} |"
+        )
+    return out + [f"| **overall** ({result['controls']} controls) | | | {_fmt(result['overall'])} |"]
 
 
 def compare_reports(
@@ -393,7 +551,24 @@ def compare_reports(
         "sources": list(sources or (label_a, label_b)),
         "summary": summary,
         "images": images,
+        "diversity_per_control": _compare_diversity(report_a.get("diversity"), report_b.get("diversity")),
     }
+
+
+def _compare_diversity(result_a: dict | None, result_b: dict | None) -> list[dict]:
+    """Per-control diversity of A and B for the controls (file name and prompt) both measured."""
+    if not result_a or not result_b:
+        return []
+
+    def by_control(result: dict) -> dict:
+        return {(Path(g["control"]).name, g["prompt"]): g["diversity"] for g in result["per_control"]}
+
+    values_b = by_control(result_b)
+    return [
+        {"control": control, "prompt": prompt, "diversity_a": value, "diversity_b": values_b[(control, prompt)]}
+        for (control, prompt), value in by_control(result_a).items()
+        if (control, prompt) in values_b
+    ]
 
 
 def comparison_markdown(comparison: dict) -> str:
@@ -414,5 +589,12 @@ def comparison_markdown(comparison: dict) -> str:
         for row in comparison["images"]:
             out.append(
                 f"| {_cell(row['id'])} | {_fmt(row['edge_f1_a'])} | {_fmt(row['edge_f1_b'])} | {_fmt(row['ned_a'])} | {_fmt(row['ned_b'])} |"
+            )
+    if comparison.get("diversity_per_control"):
+        out += ["", "## Diversity per control (in both)", "", "| control | prompt | A | B |", "|---|---|---|---|"]
+        for row in comparison["diversity_per_control"]:
+            out.append(
+                f"| {_cell(row['control'])} | {_cell(row['prompt'][:60])} | {_fmt(row['diversity_a'])} | "
+                f"{_fmt(row['diversity_b'])} |"
             )
     return "\n".join(out) + "\n"

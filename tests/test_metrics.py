@@ -1,4 +1,5 @@
-"""skingen.metrics: Canny-edge F1, OCR sentence accuracy / NED on known boxes, CLIP score (tiny CLIP built offline)."""
+"""skingen.metrics: Canny-edge F1, OCR sentence accuracy / NED on known boxes, CLIP score (tiny CLIP built offline),
+diversity (1 - SSIM, perceptual) per control and its wiring into evaluate.py."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ from skingen.errors import SkingenError
 from skingen.glyphs import canny_control
 from skingen.metrics import (
     ClipScorer,
+    PerceptualDistance,
+    SSIMDistance,
     clip_score,
+    diversity,
     edge_f1,
     edge_map_scores,
     edge_scores,
     levenshtein,
     normalized_edit_distance,
     sentence_accuracy,
+    ssim,
     text_metrics,
 )
 from skingen.ocr import get_ocr
@@ -195,3 +200,109 @@ def test_clip_score_matches_the_model_cosine(tiny_clip):
 def test_clip_model_missing_is_a_clear_error(tmp_path):
     with pytest.raises(SkingenError, match="--clip_model .*local folder"):
         ClipScorer(tmp_path / "no_clip")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diversity
+
+
+def noisy_keyboard(seed: int, size: int = 96) -> np.ndarray:
+    """The keyboard-like image with seed-dependent noise and a seed-dependent shift: another "seed" of one control."""
+    rng = np.random.default_rng(seed)
+    base = keyboard_like(size, shift=int(rng.integers(0, 20))).astype(np.int16)
+    return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_ssim_is_one_for_identical_images_and_matches_the_closed_form_on_flat_ones():
+    image = noisy_keyboard(0).mean(axis=-1)
+    assert ssim(image, image) == pytest.approx(1.0)
+    # Flat images have no variance: SSIM reduces to the luminance term (2ab + C1) / (a^2 + b^2 + C1).
+    a, b, c1 = 100.0, 140.0, (0.01 * 255) ** 2
+    flat_a, flat_b = np.full((32, 32), a), np.full((32, 32), b)
+    assert ssim(flat_a, flat_b) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1))
+    other = noisy_keyboard(1).mean(axis=-1)
+    assert ssim(image, other) == pytest.approx(ssim(other, image))
+    assert ssim(image, other) < 0.9
+
+
+def test_ssim_distance_is_zero_for_identical_images_and_grows_with_difference():
+    measure = SSIMDistance()
+    same, near, far = measure.features([keyboard_like(), keyboard_like(shift=2), noisy_keyboard(3)])
+    assert measure.distance(same, same) == pytest.approx(0.0, abs=1e-9)
+    assert 0.0 < measure.distance(same, near) < measure.distance(same, far)
+    with pytest.raises(SkingenError, match="--diversity_size"):
+        SSIMDistance(8)
+
+
+def write_images(folder, images) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(str(folder / f"{index}.png"))
+        Image.fromarray(image).save(paths[-1])
+    return paths
+
+
+def test_diversity_is_measured_per_control_over_its_seeds(tmp_path):
+    identical = write_images(tmp_path / "same", [keyboard_like()] * 3)
+    varied = write_images(tmp_path / "varied", [noisy_keyboard(seed) for seed in range(3)])
+    single = write_images(tmp_path / "single", [noisy_keyboard(9)])
+    records = [{"id": p, "output": p, "control": "controls/a.png", "prompt": "a skin"} for p in identical]
+    records += [{"id": p, "output": p, "control": "controls/b.png", "prompt": "a skin"} for p in varied]
+    # Same control, another prompt: its own group (one image, so no diversity for it).
+    records += [{"id": p, "output": p, "control": "controls/b.png", "prompt": "another skin"} for p in single]
+
+    result = diversity(records, SSIMDistance())
+    by_control = {(group["control"], group["prompt"]): group for group in result["per_control"]}
+    assert set(by_control) == {("controls/a.png", "a skin"), ("controls/b.png", "a skin")}
+    assert by_control[("controls/a.png", "a skin")]["diversity"] == pytest.approx(0.0, abs=1e-9)
+    assert by_control[("controls/b.png", "a skin")]["diversity"] > 0.1
+    assert by_control[("controls/b.png", "a skin")]["images"] == 3
+    assert result["controls"] == 2
+    assert result["overall"] == pytest.approx(by_control[("controls/b.png", "a skin")]["diversity"] / 2)
+    assert diversity(records[:1], SSIMDistance())["overall"] is None
+
+
+def test_perceptual_diversity_uses_a_local_vision_model(tiny_clip, tmp_path):
+    measure = PerceptualDistance(tiny_clip)
+    same, other = measure.features([keyboard_like(), noisy_keyboard(5)])
+    assert measure.distance(same, same) == pytest.approx(0.0, abs=1e-5)
+    assert measure.distance(same, other) > 0.0
+    with pytest.raises(SkingenError, match="--diversity_model .*local folder"):
+        PerceptualDistance(tmp_path / "no_model")
+
+
+def test_evaluate_reports_diversity_in_metrics_and_compare(tmp_path):
+    import json
+
+    import evaluate
+    from skingen.fileio import write_jsonl
+
+    control = tmp_path / "control.png"
+    canny_control(keyboard_like()).save(control)
+    folders = {}
+    for name, images in (("varied", [noisy_keyboard(s) for s in range(3)]), ("collapsed", [keyboard_like()] * 3)):
+        folder = tmp_path / name
+        write_images(folder / "images", images)
+        write_jsonl(folder / "results.jsonl", [
+            {"row_id": "images/0.png", "prompt": "a skin", "seed": seed, "conditioning_image": str(control),
+             "output": f"images/{seed}.png"}
+            for seed in range(3)
+        ])
+        evaluate.main(["--results_dir", str(folder), "--ocr_backend", "none"])
+        folders[name] = folder
+
+    varied = json.loads((folders["varied"] / "metrics.json").read_text(encoding="utf-8"))
+    collapsed = json.loads((folders["collapsed"] / "metrics.json").read_text(encoding="utf-8"))
+    assert varied["summary"]["diversity"] > 0.1
+    assert collapsed["summary"]["diversity"] == pytest.approx(0.0, abs=1e-9)
+    assert varied["diversity"]["measure"] == "1 - SSIM (64 px grey)"
+    assert [group["images"] for group in varied["diversity"]["per_control"]] == [3]
+    assert "## Diversity per control" in (folders["varied"] / "metrics.md").read_text(encoding="utf-8")
+
+    evaluate.main(["--compare", str(folders["varied"]), str(folders["collapsed"]), "--output_dir", str(tmp_path / "cmp")])
+    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text(encoding="utf-8"))
+    row = next(row for row in comparison["summary"] if row["key"] == "diversity")
+    assert row["delta"] == pytest.approx(-varied["summary"]["diversity"])
+    assert [r["control"] for r in comparison["diversity_per_control"]] == ["control.png"]
+    assert "## Diversity per control (in both)" in (tmp_path / "cmp" / "comparison.md").read_text(encoding="utf-8")

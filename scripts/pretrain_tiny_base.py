@@ -1,0 +1,75 @@
+"""Pre-train a tiny SDXL base on skins (VAE fitted, UNet trained with the text-to-image loss), cached.
+
+    python scripts/pretrain_tiny_base.py --dataset_dir outputs/demo/base_corpus --output_dir outputs/demo/base
+
+The output folder loads like stable-diffusion-xl-base-1.0 (``--pretrained_model_name_or_path``) and holds
+``controlnet/``, an untrained ControlNet initialised from the trained UNet (the start of ControlNet
+training). A second run with the same settings and data reuses the folder (``pretrain.json`` holds the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from skingen.base_pretraining import PretrainSettings, pretrain_tiny_base  # noqa: E402
+from skingen.config import parse_args_with_config  # noqa: E402
+from skingen.errors import SkingenError, run_cli  # noqa: E402
+from skingen.models import PRESETS  # noqa: E402
+
+DEFAULTS = PretrainSettings()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_dir", nargs="+", required=True, help="dataset folders whose train rows are the skins")
+    parser.add_argument("--output_dir", required=True, help="pipeline folder to write (or reuse when cached)")
+    parser.add_argument("--preset", default=DEFAULTS.preset, choices=sorted(PRESETS))
+    parser.add_argument("--resolution", type=int, default=DEFAULTS.resolution)
+    parser.add_argument("--vae_fit_steps", type=int, default=DEFAULTS.vae_fit_steps)
+    parser.add_argument("--vae_fit_images", type=int, default=DEFAULTS.vae_fit_images,
+                        help="images the VAE is fitted on (spread over the data; the fit is full-batch)")
+    parser.add_argument("--max_train_steps", type=int, default=DEFAULTS.max_train_steps, help="UNet training steps")
+    parser.add_argument("--train_batch_size", type=int, default=DEFAULTS.train_batch_size)
+    parser.add_argument("--learning_rate", type=float, default=DEFAULTS.learning_rate)
+    parser.add_argument("--proportion_empty_prompts", type=float, default=DEFAULTS.proportion_empty_prompts,
+                        help="share of samples trained with the empty prompt (for classifier-free guidance)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    args = parse_args_with_config(parser, argv)
+    for name in ("resolution", "max_train_steps", "train_batch_size", "vae_fit_steps", "vae_fit_images"):
+        if getattr(args, name) < 1:
+            raise SkingenError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.resolution % 8:
+        raise SkingenError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise SkingenError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = PretrainSettings(
+        preset=args.preset, resolution=args.resolution, vae_fit_steps=args.vae_fit_steps, vae_fit_images=args.vae_fit_images,
+        max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
+        learning_rate=args.learning_rate, proportion_empty_prompts=args.proportion_empty_prompts, seed=args.seed,
+    )
+    record = pretrain_tiny_base(args.output_dir, args.dataset_dir, settings)
+    if record["reused"]:
+        print(f"reusing the pre-trained base in {args.output_dir} (same settings and data; {CACHE_NOTE})")
+        return
+    vae, unet = record["vae_fit"], record["unet_fit"]
+    print(f"pre-trained a {args.preset} SDXL base on {record['images']} skins in {record['seconds']:.0f} s -> {args.output_dir}")
+    print(f"  VAE reconstruction L1 {vae['initial_l1']:.3f} -> {vae['final_l1']:.3f} "
+          f"({args.vae_fit_steps} steps on {min(args.vae_fit_images, record['images'])} skins)")
+    print(f"  UNet diffusion loss {unet['first_loss']:.4f} -> {unet['last_loss']:.4f} "
+          f"(mean of the first and last tenth of {args.max_train_steps} steps)")
+
+
+CACHE_NOTE = "delete the folder or change a setting to train again"
+
+if __name__ == "__main__":
+    run_cli(main)
