@@ -524,3 +524,23 @@ def test_inference_removes_the_temp_files_of_a_killed_run(tiny_sdxl_dir, tmp_pat
     code, _, err = run("inference", argv, capsys)
     assert code == 0, err
     assert no_temp_files(out) and (out / "results.jsonl").is_file()
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_training_output_folder_that_cannot_be_made(tiny_sdxl_dir, tmp_path, capsys):
+    from repo_scripts import tiny_training_argv
+
+    root = make_dataset(tmp_path / "ds", n=2)
+    (tmp_path / "a_file").write_text("x")
+    before = digest(root)
+    trainer = load_script("train_controlnet_sdxl.py")
+    argv = tiny_training_argv(tiny_sdxl_dir, root, tmp_path / "a_file" / "run", "--max_train_steps", "1")
+    try:
+        run_cli(trainer.main, argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"error: {tmp_path / 'a_file' / 'run'}: Not a directory; a part of this path is a file" in err, err
+    assert digest(root) == before
