@@ -69,7 +69,6 @@ def recover_interrupted_saves(output_dir: str | os.PathLike) -> None:
 def register_controlnet_hooks(accelerator) -> None:
     """Make ``save_state``/``load_state`` store the ControlNet in diffusers format under ``controlnet/``."""
     from accelerate.utils import DistributedType
-    from diffusers import ControlNetModel
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -82,7 +81,7 @@ def register_controlnet_hooks(accelerator) -> None:
             return  # DeepSpeed restores its own engine checkpoint
         while models:
             model = accelerator.unwrap_model(models.pop())
-            loaded = ControlNetModel.from_pretrained(input_dir, subfolder=CONTROLNET_SUBFOLDER)
+            loaded = type(model).from_pretrained(input_dir, subfolder=CONTROLNET_SUBFOLDER)  # any backbone's class
             model.load_state_dict(loaded.state_dict())
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -232,14 +232,17 @@ def train(args: argparse.Namespace, extra_loss: ExtraLoss | None = None, *,
     """Train a ControlNet as ``args`` (from :func:`build_arg_parser`) say; ``on_step(step, logs)`` runs after each
     optimizer step on every process."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     output_dir = Path(args.output_dir)
+    # SD3's ControlNet has parameters a step does not use (its last block's text stream), which DDP must be told.
+    unused = backbone_class(getattr(args, "backbone", "sdxl")).ddp_find_unused_parameters
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=trackers(args.report_to),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else None,
     )
     try:
         run = set_up(args, accelerator, extra_loss)
@@ -366,8 +369,9 @@ def set_up(args, accelerator, extra_loss: ExtraLoss | None) -> Run:
                            f"0..{num_train_timesteps - 1}")
     # Trainable weights stay fp32 even under mixed precision (an fp16 ControlNet is upcast).
     controlnet = _place(backbone.create_controlnet(args.controlnet_model_name_or_path), "cpu", torch.float32)
-    controlnet = match_conditioning_channels(controlnet, len(conditioning_columns(args)),
-                                             new=args.controlnet_model_name_or_path is None)
+    if not backbone.encodes_conditioning:  # SD3/FLUX ControlNets read one image through the VAE
+        controlnet = match_conditioning_channels(controlnet, len(conditioning_columns(args)),
+                                                 new=args.controlnet_model_name_or_path is None)
     for frozen in backbone.frozen_models():
         frozen.requires_grad_(False)
     controlnet.train()
@@ -470,6 +474,7 @@ def prepare_optimization(run: Run) -> None:
 
     run.state = TrainingState(seed=run.seed, plan=plan)
     if run.resume_path is not None:
+        _check_option_states(run.resume_path, ["--use_ema"] * bool(run.ema) + ["--unet_lora_rank"] * bool(run.lora_parameters))
         accelerator.load_state(str(run.resume_path))
         run.state.resume(run.saved_state, run.resume_path)
         logger.info(f"resumed from {run.resume_path} at step {run.state.global_step}")
@@ -505,7 +510,9 @@ def train_loop(run: Run, on_step: Callable[[int, dict[str, float]], None] | None
             losses = compute_losses(batch, controlnet=run.controlnet, backbone=run.backbone, weight_dtype=run.weight_dtype,
                                     extra_loss=run.extra_loss, step=state.global_step)
             loss = losses.loss * float("nan") if state.global_step + 1 in inject_nan else losses.loss
-            parts = {"loss": loss, "loss_diffusion": losses.loss_diffusion, names[-1]: losses.loss_extra}
+            parts = {"loss": loss, "loss_diffusion": losses.loss_diffusion}
+            if run.extra_loss is not None:
+                parts[names[-1]] = losses.loss_extra
             finite = window.add(accelerator, parts, 1.0 / (plan.processes * plan.accumulation))
             window.extra_logs = dict(losses.extra_logs)
             if finite:
@@ -733,6 +740,18 @@ def _in_save_dtype(controlnet, args):
     return copy.deepcopy(controlnet).to(dtype=dtype)
 
 
+def _check_option_states(checkpoint: Path, flags: list[str]) -> None:
+    """A checkpoint holds the EMA and LoRA states (accelerate's custom_checkpoint_<i>.pkl) of the options it was
+    saved with; resuming needs the same options."""
+    saved = len(list(checkpoint.glob("custom_checkpoint_*.pkl")))
+    if saved != len(flags):
+        raise SkingenError(
+            f"--resume_from_checkpoint {checkpoint}: it holds {saved} option state(s) (EMA, UNet LoRA) but this run "
+            f"has {len(flags)} ({', '.join(flags) or 'neither --use_ema nor --unet_lora_rank'}); resume with the "
+            "options it was saved with"
+        )
+
+
 def _place(model, device, dtype: torch.dtype | None = None):
     """Move a model, casting only when the dtype changes (diffusers warns on every cast, even a no-op one)."""
     model.to(device)
@@ -742,6 +761,11 @@ def _place(model, device, dtype: torch.dtype | None = None):
 
 
 def _make_optimizer(args, params, learning_rate: float):
+    if getattr(args, "use_adafactor", False):  # FLUX trainer's option, as diffusers configures it
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=learning_rate, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=args.adam_weight_decay)
     if args.use_8bit_adam:
         import bitsandbytes
 

@@ -77,6 +77,7 @@ class Backbone:
     text_subfolders: ClassVar[tuple[str, ...]]  # tokenizers + text encoders, for the cache fingerprint
     default_tracker_project_name: ClassVar[str]
     encodes_conditioning: ClassVar[bool] = False  # the ControlNet sees the conditioning image through the VAE
+    ddp_find_unused_parameters: ClassVar[bool] = False  # the ControlNet has parameters a step leaves unused
 
     # Set by load(): frozen models, in loading order.
     tokenizers: list
@@ -189,7 +190,8 @@ class Backbone:
         counts = {}
         for index, (tokenizer, limit) in enumerate(self.token_limits()):
             name = f"{type(tokenizer).__name__.replace('Fast', '')} ({limit} tokens)"
-            lengths = [len(ids) for ids in tokenizer(list(captions), truncation=False)["input_ids"]] if captions else []
+            encoded = tokenizer(list(captions), truncation=False, verbose=False)["input_ids"] if captions else []
+            lengths = [len(ids) for ids in encoded]
             counts[name if name not in counts else f"{name} #{index + 1}"] = sum(length > limit for length in lengths)
         return counts
 

@@ -12,13 +12,17 @@ Generation uses ``FluxControlNetPipeline``.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from ..errors import SkingenError
 from .base import DenoiserOutput, config_mismatches
 from .flow_matching import FlowMatchingBackbone
+
+logger = logging.getLogger(__name__)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -65,7 +69,14 @@ class FluxBackbone(FlowMatchingBackbone):
         group.add_argument("--guidance_scale", type=float, default=3.5,
                            help="Guidance input of a guidance-distilled transformer (FLUX.1-dev) during training.")
         group.add_argument("--save_weight_dtype", choices=("fp16", "bf16", "fp32"), default="fp32",
-                           help="Dtype of the saved ControlNet weights (a variant file for fp16/bf16, as diffusers).")
+                           help="Dtype of the saved ControlNet weights.")
+        group.add_argument("--use_adafactor", action="store_true", help="Adafactor instead of AdamW (as diffusers).")
+        group.add_argument("--jsonl_for_train", type=str, default=None,
+                           help="diffusers' form of --train_data_dir: the dataset folder's train.jsonl (or "
+                                "metadata.jsonl); the folder is read as --train_data_dir.")
+        group.add_argument("--enable_model_cpu_offload", action="store_true",
+                           help="Accepted for diffusers' command lines (validation keeps the models where training "
+                                "has them).")
 
     @classmethod
     def validate_arguments(cls, args: argparse.Namespace) -> None:
@@ -73,6 +84,19 @@ class FluxBackbone(FlowMatchingBackbone):
         for name in ("num_double_layers", "num_single_layers"):
             if getattr(args, name) < 0:
                 raise SkingenError(f"--{name} must not be negative, got {getattr(args, name)}")
+
+    @classmethod
+    def normalize_arguments(cls, args: argparse.Namespace) -> None:
+        if args.jsonl_for_train is None:
+            return
+        path = Path(args.jsonl_for_train).expanduser()
+        if args.train_data_dir is not None or args.dataset_name is not None:
+            raise SkingenError("give --jsonl_for_train or --train_data_dir/--dataset_name, not both")
+        if path.name not in ("train.jsonl", "metadata.jsonl") or not path.is_file():
+            raise SkingenError(f"--jsonl_for_train {path}: expected a dataset folder's train.jsonl or metadata.jsonl "
+                               "(rows with image, conditioning_image and text paths relative to that folder); or "
+                               "pass the folder as --train_data_dir")
+        args.train_data_dir = str(path.parent)
 
     def load(self) -> None:
         from diffusers import FluxTransformer2DModel
@@ -150,8 +174,14 @@ class FluxBackbone(FlowMatchingBackbone):
         from diffusers import FluxControlNetModel
 
         config = self.denoiser.config
+        # More blocks than the transformer has would only add outputs it never reads (and random weights).
+        double = min(self.args.num_double_layers, config.num_layers)
+        single = min(self.args.num_single_layers, config.num_single_layers)
+        if (double, single) != (self.args.num_double_layers, self.args.num_single_layers):
+            logger.warning(f"the transformer has {config.num_layers} double- and {config.num_single_layers} "
+                           f"single-stream blocks; the new ControlNet copies {double} and {single}")
         return FluxControlNetModel.from_transformer(
-            self.denoiser, num_layers=self.args.num_double_layers, num_single_layers=self.args.num_single_layers,
+            self.denoiser, num_layers=double, num_single_layers=single,
             attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads)
 
     @classmethod

@@ -30,6 +30,7 @@ class SD3Backbone(FlowMatchingBackbone):
     text_subfolders = ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3")
     default_tracker_project_name = "sd3_train_controlnet"
     default_max_sequence_length = 77
+    ddp_find_unused_parameters = True  # as diffusers' SD3 trainer
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

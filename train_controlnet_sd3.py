@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Train a SD3 / SD3.5 ControlNet on a skin dataset (flags compatible with diffusers' examples/controlnet/train_controlnet_sd3.py).
+
+    accelerate launch train_controlnet_sd3.py --pretrained_model_name_or_path SD35_DIR \
+        --train_data_dir DATASET_DIR --output_dir OUT --resolution 1024 --mixed_precision bf16 \
+        --weighting_scheme logit_normal --max_sequence_length 77
+
+The same loop as train_controlnet_sdxl.py (cached text embeddings and latents, exact resume, N processes = 1,
+non-finite guard, validation grids with StableDiffusion3ControlNetPipeline) with the SD3 / SD3.5 backbone
+(skingen/backbones/sd3.py). Writes OUT/diffusion_pytorch_model.safetensors + config.json
+(SD3ControlNetModel.from_pretrained(OUT)). The OCR text loss of train_controlnet_sdxl_ctc.py is available with
+--text_loss_weight W (and the other --text_loss_* flags); without it there is none.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from skingen.errors import run_cli
+from skingen.text_loss_options import add_text_loss_arguments, build_text_loss, check_text_loss_arguments
+from skingen.training import build_arg_parser, parse_training_args, train
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_arg_parser(backbone="sd3")
+    add_text_loss_arguments(parser, default_weight=None)
+    args = parse_training_args(parser, argv)
+    check_text_loss_arguments(args)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = train(args, extra_loss=build_text_loss(args))
+    if result.is_main_process:
+        print(f"trained {result.global_step} steps; ControlNet weights in {result.output_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
