@@ -284,3 +284,12 @@ def test_flux_packing_matches_diffusers():
     assert torch.equal(unpack_latents(packed, 8, 6), latents)
     assert torch.equal(latent_image_ids(8, 6, "cpu", torch.float32),
                        FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32))
+
+
+def test_inference_side_check_reads_the_family_from_the_pipeline_folder(tiny_sdxl_dir, tiny_sd3_dir, tiny_flux_dir):
+    from skingen.backbones import check_controlnet_for_pipeline, family_of_pipeline
+
+    assert [family_of_pipeline(d) for d in (tiny_sdxl_dir, tiny_sd3_dir, tiny_flux_dir)] == ["sdxl", "sd3", "flux"]
+    assert check_controlnet_for_pipeline(tiny_flux_dir / "controlnet", tiny_flux_dir) == str(tiny_flux_dir / "controlnet")
+    with pytest.raises(SkingenError, match=r"controlnet: a FluxControlNetModel, but the base model .* is SD3"):
+        check_controlnet_for_pipeline(tiny_flux_dir / "controlnet", tiny_sd3_dir, flag="--controlnet")

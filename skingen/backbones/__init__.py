@@ -36,3 +36,19 @@ def family_of_pipeline(folder) -> str | None:
         if class_name in backbone_class(family).base_pipeline_classes:
             return family
     return None
+
+
+def check_controlnet_for_pipeline(controlnet_name_or_path, pipeline_folder, *, flag: str = "--controlnet_model_name_or_path",
+                                  cache_dir: str | None = None) -> str:
+    """The ControlNet architecture check for a local base pipeline folder (inference uses it as training does):
+    raises ``SkingenError`` naming the ControlNet folder when it is not a ControlNet of the pipeline's family or
+    does not fit its denoiser. Returns the resolved ControlNet source."""
+    from .base import check_controlnet_source, read_model_config
+
+    family = family_of_pipeline(pipeline_folder)
+    if family is None:
+        raise SkingenError(f"{pipeline_folder}: no model_index.json of an SDXL, SD3 or FLUX.1 pipeline there")
+    backbone = backbone_class(family)
+    denoiser_config = read_model_config(str(Path(pipeline_folder).expanduser() / backbone.denoiser_subfolder))
+    return check_controlnet_source(backbone, controlnet_name_or_path, denoiser_config, source_of_base=str(pipeline_folder),
+                                   flag=flag, cache_dir=cache_dir)
