@@ -235,6 +235,8 @@ def test_ema_follows_the_decay_formula_differs_from_raw_and_resumes_exactly(tiny
     train(_args(tiny_sdxl_dir, mixed_dataset, resumed, "--max_train_steps", 2, *ema))
     train(_args(tiny_sdxl_dir, mixed_dataset, resumed, "--max_train_steps", 3, *ema, "--resume_from_checkpoint", "latest"))
     assert _max_difference(_weights(resumed / "ema"), averaged) < 1e-6
+    with pytest.raises(SkingenError, match="option state"):  # the EMA state cannot be dropped silently
+        train(_args(tiny_sdxl_dir, mixed_dataset, resumed, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
