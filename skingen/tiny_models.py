@@ -323,3 +323,20 @@ def build_tiny_pipeline(
     if backbone == "flux":
         return build_tiny_flux(out_dir, seed=seed, controlnet=controlnet)
     raise SkingenError(f"--backbone {backbone!r}: unknown backbone; choose one of {', '.join(BACKBONES)}")
+
+
+def fit_latent_shift(pipeline_dir: str | os.PathLike, images) -> dict[str, float]:
+    """Set a 16-channel VAE's ``shift_factor`` and ``scaling_factor`` so its latents of ``images`` (``(3, H, W)``
+    tensors in [-1, 1]) have zero mean and unit standard deviation, as SD3's and FLUX's were chosen; after
+    ``skingen.models.fit_tiny_vae`` (which sets only the scale). Saved back to ``pipeline_dir/vae`` atomically."""
+    from diffusers import AutoencoderKL
+
+    vae_dir = Path(pipeline_dir) / "vae"
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        latents = vae.encode(torch.stack([image.float() for image in images])).latent_dist.mode()
+    shift, std = latents.mean().item(), latents.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / max(std, 1e-6))
+    with AtomicDirectory(vae_dir) as tmp_dir:
+        vae.save_pretrained(tmp_dir, safe_serialization=True)
+    return {"shift_factor": shift, "scaling_factor": float(vae.config.scaling_factor)}

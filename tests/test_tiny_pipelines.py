@@ -109,3 +109,19 @@ def test_script_refuses_a_folder_that_is_not_a_pipeline(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     with pytest.raises(SkingenError, match="only the 'tiny' preset"):
         script.main(["--backbone", "sd3", "--preset", "small", "--out", str(tmp_path / "new")])
+
+
+def test_fit_latent_shift_centres_and_scales_the_16_channel_latents(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from skingen.tiny_models import build_tiny_flux, fit_latent_shift
+
+    build_tiny_flux(tmp_path / "flux")
+    images = [torch.rand(3, 64, 64) * 2 - 1 for _ in range(3)]
+    fitted = fit_latent_shift(tmp_path / "flux", images)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "flux" / "vae")
+    assert vae.config.shift_factor == pytest.approx(fitted["shift_factor"])
+    with torch.no_grad():
+        latents = vae.encode(torch.stack(images)).latent_dist.mode()
+    normalised = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    assert abs(normalised.mean().item()) < 1e-4 and normalised.std().item() == pytest.approx(1.0, abs=1e-4)
