@@ -51,7 +51,7 @@ from .checkpointing import (
 from .conditioning import match_conditioning_channels
 from .ema import WeightsEMA
 from .errors import SkingenError
-from .lora import LoraState, add_lora, average_gradients, diffusers_lora_state, save_lora
+from .lora import LoraState, add_lora, average_gradients
 from .loss_weighting import LossOptions
 from .training_args import build_arg_parser, parse_training_args, validate_training_args  # noqa: F401 (the trainers' API)
 from .training_data import (
@@ -575,11 +575,7 @@ def finish(run: Run) -> TrainingResult:
         if run.ema is not None:
             run.ema.save(controlnet, run.output_dir, save_controlnet_weights)
         if run.lora_parameters:
-            from diffusers import StableDiffusionXLPipeline
-
-            save_lora(lambda folder: StableDiffusionXLPipeline.save_lora_weights(
-                folder, unet_lora_layers=diffusers_lora_state(run.backbone.denoiser), safe_serialization=True),
-                run.output_dir)
+            run.backbone.save_denoiser_lora(run.output_dir)
         if run.pairs and run.last_validated != state.global_step:
             run.validate(state.global_step)
         card_args = argparse.Namespace(**{**vars(args), "seed": run.seed})

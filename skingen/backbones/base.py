@@ -275,6 +275,10 @@ class Backbone:
         the text cache)."""
         raise NotImplementedError
 
+    def save_denoiser_lora(self, output_dir) -> Path:
+        """Save the denoiser's LoRA (``--unet_lora_rank``) in the family's diffusers format."""
+        raise NotImplementedError(f"{self.title}: no denoiser LoRA")
+
     def prompt_kwargs(self, entry: dict[str, torch.Tensor], device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Pipeline keyword arguments for one cached caption (batch of 1)."""
         return {key: value[None].to(device, dtype) for key, value in entry.items()}

@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import SkingenError
+from ..lora import diffusers_lora_state, save_lora
 from ..loss_weighting import min_snr_weights, offset_noise, perturbed_noise
 from .base import Backbone, DenoiserOutput, check_controlnet_source, config_mismatches, load_part, resolve_model_source
 
@@ -153,6 +155,14 @@ class SDXLBackbone(Backbone):
         ])
 
     # -- generating -----------------------------------------------------------------------------------------
+
+    def save_denoiser_lora(self, output_dir) -> Path:
+        """The UNet's LoRA (``--unet_lora_rank``) as ``OUTPUT_DIR/pytorch_lora_weights.safetensors`` in diffusers'
+        format, which ``StableDiffusionXLControlNetPipeline.load_lora_weights`` reads."""
+        from diffusers import StableDiffusionXLPipeline
+
+        return save_lora(lambda folder: StableDiffusionXLPipeline.save_lora_weights(
+            folder, unet_lora_layers=diffusers_lora_state(self.denoiser), safe_serialization=True), output_dir)
 
     def validation_pipeline(self, controlnet, scheduler=None):
         from diffusers import StableDiffusionXLControlNetPipeline, UniPCMultistepScheduler
