@@ -55,7 +55,8 @@ def print_report(report: dict) -> None:
     if report["problem_counts"]:
         print("  problems: " + ", ".join(f"{kind} x{count}" for kind, count in report["problem_counts"].items()))
     for bad in report["bad"][:LISTED_BAD_ROWS]:
-        print(f"    {bad['where']}: {'; '.join(bad['problems'])}")
+        for problem in bad["problems"]:
+            print(f"    {bad['where']}: {problem}")
     if len(report["bad"]) > LISTED_BAD_ROWS:
         print(f"    ... and {len(report['bad']) - LISTED_BAD_ROWS} more")
     print(f"  rows with text boxes: {report['rows_with_boxes']} ({report['boxes']} boxes)")

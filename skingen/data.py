@@ -304,7 +304,7 @@ def problem_counts(bad: list[BadRow]) -> Counter:
 def enforce_bad_rows(scan: ScanResult, on_bad_sample: str, fix: str = "") -> None:
     """Raise on bad rows (``error``) or print what was dropped (``skip``); no usable row is always an error."""
     if scan.bad:
-        listed = "\n".join(f"  {row.describe()}" for row in scan.bad[:MAX_LISTED_PROBLEMS])
+        listed = "\n".join(row.describe(indent="  ") for row in scan.bad[:MAX_LISTED_PROBLEMS])
         if len(scan.bad) > MAX_LISTED_PROBLEMS:
             listed += f"\n  ... and {len(scan.bad) - MAX_LISTED_PROBLEMS} more"
         kinds = ", ".join(f"{count} {kind}" for kind, count in problem_counts(scan.bad).most_common())

@@ -13,7 +13,8 @@ through :func:`check_row`, so a row that trains also evaluates. A stage names th
   (:func:`skingen.captioning.texts_from_caption`);
 - ``seed``: a non-negative integer when present.
 
-Problems come back all at once (:class:`BadRow`), one message each, prefixed with the row's ``file:line``.
+Problems come back all at once (:class:`BadRow`), one message per problem, each prefixed with the row's
+``file:line``.
 """
 
 from __future__ import annotations
@@ -75,15 +76,18 @@ class Problem:
 
 
 class BadRow(SkingenError):
-    """A row with one or more problems; ``str()`` is ``where: problem; problem``."""
+    """A row with one or more problems; ``str()`` is one ``where: problem`` line per problem."""
 
     def __init__(self, where: str, problems: Sequence[Problem]):
         self.where = where
         self.problems = list(problems)
         super().__init__(self.describe())
 
-    def describe(self) -> str:
-        return f"{self.where}: " + "; ".join(problem.message for problem in self.problems)
+    def lines(self) -> list[str]:
+        return [f"{self.where}: {problem.message}" for problem in self.problems]
+
+    def describe(self, indent: str = "") -> str:
+        return "\n".join(indent + line for line in self.lines())
 
 
 @dataclass(frozen=True)

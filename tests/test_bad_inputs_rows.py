@@ -305,16 +305,20 @@ def test_the_table_covers_every_stage():
 def test_several_problems_of_one_row_are_each_named(tmp_path, capsys):
     bad = line(image="/abs.png", conditioning_image=4, text="", box="nope")
     root = make_dataset(tmp_path / "ds", bad)
-    code, out, _ = run("dataset_tool", ["validate", str(root)], capsys)
-    assert code == 1
-    listed = next(text for text in out.splitlines() if f"train.jsonl:{BAD_LINE}:" in text)
-    for part in (
+    parts = (
         "empty caption",
         "'image' path '/abs.png' leaves",
         "'conditioning_image' must be an image path",
-        "'box' must be a list",
-    ):
-        assert part in listed, listed
+        "'box' must be",
+    )
+    code, out, _ = run("dataset_tool", ["validate", str(root)], capsys)
+    assert code == 1
+    listed = [text.strip() for text in out.splitlines() if f"train.jsonl:{BAD_LINE}:" in text]
+    assert len(listed) == len(parts)  # one line per problem, each naming the file and line
+    for part in parts:
+        assert any(text.startswith(f"{root / 'train.jsonl'}:{BAD_LINE}: ") and part in text for text in listed), part
+    code, _, err = run("train", [str(root)], capsys)
+    assert code == 2 and sum(f"train.jsonl:{BAD_LINE}: " in text for text in err.splitlines()) == len(parts)
 
 
 def test_many_bad_rows_are_listed_at_once(tmp_path, capsys):
