@@ -1,24 +1,27 @@
 #!/usr/bin/env python3
-"""Does the OCR text loss make generated text more readable? The same training run with and without it.
+"""Does the OCR text loss make *sampled* text on *unseen* layouts more readable? A paired, held-out A/B.
 
-    python bench/text_loss_ab.py                             # 3 seeds x 2 arms, tiny preset, 128 px, CPU
-    python bench/text_loss_ab.py --seeds 0 1 2 3 4 --text_loss_weight 0.02 0.1 -- \
-        --text_loss_max_timestep 1000 --text_loss_timestep_weighting alpha_bar   # flags after -- go to the trainer
+    python bench/text_loss_ab.py --family light                      # 5 seeds x 2 arms, tiny model, 128 px, CPU
+    python bench/text_loss_ab.py --family dark --seeds 0 1 2 3 4
+    python bench/text_loss_ab.py --dataset_dir DIR --heldout_rows 8  # any glyph dataset (rows with box + texts)
+    python bench/text_loss_ab.py --family light -- --text_loss_max_timestep 400   # after --: trainer flags
 
-Builds once in --work_dir:
+The protocol:
 
-- a glyph dataset of keyboard-like images: 2-character key labels drawn in keys on patterned backgrounds;
-  control images are the key outlines with the labels re-rendered white (``render_glyphs.py --mode glyph``);
-  rows carry ``box`` + ``texts``;
-- a tiny SDXL pipeline whose VAE is fitted to reconstruct those images (``skingen.models.fit_tiny_vae``): a
-  random tiny VAE decodes noise, so no recognizer could read anything through it. How many labels the
-  recognizer reads in the VAE's reconstructions is printed: that is the ceiling of what training can reach.
-
-Then, per seed, trains the ControlNet with identical data order, noise and timesteps: ``--text_loss_weight 0``
-(the diffusion loss alone; the text loss is still measured, not added) and ``--text_loss_weight W`` for each W. Both
-record the fixed-timestep validation loss (``--validation_loss_timesteps``, fixed noise, every row):
-``val_text_ctc``, the recognizer's CTC per character on the boxes of the one-step x0 estimate, and
-``val_loss_diffusion``. The summary compares the arms at the end of training.
+1. **Data.** ``--dataset_dir`` (rows with ``box`` + ``texts``), or a family of ``skingen.glyph_fixtures`` built
+   in ``--work_dir``. The last ``--heldout_rows`` rows are held out; training rows that share a label string with
+   them are dropped (counted), so every held-out control has unseen strings at unseen positions.
+2. **Model.** A tiny SDXL pipeline + ControlNet whose VAE is fitted to the *training* images
+   (``skingen.models.fit_tiny_vae``), or ``--base_model`` (a tiny base that has seen skins). The ceilings are
+   printed: what ``evaluate.py``'s OCR reads in the held-out images and in their VAE reconstructions.
+3. **Arms.** Per seed, the ControlNet is trained twice with identical data order, noise and timesteps:
+   ``--text_loss_weight 0`` (diffusion loss only; the text loss is measured, not added) and ``W``.
+4. **Score.** Each arm samples every held-out control (``--num_inference_steps`` 20, fixed seed per row, the same
+   in every arm); ``skingen.metrics.evaluate_pairs`` (what ``evaluate.py`` runs) gives sentence accuracy and NED
+   of the boxes' text and the edge F1 against the control. Beside them: the trainer's fixed-timestep curves
+   (``--validation_loss_timesteps``, on the training rows): ``val_loss_diffusion`` and ``val_text_ctc``, late means.
+5. **Summary.** A table per seed, the paired differences (W minus 0) with mean and sd over seeds, and how many
+   seeds moved each way. ``--json`` keeps everything.
 """
 
 from __future__ import annotations
@@ -27,140 +30,260 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-LABELS = ("前往", "搜索", "删除", "换行", "发送", "空格", "返回", "确定", "完成", "符号", "中文", "英文",
-          "表情", "数字", "拼音", "分词", "重输", "选择", "复制", "粘贴", "剪切", "全选", "撤销", "设置")
+METRICS = ("sentence_accuracy", "ned", "edge_f1", "val_loss_diffusion", "val_text_ctc")
 
 
-def write_glyph_dataset(out_dir: Path, *, rows: int, resolution: int, keys_per_row: int, font_size: int,
-                        seed: int = 0) -> Path:
-    """``rows`` images of ``keys_per_row`` labelled keys in a column on a gradient with random discs."""
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Data: the held-out split
+
+
+class Split(NamedTuple):  # a NamedTuple: dataclasses need the module in sys.modules, tests load it bare
+    train_dir: Path
+    heldout_dir: Path
+    train_rows: int
+    heldout_rows: int
+    dropped_rows: int  # training rows left out because they share a string with a held-out row
+
+
+def read_dataset_rows(dataset_dir: Path) -> list[dict]:
+    """The rows of ``dataset_dir/train.jsonl`` (paths relative to the folder); each must have ``box`` + ``texts``."""
+    from skingen.errors import SkingenError
+
+    path = dataset_dir / "train.jsonl"
+    if not path.is_file():
+        raise SkingenError(f"{path}: not found; --dataset_dir needs a glyph dataset folder with train.jsonl")
+    rows = []
+    for index, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SkingenError(f"{path}:{index}: invalid JSON ({err.msg})") from None
+        if not row.get("box") or not row.get("texts") or len(row["box"]) != len(row["texts"]):
+            raise SkingenError(f"{path}:{index}: the row needs aligned \"box\" + \"texts\"; the text-loss protocol "
+                               "needs glyph rows (render_glyphs.py --mode glyph writes them)")
+        rows.append(row)
+    return rows
+
+
+def split_dataset(dataset_dir: Path, out_dir: Path, heldout_rows: int) -> Split:
+    """Write ``out_dir/train`` and ``out_dir/heldout`` (``train.jsonl`` + copies of the files): the last
+    ``heldout_rows`` rows are held out; earlier rows sharing any label string with them are dropped."""
+    from skingen.errors import SkingenError
+
+    rows = read_dataset_rows(dataset_dir)
+    if not 0 < heldout_rows < len(rows):
+        raise SkingenError(f"--heldout_rows {heldout_rows}: the dataset has {len(rows)} rows; hold out 1 .. "
+                           f"{len(rows) - 1}")
+    heldout, train = rows[-heldout_rows:], rows[:-heldout_rows]
+    heldout_strings = {text for row in heldout for text in row["texts"]}
+    kept = [row for row in train if not heldout_strings & set(row["texts"])]
+    if not kept:
+        raise SkingenError(f"{dataset_dir}: every training row shares a label string with the last {heldout_rows} "
+                           "rows; hold out rows whose strings do not occur earlier")
+    for name, part in (("train", kept), ("heldout", heldout)):
+        folder = out_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for row in part:
+            for key in ("image", "conditioning_image"):
+                copy = folder / row[key]  # a copy: the trainer refuses links that leave its dataset folder
+                if not copy.exists():
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(dataset_dir / row[key], copy)
+        (folder / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part),
+                                            encoding="utf-8")
+    return Split(out_dir / "train", out_dir / "heldout", len(kept), len(heldout), len(train) - len(kept))
+
+
+def add_position_channel(split_dir: Path) -> None:
+    """AnyText's position input in the control: every text box filled with (0, 0, 96) under the white glyphs, so the
+    control says where text goes as well as what it looks like. Rewrites the split's control images."""
     import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
-    from skingen.glyphs import find_cjk_font, render_glyph_control
-    from skingen.ocr import TextLine
-
-    rng = np.random.default_rng(seed)
-    font_path = find_cjk_font()
-    font = ImageFont.truetype(str(font_path), font_size)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    (out_dir / "conditioning_images").mkdir(exist_ok=True)
-    lines = []
-    key_h = resolution // keys_per_row
-    for i in range(rows):
-        top, bottom = rng.integers(60, 230, 3), rng.integers(20, 200, 3)
-        ramp = np.linspace(0, 1, resolution)[:, None, None]
-        pixels = (top * (1 - ramp) + bottom * ramp).repeat(resolution, axis=1).astype(np.uint8)
-        image = Image.fromarray(pixels)
-        draw = ImageDraw.Draw(image)
-        for _ in range(6):
-            x, y, r = rng.integers(0, resolution, 2).tolist() + [int(rng.integers(4, resolution // 6))]
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.integers(0, 256, 3).tolist()))
-        template = Image.new("RGB", (resolution, resolution))
-        template_draw = ImageDraw.Draw(template)
-        key_fill = tuple(rng.integers(200, 256, 3).tolist())
-        ink = tuple(rng.integers(0, 70, 3).tolist())
-        boxes, texts = [], []
-        for k in range(keys_per_row):
-            key = (4, k * key_h + 3, resolution - 5, (k + 1) * key_h - 4)
-            draw.rounded_rectangle(key, radius=4, fill=key_fill)
-            template_draw.rounded_rectangle(key, radius=4, outline=(96, 96, 96))
-            word = LABELS[int(rng.integers(len(LABELS)))]
-            left, top_, right, bottom_ = font.getbbox(word)
-            x0 = int(rng.integers(key[0] + 2, max(key[0] + 3, key[2] - (right - left) - 2)))
-            y0 = (key[1] + key[3] - (bottom_ - top_)) // 2
-            draw.text((x0 - left, y0 - top_), word, font=font, fill=ink)
-            x1, y1 = x0 + right - left, y0 + bottom_ - top_
-            boxes.append([[x0 - 2, y0 - 2], [x1 + 2, y0 - 2], [x1 + 2, y1 + 2], [x0 - 2, y1 + 2]])
-            texts.append(word)
-        control = render_glyph_control(template, [TextLine(b, t, 1.0) for b, t in zip(boxes, texts)], font_path)
-        image.save(out_dir / "images" / f"{i}.png")
-        control.save(out_dir / "conditioning_images" / f"{i}.png")
-        lines.append(json.dumps({
-            "text": "a keyboard skin, iflyskin, " + ", ".join(f'writing "{t}"' for t in texts),
-            "image": f"images/{i}.png", "conditioning_image": f"conditioning_images/{i}.png",
-            "box": boxes, "texts": texts,
-        }, ensure_ascii=False))
-    (out_dir / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out_dir
+    for line in (split_dir / "train.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        path = split_dir / row["conditioning_image"]
+        control = Image.open(path).convert("RGB")
+        mask = Image.new("L", control.size, 0)
+        for quad in row["box"]:
+            ImageDraw.Draw(mask).polygon([tuple(point) for point in quad], fill=96)
+        pixels = np.array(control)
+        pixels[..., 2] = np.maximum(pixels[..., 2], np.asarray(mask))
+        Image.fromarray(pixels).save(path)
 
 
-def build_fitted_pipeline(out_dir: Path, dataset_dir: Path, *, resolution: int, vae_fit_steps: int,
-                          seed: int = 0) -> dict:
-    """A tiny SDXL pipeline (+ ControlNet) whose VAE reconstructs the dataset's images; returns the fit's figures
-    and how many labels the recognizer reads in the reconstructions."""
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Model and ceilings
+
+
+def build_fitted_pipeline(out_dir: Path, train_dir: Path, *, resolution: int, vae_fit_steps: int, seed: int = 0,
+                          backbone: str = "sdxl") -> dict:
+    """A tiny pipeline of ``backbone`` (+ ControlNet) whose VAE is fitted to the training images only (SD3/FLUX:
+    also its shift_factor, so the 16-channel latents are centred as the real ones)."""
+    from PIL import Image
+
+    from skingen.models import fit_tiny_vae
+    from skingen.tiny_models import build_tiny_pipeline, fit_latent_shift
+    from skingen.training_data import training_pixels
+
+    rows = read_dataset_rows(train_dir)
+    images = [training_pixels(Image.open(train_dir / row["image"]).convert("RGB"), resolution)[0] for row in rows]
+    build_tiny_pipeline(backbone, out_dir, seed=seed, controlnet=True)
+    fit = fit_tiny_vae(out_dir, images, steps=vae_fit_steps, seed=seed)
+    return fit | (fit_latent_shift(out_dir, images) if backbone != "sdxl" else {})
+
+
+@functools.cache
+def ocr_engine():
+    from skingen.ocr import get_ocr
+
+    return get_ocr("rapidocr")
+
+
+def score_images(heldout_dir: Path, images_dir: Path) -> dict:
+    """evaluate.py's metrics of the images in ``images_dir`` (named like the held-out rows' images)."""
+    from skingen.metrics import EvalPair, evaluate_pairs, summarize
+
+    pairs = []
+    for row in read_dataset_rows(heldout_dir):
+        name = Path(row["image"]).name
+        pairs.append(EvalPair(id=name, output=str(images_dir / name), control=str(heldout_dir / row["conditioning_image"]),
+                              prompt=row.get("text", ""), boxes=row["box"], texts=row["texts"]))
+    records = evaluate_pairs(pairs, ocr=ocr_engine())
+    return summarize(records) | {"lines": [line for record in records for line in record["lines"]]}
+
+
+def ceilings(pipeline_dir: Path, heldout_dir: Path, out_dir: Path, resolution: int) -> dict:
+    """Scores of the held-out images themselves and of their VAE reconstructions: the most sampling can reach."""
     import torch
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from skingen.losses import crop_rotated_boxes
-    from skingen.models import build_tiny_sdxl, fit_tiny_vae
-    from skingen.recognizer import load_recognizer, normalize_for_recognizer
     from skingen.training_data import training_pixels
 
-    rows = [json.loads(line) for line in (dataset_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-    images = [training_pixels(Image.open(dataset_dir / row["image"]).convert("RGB"), resolution)[0] for row in rows]
-    build_tiny_sdxl(out_dir, preset="tiny", seed=seed, controlnet=True)
-    stats = fit_tiny_vae(out_dir, images, steps=vae_fit_steps, seed=seed)
-    vae = AutoencoderKL.from_pretrained(out_dir / "vae")
-    recognizer = load_recognizer()
-    read = total = 0
-    with torch.no_grad():
-        for image, row in zip(images, rows):
-            decoded = vae.decode(vae.encode(image[None]).latent_dist.mode()).sample[0]
-            crops, _ = crop_rotated_boxes(decoded, torch.tensor(row["box"], dtype=torch.float32))
-            readings = recognizer.read(normalize_for_recognizer(crops, value_range=(-1.0, 1.0)))
-            read += sum(text == expected for (text, _), expected in zip(readings, row["texts"]))
-            total += len(row["texts"])
-    return {**stats, "labels_read_in_reconstructions": read, "labels": total}
+    vae = AutoencoderKL.from_pretrained(pipeline_dir / "vae")
+    originals, reconstructions = out_dir / "originals", out_dir / "reconstructions"
+    for row in read_dataset_rows(heldout_dir):
+        name = Path(row["image"]).name
+        for folder in (originals, reconstructions):
+            folder.mkdir(parents=True, exist_ok=True)
+        pixels = training_pixels(Image.open(heldout_dir / row["image"]).convert("RGB"), resolution)[0]
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(pixels[None]).latent_dist.mode()).sample[0]
+        for folder, image in ((originals, pixels), (reconstructions, decoded)):
+            array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            Image.fromarray(array).save(folder / name)
+    return {"images": _flat(score_images(heldout_dir, originals)),
+            "reconstructions": _flat(score_images(heldout_dir, reconstructions))}
 
 
-def run_arm(pipeline_dir: Path, dataset_dir: Path, output_dir: Path, *, seed: int, text_loss_weight: float,
-            max_train_steps: int, validation_steps: int, resolution: int, learning_rate: float,
-            eval_timesteps: list[int], trainer_flags: list[str]) -> dict:
-    """One training run of train_controlnet_sdxl_ctc.py in this process; its fixed-timestep validation curve."""
-    from skingen.training import train
+def _flat(summary: dict) -> dict:
+    return {key: value for key, value in summary.items() if key != "lines"}
 
-    script = _trainer_script()
-    argv = [
-        "--pretrained_model_name_or_path", str(pipeline_dir), "--train_data_dir", str(dataset_dir),
-        "--output_dir", str(output_dir), "--resolution", str(resolution), "--train_batch_size", "2",
-        "--learning_rate", str(learning_rate), "--lr_warmup_steps", "0", "--seed", str(seed), "--report_to", "none",
-        "--max_train_steps", str(max_train_steps), "--validation_steps", str(validation_steps),
-        "--checkpointing_steps", str(max_train_steps + 1), "--validation_loss_rows", "1000000",
-        "--validation_loss_timesteps", *map(str, eval_timesteps), "--text_loss_weight", str(text_loss_weight),
-        *trainer_flags,
-    ]
-    args = script.parse_args(argv)
-    started = time.perf_counter()
-    result = train(args, extra_loss=script.build_text_loss(args))
-    _reset_accelerate_state()
-    return {"seconds": time.perf_counter() - started, "curve": result.validation_losses}
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3./4. One arm: train, sample the held-out controls, score
 
 
 @functools.cache
-def _trainer_script():
+def _trainer_script(backbone: str = "sdxl"):
+    """train_controlnet_sdxl_ctc.py, or train_controlnet_sd3.py / _flux.py (the same text-loss flags)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_controlnet_sdxl_ctc", REPO / "train_controlnet_sdxl_ctc.py")
+    name = "train_controlnet_sdxl_ctc" if backbone == "sdxl" else f"train_controlnet_{backbone}"
+    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
 
 
-def late_mean(curve: dict[int, dict[str, float]], key: str) -> float:
+def train_arm(pipeline_dir: Path, train_dir: Path, output_dir: Path, *, seed: int, text_loss_weight: float,
+              args: argparse.Namespace) -> dict:
+    """One training run of train_controlnet_sdxl_ctc.py in this process; its fixed-timestep validation curve."""
+    from skingen.training import train
+
+    script = _trainer_script(args.backbone)
+    # FLUX.1-dev's guidance input: trained and sampled at the same value.
+    guidance = ["--guidance_scale", str(args.guidance_scale)] if args.backbone == "flux" else []
+    argv = [
+        "--pretrained_model_name_or_path", str(pipeline_dir), "--train_data_dir", str(train_dir),
+        "--output_dir", str(output_dir), "--resolution", str(args.resolution), "--train_batch_size", "2",
+        "--learning_rate", str(args.learning_rate), "--lr_warmup_steps", "0", "--seed", str(seed),
+        "--report_to", "none", "--max_train_steps", str(args.max_train_steps),
+        "--validation_steps", str(args.validation_steps), "--checkpointing_steps", str(args.max_train_steps + 1),
+        "--validation_loss_rows", str(args.validation_loss_rows),
+        "--validation_loss_timesteps", *map(str, args.eval_timesteps), "--text_loss_weight", str(text_loss_weight),
+        *guidance, *args.trainer_flags,
+    ]
+    script_args = script.parse_args(argv)
+    started = time.perf_counter()
+    result = train(script_args, extra_loss=script.build_text_loss(script_args))
+    _reset_accelerate_state()
+    return {"train_seconds": time.perf_counter() - started, "curve": result.validation_losses}
+
+
+def sample_heldout(pipeline_dir: Path, controlnet_dir: Path, heldout_dir: Path, images_dir: Path,
+                   args: argparse.Namespace) -> float:
+    """Sample every held-out control once (seed = row index, the same in every arm); returns the seconds taken."""
+    from skingen.generation import GenerationRow, ImageJob, SamplingSettings, generate_batch, load_controlnet_pipeline
+
+    started = time.perf_counter()
+    pipeline = load_controlnet_pipeline(pipeline_dir, [controlnet_dir])  # the family's sampler: UniPC for SDXL
+    settings = SamplingSettings(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
+    rows = read_dataset_rows(heldout_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(rows), 4):
+        chunk = rows[start:start + 4]
+        jobs = [ImageJob(GenerationRow(row_id=str(start + k), prompt=row.get("text", ""),
+                                       control_images=(str(heldout_dir / row["conditioning_image"]),), where=f"held-out row {start + k}"),
+                         seed=start + k, height=args.resolution, width=args.resolution)
+                for k, row in enumerate(chunk)]
+        for row, image in zip(chunk, generate_batch(pipeline, jobs, settings)):
+            image.save(images_dir / Path(row["image"]).name)
+    return time.perf_counter() - started
+
+
+def late_mean(curve: dict, key: str) -> float:
     """Mean of ``key`` over the evaluations in the second half of training (less noisy than the last one)."""
     end = max(curve)
-    return statistics.mean(values[key] for step, values in curve.items() if step > end / 2)
+    values = [v[key] for step, v in curve.items() if step > end / 2 and key in v]
+    return statistics.mean(values) if values else float("nan")
+
+
+def run_arm(pipeline_dir: Path, split: Split, out_dir: Path, *, seed: int, weight: float,
+            args: argparse.Namespace) -> dict:
+    """Train, sample and score one arm; cached in ``out_dir/arm.json`` so an interrupted run resumes."""
+    record_path = out_dir / "arm.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        return record | {"curve": {int(step): values for step, values in record["curve"].items()}}
+    trained = train_arm(pipeline_dir, split.train_dir, out_dir, seed=seed, text_loss_weight=weight, args=args)
+    sample_seconds = sample_heldout(pipeline_dir, out_dir, split.heldout_dir, out_dir / "heldout_samples", args)
+    scores = score_images(split.heldout_dir, out_dir / "heldout_samples")
+    curve = {int(k): v for k, v in trained["curve"].items()}
+    record = {
+        "seed": seed, "weight": weight, "train_seconds": trained["train_seconds"], "sample_seconds": sample_seconds,
+        "sentence_accuracy": scores["sentence_accuracy"], "ned": scores["ned"], "edge_f1": scores["edge_f1"],
+        "val_loss_diffusion": late_mean(curve, "val_loss_diffusion"), "val_text_ctc": late_mean(curve, "val_text_ctc"),
+        "readings": [(line["target"], line["predicted"]) for line in scores["lines"]], "curve": curve,
+    }
+    from skingen.fileio import atomic_write_json
+
+    atomic_write_json(record_path, record)
+    return record
 
 
 def _reset_accelerate_state() -> None:
@@ -170,89 +293,162 @@ def _reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Summary
+
+
+def paired_summary(records: dict, seeds: list[int], weight: float) -> dict:
+    """Per metric: the paired differences (weight W minus weight 0) per seed, their mean and sd, seeds up/down."""
+    summary = {}
+    for metric in METRICS:
+        diffs = [records[(s, weight)][metric] - records[(s, 0.0)][metric] for s in seeds]
+        base = [records[(s, 0.0)][metric] for s in seeds]
+        summary[metric] = {
+            "weight0_mean": statistics.mean(base), "weight0_sd": _sd(base),
+            "arm_mean": statistics.mean(records[(s, weight)][metric] for s in seeds),
+            "arm_sd": _sd([records[(s, weight)][metric] for s in seeds]),
+            "diff_mean": statistics.mean(diffs), "diff_sd": _sd(diffs),
+            "relative_diff": statistics.mean(diffs) / statistics.mean(base) if statistics.mean(base) else float("nan"),
+            "up": sum(d > 0 for d in diffs), "down": sum(d < 0 for d in diffs), "diffs": diffs,
+        }
+    return summary
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def summary_markdown(records: dict, seeds: list[int], weight: float, title: str) -> str:
+    rows = [f"### {title}", "",
+            "| seed | sentence acc, w=0 | w={0:g} | NED, w=0 | w={0:g} | edge F1, w=0 | w={0:g} "
+            "| val_loss_diffusion, w=0 | w={0:g} | val_text_ctc, w=0 | w={0:g} |".format(weight),
+            "|---|" + "---|" * 10]
+    for seed in seeds:
+        zero, text = records[(seed, 0.0)], records[(seed, weight)]
+        cells = [f"{zero[m]:.3f} | {text[m]:.3f}" if m in ("sentence_accuracy", "ned", "edge_f1")
+                 else f"{zero[m]:.4f} | {text[m]:.4f}" for m in METRICS]
+        rows.append(f"| {seed} | " + " | ".join(cells) + " |")
+    summary = paired_summary(records, seeds, weight)
+    cells = [f"{s['weight0_mean']:.3f} +- {s['weight0_sd']:.3f} | {s['arm_mean']:.3f} +- {s['arm_sd']:.3f}"
+             for s in summary.values()]
+    rows.append("| mean +- sd | " + " | ".join(cells) + " |")
+    cells = [f"{s['diff_mean']:+.3f} +- {s['diff_sd']:.3f} ({s['up']} up, {s['down']} down)" for s in summary.values()]
+    rows.append("| paired difference (w - 0) | " + " | ".join(f"{c} | " for c in cells)[:-3] + " |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--dataset_dir", type=Path, default=None, help="A glyph dataset folder (rows with box + texts).")
+    data.add_argument("--family", choices=("light", "dark"), default="light",
+                      help="Build this skingen.glyph_fixtures family in --work_dir (when no --dataset_dir).")
+    parser.add_argument("--rows", type=int, default=24, help="Rows of the built family (held-out rows included).")
+    parser.add_argument("--heldout_rows", type=int, default=8, help="The last rows, held out (unseen controls).")
+    parser.add_argument("--position_channel", action="store_true",
+                        help="Add AnyText's position input to every control: text boxes filled in the blue channel.")
+    parser.add_argument("--base_model", type=Path, default=None,
+                        help="A tiny SDXL pipeline folder (e.g. a pre-trained tiny base) instead of a fresh one with "
+                             "a fitted VAE; it must hold a controlnet/ or the ControlNet is made from its UNet.")
+    parser.add_argument("--backbone", choices=("sdxl", "sd3", "flux"), default="sdxl",
+                        help="Model family of the tiny pipeline and trainer (sd3/flux: train_controlnet_sd3.py / "
+                             "_flux.py; their timesteps are sigma x 1000).")
     parser.add_argument("--work_dir", type=Path, default=Path("bench_text_loss_ab"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--text_loss_weight", type=float, nargs="+", default=[0.05],
-                        help="One or more weights, each compared with weight 0 (run once per seed).")
-    parser.add_argument("--max_train_steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--text_loss_weight", type=float, default=0.05, help="The arm compared with weight 0.")
+    parser.add_argument("--max_train_steps", type=int, default=150)
     parser.add_argument("--validation_steps", type=int, default=50)
+    parser.add_argument("--validation_loss_rows", type=int, default=4)
     parser.add_argument("--eval_timesteps", type=int, nargs="+", default=[50, 150, 250],
-                        help="The fixed timesteps of the validation loss (--validation_loss_timesteps).")
+                        help="The fixed timesteps of the trainer's validation loss (--validation_loss_timesteps).")
     parser.add_argument("--learning_rate", type=float, default=3e-3)
-    parser.add_argument("--rows", type=int, default=8)
-    parser.add_argument("--keys_per_row", type=int, default=3)
-    parser.add_argument("--font_size", type=int, default=24)
     parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--vae_fit_steps", type=int, default=600)
+    parser.add_argument("--vae_fit_steps", type=int, default=400)
+    parser.add_argument("--num_inference_steps", type=int, default=20)
+    parser.add_argument("--guidance_scale", type=float, default=1.0,
+                        help="1: no classifier-free guidance (the tiny text encoders are random).")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--json", type=Path, default=None, help="Also write every curve to this file.")
+    parser.add_argument("--json", type=Path, default=None, help="Also write every record and the summary here.")
     parser.add_argument("trainer_flags", nargs=argparse.REMAINDER,
-                        help="After --: flags for train_controlnet_sdxl_ctc.py (e.g. --text_loss_max_timestep 1000).")
+                        help="After --: flags for train_controlnet_sdxl_ctc.py (e.g. --text_loss_max_timestep 400).")
     args = parser.parse_args(argv)
     args.trainer_flags = [f for f in args.trainer_flags if f != "--"]
     return args
 
 
-def print_summary(results: dict, seeds: list[int], weight: float, header: str) -> None:
-    """A markdown table per seed (weight 0 vs ``weight``) and the mean effect over seeds."""
-    print(f"\nweight 0 vs {weight:g}, {header}; 'late' = mean over the evaluations in the second half of training:")
-    print("| seed | val_text_ctc start | end, weight 0 | end, text loss | late, weight 0 | late, text loss "
-          "| val_loss_diffusion late, weight 0 | late, text loss |")
-    print("|---|---|---|---|---|---|---|---|")
-    ctc_gain, diffusion_change = [], []
-    for seed in seeds:
-        zero, text = results[(seed, 0.0)]["curve"], results[(seed, weight)]["curve"]
-        end = max(zero)
-        row = [zero[0]["val_text_ctc"], zero[end]["val_text_ctc"], text[end]["val_text_ctc"],
-               late_mean(zero, "val_text_ctc"), late_mean(text, "val_text_ctc"),
-               late_mean(zero, "val_loss_diffusion"), late_mean(text, "val_loss_diffusion")]
-        print(f"| {seed} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
-        ctc_gain.append(1 - row[4] / row[3])
-        diffusion_change.append(row[6] / row[5] - 1)
-    spread = statistics.stdev(ctc_gain) if len(ctc_gain) > 1 else float("nan")
-    print(f"late val_text_ctc lower with the text loss in {sum(g > 0 for g in ctc_gain)}/{len(ctc_gain)} seeds, "
-          f"by {100 * statistics.mean(ctc_gain):.0f}% on average (sd {100 * spread:.0f}%); late val_loss_diffusion "
-          f"{100 * statistics.mean(diffusion_change):+.1f}% ({100 * min(diffusion_change):+.1f}% .. "
-          f"{100 * max(diffusion_change):+.1f}%)")
+def prepare(args: argparse.Namespace) -> tuple[Split, Path]:
+    """The split and the pipeline, built once per --work_dir (the arms reuse them)."""
+    from skingen.glyph_fixtures import write_glyph_family
+
+    dataset_dir = args.dataset_dir
+    if dataset_dir is None:
+        dataset_dir = args.work_dir / f"dataset_{args.family}"
+        if not (dataset_dir / "train.jsonl").is_file():
+            write_glyph_family(dataset_dir, args.family, rows=args.rows, heldout_rows=args.heldout_rows,
+                               resolution=args.resolution)
+    split_dir = args.work_dir / ("split_position" if args.position_channel else "split")
+    split = split_dataset(dataset_dir, split_dir, args.heldout_rows)
+    if args.position_channel and not (split_dir / "position_channel_added").is_file():
+        add_position_channel(split.train_dir)
+        add_position_channel(split.heldout_dir)
+        (split_dir / "position_channel_added").write_text("1\n")
+    print(f"data: {split.train_rows} training rows, {split.heldout_rows} held-out rows "
+          f"({split.dropped_rows} training rows dropped: they share a string with a held-out row)")
+    if args.base_model is not None:
+        return split, args.base_model
+    pipeline_dir = args.work_dir / ("pipeline" if args.backbone == "sdxl" else f"pipeline_{args.backbone}")
+    if not (pipeline_dir / "model_index.json").is_file():
+        started = time.perf_counter()
+        fit = build_fitted_pipeline(pipeline_dir, split.train_dir, resolution=args.resolution,
+                                    vae_fit_steps=args.vae_fit_steps, backbone=args.backbone)
+        print(f"VAE fitted to the training images in {time.perf_counter() - started:.0f} s: "
+              f"L1 {fit['initial_l1']:.3f} -> {fit['final_l1']:.3f}")
+    return split, pipeline_dir
 
 
-def main(argv=None) -> None:
+def arms_folder(args: argparse.Namespace) -> str:
+    """Where a setting's arms are kept (and found again when the run resumes): one folder per setting."""
+    flags = "_".join(args.trainer_flags).replace("--", "").replace(" ", "") or "default"
+    return (f"arms_{args.max_train_steps}steps_lr{args.learning_rate:g}_{flags}"
+            + ("_position" if args.position_channel else "") + ("_base" if args.base_model else "")
+            + ("" if args.backbone == "sdxl" else f"_{args.backbone}"))
+
+
+def main(argv=None) -> dict:
     import torch
 
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dataset_dir, pipeline_dir = args.work_dir / "dataset", args.work_dir / "pipeline"
-    if not (pipeline_dir / "model_index.json").is_file():
-        write_glyph_dataset(dataset_dir, rows=args.rows, resolution=args.resolution, keys_per_row=args.keys_per_row,
-                            font_size=args.font_size)
-        started = time.perf_counter()
-        fit = build_fitted_pipeline(pipeline_dir, dataset_dir, resolution=args.resolution,
-                                    vae_fit_steps=args.vae_fit_steps)
-        print(f"VAE fitted in {time.perf_counter() - started:.0f} s: L1 {fit['initial_l1']:.3f} -> {fit['final_l1']:.3f}; "
-              f"the recognizer reads {fit['labels_read_in_reconstructions']}/{fit['labels']} labels in its reconstructions")
-    results = {}
+    split, pipeline_dir = prepare(args)
+    ceiling = ceilings(pipeline_dir, split.heldout_dir, args.work_dir / "ceilings", args.resolution)
+    for name, scores in ceiling.items():
+        print(f"ceiling, held-out {name}: sentence accuracy {scores['sentence_accuracy']:.3f}, NED {scores['ned']:.3f} "
+              f"({scores['text_lines']} lines)")
+    records = {}
     for seed in args.seeds:
-        for weight in [0.0, *args.text_loss_weight]:
-            arm = run_arm(pipeline_dir, dataset_dir, args.work_dir / f"seed{seed}_w{weight:g}", seed=seed,
-                          text_loss_weight=weight, max_train_steps=args.max_train_steps,
-                          validation_steps=args.validation_steps, resolution=args.resolution,
-                          learning_rate=args.learning_rate, eval_timesteps=args.eval_timesteps,
-                          trainer_flags=args.trainer_flags)
-            results[(seed, weight)] = arm
-            curve = arm["curve"]
-            print(f"seed {seed} weight {weight:g} ({arm['seconds']:.0f} s): val_text_ctc "
-                  + " ".join(f"{step}:{values.get('val_text_ctc', float('nan')):.3f}" for step, values in curve.items())
-                  + f" | val_loss_diffusion {curve[0]['val_loss_diffusion']:.4f} -> "
-                  f"{curve[max(curve)]['val_loss_diffusion']:.4f}", flush=True)
-    header = f"{args.max_train_steps} steps, trainer flags {args.trainer_flags or 'default'}"
-    for weight in args.text_loss_weight:
-        print_summary(results, args.seeds, weight, header)
+        for weight in (0.0, args.text_loss_weight):
+            out = args.work_dir / arms_folder(args) / f"seed{seed}_w{weight:g}"
+            record = run_arm(pipeline_dir, split, out, seed=seed, weight=weight, args=args)
+            records[(seed, weight)] = record
+            print(f"seed {seed} weight {weight:g} (train {record['train_seconds']:.0f} s, sample "
+                  f"{record['sample_seconds']:.0f} s): " + ", ".join(f"{m} {record[m]:.4f}" for m in METRICS), flush=True)
+    title = (f"{args.dataset_dir or 'family ' + args.family}, {split.train_rows} training / {split.heldout_rows} "
+             f"held-out rows, {args.max_train_steps} steps, weight {args.text_loss_weight:g}, trainer flags "
+             f"{args.trainer_flags or 'default'}{', position channel' if args.position_channel else ''}")
+    print()
+    print(summary_markdown(records, args.seeds, args.text_loss_weight, title))
+    result = {"title": title, "ceiling": ceiling, "summary": paired_summary(records, args.seeds, args.text_loss_weight),
+              "records": {f"seed{s}_w{w:g}": r for (s, w), r in records.items()}}
     if args.json:
-        args.json.write_text(json.dumps({f"seed{s}_w{w:g}": r for (s, w), r in results.items()}, indent=1))
+        args.json.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    from skingen.errors import run_cli
+
+    run_cli(main)
