@@ -123,6 +123,9 @@ def test_resume_after_stop_matches_uninterrupted_run(request, family, dataset, t
     result = _train(family, _argv(base, dataset, stopped, *common, "--checkpointing_steps", 2,
                                   "--resume_from_checkpoint", "latest"))
     assert result.global_step == 3
+    # The caches the first run filled (every caption, "" included, and every image) serve the later ones.
+    assert result.cache_stats == {"text_embeddings_computed": 0, "text_embeddings_reused": NUM_ROWS + 1,
+                                  "latents_computed": 0, "latents_reused": NUM_ROWS}
     assert _max_difference(_weights(stopped), _weights(straight)) < 1e-6
     assert _max_difference(_weights(stopped), _weights(stopped / "checkpoint-2" / "controlnet")) > 1e-5
 
