@@ -24,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import data, pipelines, rows
+from .backbones import check_controlnet_for_pipeline
 from .errors import SkingenError
 from .fileio import atomic_save_image, read_jsonl, remove_stale_temp_files, write_jsonl
 from .layout import Layout, load_layout, split_atlas
@@ -334,8 +335,13 @@ def load_controlnet_pipeline(
     family = pipelines.family_of_pipeline(pretrained_model_name_or_path)
     scheduler = scheduler or family.default_scheduler
     pipelines.check_scheduler(family, scheduler)
+    local_base = Path(pretrained_model_name_or_path).expanduser()
     for path in controlnet_model_name_or_path:
-        pipelines.check_controlnet_family(family, path)
+        if local_base.is_dir():
+            # Training's architecture check: the family's ControlNet class, sizes that fit the base's denoiser.
+            check_controlnet_for_pipeline(path, local_base, flag="--controlnet")
+        else:  # a hub id: the family from the ControlNet's own config
+            pipelines.check_controlnet_family(family, path)
     if family.name == "sdxl":
         components = load_sdxl_components(
             pretrained_model_name_or_path, variant=variant, vae_model_name_or_path=vae_model_name_or_path
@@ -388,24 +394,18 @@ def load_flow_pipeline(
     variant: str | None = None,
     scheduler: str = "flow_euler",
 ):
-    """An SD3 or FLUX ControlNet pipeline through diffusers' ``from_pretrained``, as the real weights load.
-
-    Each ControlNet's config is checked against the base transformer's before any weights are read."""
+    """An SD3 or FLUX ControlNet pipeline through diffusers' ``from_pretrained``, as the real weights load
+    (``load_controlnet_pipeline`` has checked the ControlNets against the base)."""
     import diffusers
 
     base = str(Path(pretrained_model_name_or_path).expanduser())
     if not Path(base).exists():
         base = str(pretrained_model_name_or_path)  # a hub id
     controlnet_class = getattr(diffusers, family.controlnet_model)
-    # load_config reads any model's config.json; here the base transformer's, without its weights.
-    denoiser_config = _load_part(
-        f"{family.title} transformer config", controlnet_class.load_config, base, subfolder=family.denoiser
-    )
-    controlnets = []
-    for path in controlnet_model_name_or_path:
-        config = _load_part("ControlNet config", controlnet_class.load_config, str(path))
-        pipelines.check_controlnet_fits(family, config, denoiser_config, str(path))
-        controlnets.append(_load_part(f"{family.title} ControlNet", controlnet_class.from_pretrained, str(path)))
+    controlnets = [
+        _load_part(f"{family.title} ControlNet", controlnet_class.from_pretrained, str(path))
+        for path in controlnet_model_name_or_path
+    ]
     extra = {}
     if vae_model_name_or_path is not None:
         extra["vae"] = _load_part("VAE", diffusers.AutoencoderKL.from_pretrained, str(vae_model_name_or_path))

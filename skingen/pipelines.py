@@ -199,27 +199,3 @@ def check_controlnet_family(family: Family, folder: str | os.PathLike) -> None:
         f"{Path(folder) / 'config.json'}: {made_for}, but the base model is {family.title}; "
         f"give a {family.controlnet_model} trained on this base (or the matching base model)"
     )
-
-
-# Config values that must agree between a flow-matching transformer and a ControlNet made from it.
-_SHAPE_KEYS = {
-    "sd3": ("in_channels", "patch_size", "inner_dim", "joint_attention_dim", "pooled_projection_dim"),
-    "flux": ("in_channels", "inner_dim", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds"),
-}
-
-
-def _shape_value(config, key: str):
-    if key == "inner_dim":  # the width of the residuals the ControlNet adds to the transformer's blocks
-        return config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
-    return config.get(key)
-
-
-def check_controlnet_fits(family: Family, controlnet_config: dict, denoiser_config: dict, source: str) -> None:
-    """A ControlNet whose shapes differ from the base denoiser's (another base model) fails here, not mid-sampling."""
-    for key in _SHAPE_KEYS.get(family.name, ()):
-        mine, base = _shape_value(controlnet_config, key), _shape_value(denoiser_config, key)
-        if mine is not None and base is not None and mine != base:
-            raise SkingenError(
-                f"{source}: the ControlNet's {key} is {mine}, the base {family.title} transformer's is {base}; "
-                "the ControlNet was made for another base model"
-            )

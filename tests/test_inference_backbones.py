@@ -122,9 +122,9 @@ def test_errors_name_the_family(flow_models, tiny_sdxl_dir, controls, tmp_path):
     sd3, sd3_controlnet = flow_models["sd3"]
     flux, flux_controlnet = flow_models["flux"]
     prompt = ["--prompt", "a skin", "--control_image", controls[0]]
-    with pytest.raises(SkingenError, match="a ControlNet for SDXL, but the base model is SD3"):
+    with pytest.raises(SkingenError, match=r"a ControlNetModel, but the base model .* is SD3, which needs a SD3ControlNetModel"):
         run(sd3, [tiny_sdxl_dir / "controlnet"], tmp_path / "a", *prompt)
-    with pytest.raises(SkingenError, match="a ControlNet for FLUX.1, but the base model is SDXL"):
+    with pytest.raises(SkingenError, match=r"a FluxControlNetModel, but the base model .* is SDXL"):
         run(tiny_sdxl_dir, [flux_controlnet], tmp_path / "b", *prompt)
     with pytest.raises(SkingenError, match="--scheduler unipc: not a sampler for FLUX.1"):
         run(flux, [flux_controlnet], tmp_path / "c", *prompt, "--scheduler", "unipc")
@@ -141,6 +141,6 @@ def test_errors_name_the_family(flow_models, tiny_sdxl_dir, controls, tmp_path):
     config["joint_attention_dim"] *= 2
     (other / "config.json").write_text(json.dumps(config))
     (other / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
-    with pytest.raises(SkingenError, match="joint_attention_dim is 128, the base SD3 transformer's is 64"):
+    with pytest.raises(SkingenError, match="joint_attention_dim: ControlNet 128 vs base 64"):
         run(sd3, [other], tmp_path / "g", *prompt)
     assert not any((tmp_path / name / "results.jsonl").exists() for name in "abcdefg")
