@@ -122,7 +122,9 @@ def test_errors_name_the_family(flow_models, tiny_sdxl_dir, controls, tmp_path):
     sd3, sd3_controlnet = flow_models["sd3"]
     flux, flux_controlnet = flow_models["flux"]
     prompt = ["--prompt", "a skin", "--control_image", controls[0]]
-    with pytest.raises(SkingenError, match=r"a ControlNetModel, but the base model .* is SD3, which needs a SD3ControlNetModel"):
+    with pytest.raises(
+        SkingenError, match=r"a ControlNetModel, but the base model .* is SD3, which needs a SD3ControlNetModel"
+    ):
         run(sd3, [tiny_sdxl_dir / "controlnet"], tmp_path / "a", *prompt)
     with pytest.raises(SkingenError, match=r"a FluxControlNetModel, but the base model .* is SDXL"):
         run(tiny_sdxl_dir, [flux_controlnet], tmp_path / "b", *prompt)
