@@ -50,7 +50,9 @@ EVAL_SIGMAS = (0.25, 0.5, 0.75)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--diffusers_examples", required=True, help="folder with diffusers' train_controlnet_{sd3,flux}.py")
+    parser.add_argument(
+        "--diffusers_examples", required=True, help="folder with diffusers' train_controlnet_{sd3,flux}.py"
+    )
     parser.add_argument(
         "--diffusers_python",
         default=sys.executable,
@@ -150,7 +152,8 @@ def training_command(trainer: str, backbone: str, args, *, base, controlnet, dat
         command += ["--precondition_outputs", "1", "--max_sequence_length", "77"]
     else:
         command += ["--guidance_scale", "3.5"]
-        if trainer == "diffusers":  # the ControlNet comes from --controlnet_model_name_or_path; these only size a new one
+        # The ControlNet comes from --controlnet_model_name_or_path; these flags would only size a new one.
+        if trainer == "diffusers":
             command += ["--num_double_layers", "1", "--num_single_layers", "2"]
     return command
 
