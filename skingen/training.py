@@ -1,6 +1,7 @@
-"""The shared SDXL ControlNet training loop (``train_controlnet_sdxl.py`` and the text-loss trainer).
+"""The one ControlNet training loop of every backbone (``train_controlnet_sdxl.py``, ``_sd3.py``, ``_flux.py`` and
+the text-loss trainer); what is particular to SDXL, SD3 or FLUX lives in ``skingen.backbones``.
 
-Flags follow diffusers' ``examples/controlnet/train_controlnet_sdxl.py``; what differs:
+Flags follow diffusers' ``examples/controlnet/train_controlnet_{sdxl,sd3,flux}.py``; what differs:
 
 - Text embeddings (per distinct caption) and VAE latent distributions are cached on disk and reused by
   later runs (``skingen.caching``); prompt dropout is still decided per step.
@@ -11,7 +12,7 @@ Flags follow diffusers' ``examples/controlnet/train_controlnet_sdxl.py``; what d
   update and ``--max_nonfinite_steps`` in a row stop training with the last good checkpoint kept.
 - An optional extra loss (``ExtraLoss``, e.g. the OCR text loss) is added to the diffusion loss.
 
-A run is four stages around a :class:`Run` (what setup loaded) and a :class:`TrainingState` (the counters and
+A run is five stages around a :class:`Run` (what setup loaded) and a :class:`TrainingState` (the counters and
 what a checkpoint stores): :func:`set_up`, :func:`fill_caches`, :func:`prepare_optimization`, :func:`train_loop`,
 then :func:`finish`. Flags: ``skingen.training_args``. Validation grids and the model card: ``skingen.validation``.
 
@@ -351,7 +352,7 @@ def set_up(args, accelerator, extra_loss: ExtraLoss | None) -> Run:
     backbone = backbone_class(getattr(args, "backbone", "sdxl"))(args)
     if args.controlnet_model_name_or_path is not None:
         backbone.check_controlnet(args.controlnet_model_name_or_path)
-    unet = backbone.denoiser
+    denoiser = backbone.denoiser
     size_factor, size_reason = backbone.resolution_multiple()
     if args.resolution % size_factor:
         raise SkingenError(f"--resolution {args.resolution}: this model needs a multiple of {size_factor} ({size_reason})")
@@ -376,14 +377,14 @@ def set_up(args, accelerator, extra_loss: ExtraLoss | None) -> Run:
         frozen.requires_grad_(False)
     controlnet.train()
     if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
+        denoiser.enable_xformers_memory_efficient_attention()
         controlnet.enable_xformers_memory_efficient_attention()
     if args.enable_npu_flash_attention:  # check_option_args made sure an NPU is there
-        unet.enable_npu_flash_attention()
+        denoiser.enable_npu_flash_attention()
         controlnet.enable_npu_flash_attention()
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -398,7 +399,7 @@ def fill_caches(run: Run) -> None:
     """Cache every caption the run can use (dropout's "" and validation prompts included), then latents; build the
     training samples; move the frozen models where the loop needs them."""
     args, accelerator, backbone = run.args, run.accelerator, run.backbone
-    vae, unet = backbone.vae, backbone.denoiser
+    vae, denoiser = backbone.vae, backbone.denoiser
     cache_root = Path(args.embeddings_cache_dir) if args.embeddings_cache_dir else run.output_dir / "cache"
     # "" also serves validation as the negative prompt.
     captions = (set(run.dataset["text"]) | {pair.prompt for pair in run.pairs}
@@ -418,7 +419,7 @@ def fill_caches(run: Run) -> None:
         run.cache_stats.update(latent_stats)
     vae_on_device = not args.cache_latents or run.extra_loss is not None or backbone.encodes_conditioning
     _place(vae, run.device if vae_on_device else "cpu", run.vae_dtype)
-    _place(unet, run.device, run.weight_dtype)
+    _place(denoiser, run.device, run.weight_dtype)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
