@@ -1,67 +1,94 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: every stage of skingen end to end, offline, on CPU.
-# Tiny random-weight SDXL built locally + synthetic skin packages -> atlases -> glyph conditioning
-# -> captions -> ControlNet training with the OCR text loss -> batch generation -> skin packages
-# -> evaluation -> outputs/demo/report.md. The numbers measure the pipeline, not image quality:
-# a 1M-parameter random UNet trained for minutes cannot draw keyboards.
+# The main job on the embedded default: every stage of skingen end to end, offline, on CPU, and a model that
+# visibly learns: a tiny SDXL pre-trained on whole-keyboard skins (VAE fitted, UNet trained; cached) gets a
+# ControlNet trained with the OCR text loss on key-element atlases with glyph controls; held-out layouts are
+# generated with the untrained and the trained ControlNet on the same seeds, both are evaluated and
+# outputs/demo/report.md puts them side by side (outputs/demo/comparison.json, outputs/demo/demo_grid.png).
 #
-# Sizes can be turned down (CI does) or up: NUM_SKINS, TRAIN_STEPS, RESOLUTION, OUT.
+# Sizes can be turned down (the tests do) or up: NUM_SKINS, BASE_SKINS, PRETRAIN_STEPS, TRAIN_STEPS,
+# RESOLUTION, IMAGES_PER_LAYOUT, SEED, OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
+# setup.sh makes .venv where the system Python refuses pip installs (PEP 668); use it when it is there.
+PYTHON=${PYTHON:-python3}
+if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Stages and results on the console, not library chatter.
+export TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error PYTHONWARNINGS=ignore TF_CPP_MIN_LOG_LEVEL=3
+export HF_HUB_DISABLE_PROGRESS_BARS=1 ORT_LOGGING_LEVEL=3
 
 OUT=${OUT:-outputs/demo}
-NUM_SKINS=${NUM_SKINS:-24}          # synthetic skin packages
+SEED=${SEED:-0}
+NUM_SKINS=${NUM_SKINS:-24}              # synthetic skin packages for the ControlNet (a quarter held out)
+BASE_SKINS=${BASE_SKINS:-24}            # other synthetic skins, as whole keyboards, that the base model sees
 ATLAS_RESOLUTION=${ATLAS_RESOLUTION:-512}  # atlases are made at 512 so OCR can read the key labels
-RESOLUTION=${RESOLUTION:-128}       # training and generation size on the tiny model
-TRAIN_STEPS=${TRAIN_STEPS:-300}
+RESOLUTION=${RESOLUTION:-128}           # training and generation size on the tiny model
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-800}
+VAE_FIT_STEPS=${VAE_FIT_STEPS:-200}
+TRAIN_STEPS=${TRAIN_STEPS:-400}
 INFERENCE_STEPS=${INFERENCE_STEPS:-20}
+IMAGES_PER_LAYOUT=${IMAGES_PER_LAYOUT:-3}  # seeds per held-out layout (diversity needs two or more)
 LAYOUT=key_elements
-MODEL=$OUT/tiny-sdxl
 DATA=$OUT/dataset
+BASE_DATA=$OUT/base_corpus
+BASE=$OUT/base
 
 stage() { printf '\n== %s\n' "$*"; }
+run() { "$PYTHON" "$@"; }
 
-stage "1/9 build a tiny SDXL pipeline from configs (random weights, no download) -> $MODEL"
-if [ -f "$MODEL/model_index.json" ]; then echo "already built"; else
-  python3 scripts/make_tiny_sdxl.py --out "$MODEL" --preset tiny --seed 0
-fi
+stage "1/9 synthesise skin packages: $NUM_SKINS for the ControlNet, $BASE_SKINS others for the base model"
+run scripts/make_synthetic_skins.py --out "$OUT/skins" --n "$NUM_SKINS" --seed "$SEED"
+run scripts/make_synthetic_skins.py --out "$OUT/base_skins" --n "$BASE_SKINS" --seed "$((SEED + 1000))"
 
-stage "2/9 synthesise $NUM_SKINS skin packages (folders and zips, some 9-patch keys) -> $OUT/skins"
-python3 scripts/make_synthetic_skins.py --out "$OUT/skins" --n "$NUM_SKINS" --seed 0
-
-stage "3/9 merge each package's elements onto one $ATLAS_RESOLUTION px canvas (layout $LAYOUT) -> $DATA"
-python3 merge_elements.py --packages_dir "$OUT/skins" --layout "$LAYOUT" --resolution "$ATLAS_RESOLUTION" \
+stage "2/9 merge: key elements ($LAYOUT) for the ControlNet, whole keyboards for the base, at $ATLAS_RESOLUTION px"
+run merge_elements.py --packages_dir "$OUT/skins" --layout "$LAYOUT" --resolution "$ATLAS_RESOLUTION" \
   --output_dir "$DATA" --num_workers 2
+run merge_elements.py --packages_dir "$OUT/base_skins" --layout full_keyboard --resolution "$ATLAS_RESOLUTION" \
+  --output_dir "$BASE_DATA" --num_workers 2
 
-stage "4/9 glyph conditioning: layout template + each skin's own text found by OCR"
-python3 render_glyphs.py --dataset_dir "$DATA" --mode glyph --min_confidence 0.98
+stage "3/9 glyph conditioning: layout template + each skin's own text found by OCR"
+run render_glyphs.py --dataset_dir "$DATA" --mode glyph --min_confidence 0.98
 
-stage "5/9 captions (template captioner: no weights needed; use --captioner blip with a local BLIP on real data)"
-python3 caption.py --dataset_dir "$DATA" --captioner template
+stage "4/9 captions (template captioner: no weights needed; use --captioner blip with a local BLIP on real data)"
+run caption.py --dataset_dir "$DATA" --captioner template
+run caption.py --dataset_dir "$BASE_DATA" --captioner template
 
-stage "6/9 hold out a validation split"
-python3 dataset_tool.py split "$DATA" --val_fraction 0.25 --seed 0
-python3 dataset_tool.py validate "$DATA"
+stage "5/9 hold out a validation split"
+run dataset_tool.py split "$DATA" --val_fraction 0.25 --seed 0
+run dataset_tool.py validate "$DATA"
 
-stage "7/9 train a ControlNet for $TRAIN_STEPS steps at $RESOLUTION px with the OCR text loss -> $OUT/controlnet"
-python3 train_controlnet_sdxl_ctc.py \
-  --pretrained_model_name_or_path "$MODEL" --train_data_dir "$DATA" --output_dir "$OUT/controlnet" \
+stage "6/9 the base model: a tiny SDXL whose VAE is fitted to skins and whose UNet is trained on $BASE_SKINS whole keyboards (cached) -> $BASE"
+run scripts/pretrain_tiny_base.py --dataset_dir "$BASE_DATA" --output_dir "$BASE" --resolution "$RESOLUTION" \
+  --max_train_steps "$PRETRAIN_STEPS" --vae_fit_steps "$VAE_FIT_STEPS" --seed "$SEED"
+
+stage "7/9 train the ControlNet on top of it for $TRAIN_STEPS steps at $RESOLUTION px with the OCR text loss -> $OUT/controlnet"
+run train_controlnet_sdxl_ctc.py \
+  --pretrained_model_name_or_path "$BASE" --controlnet_model_name_or_path "$BASE/controlnet" \
+  --train_data_dir "$DATA" --output_dir "$OUT/controlnet" \
   --resolution "$RESOLUTION" --train_batch_size 4 --max_train_steps "$TRAIN_STEPS" \
-  --learning_rate 1e-3 --lr_warmup_steps 10 --checkpointing_steps 100 --checkpoints_total_limit 1 \
+  --learning_rate 1e-3 --lr_warmup_steps 10 --checkpointing_steps 200 --checkpoints_total_limit 1 \
   --validation_steps "$TRAIN_STEPS" --validation_split validation --num_validation_images 2 \
-  --text_loss_type ctc --text_loss_weight 0.05 --text_loss_max_boxes 4 --seed 0 \
-  --resume_from_checkpoint latest
+  --validation_loss_timesteps 50 150 250 --validation_loss_rows 8 \
+  --text_loss_type ctc --text_loss_weight 0.05 --text_loss_max_boxes 4 --seed "$SEED" \
+  --resume_from_checkpoint latest 2>&1 | grep -E "losses at fixed timesteps|^error|Error" || true
+test -f "$OUT/controlnet/diffusion_pytorch_model.safetensors" || { echo "error: ControlNet training failed" >&2; exit 1; }
 
-stage "8/9 generate skins for the held-out layouts and cut them into skin packages -> $OUT/generated"
-python3 inference.py --pretrained_model_name_or_path "$MODEL" --controlnet "$OUT/controlnet" \
-  --dataset_dir "$DATA" --split validation --resolution "$RESOLUTION" \
-  --num_inference_steps "$INFERENCE_STEPS" --num_images_per_prompt 2 --batch_size 4 --seed 0 \
-  --split_elements "$LAYOUT" --output_dir "$OUT/generated"
+stage "8/9 generate $IMAGES_PER_LAYOUT seeds per held-out layout with the untrained and the trained ControlNet"
+for arm in untrained trained; do
+  controlnet=$OUT/controlnet
+  if [ "$arm" = untrained ]; then controlnet=$BASE/controlnet; fi
+  run inference.py --pretrained_model_name_or_path "$BASE" --controlnet "$controlnet" \
+    --dataset_dir "$DATA" --split validation --resolution "$RESOLUTION" \
+    --num_inference_steps "$INFERENCE_STEPS" --num_images_per_prompt "$IMAGES_PER_LAYOUT" --batch_size 6 \
+    --seed "$SEED" --split_elements "$LAYOUT" --output_dir "$OUT/$arm"
+done
 
-stage "9/9 evaluate layout adherence (Canny F1) and text accuracy (OCR) -> $OUT/generated/metrics.md"
-python3 evaluate.py --results_dir "$OUT/generated"
+stage "9/9 evaluate both: layout adherence (Canny F1), text (OCR), diversity (1 - SSIM between seeds)"
+for arm in untrained trained; do
+  printf '%s: ' "$arm"
+  run evaluate.py --results_dir "$OUT/$arm" | head -1
+done
 
-python3 scripts/demo_report.py --demo_dir "$OUT"
+run scripts/demo_report.py --demo_dir "$OUT"
