@@ -349,7 +349,8 @@ def set_up(args, accelerator, extra_loss: ExtraLoss | None) -> Run:
     # Models. Only the ControlNet trains; the rest are frozen and kept in the mixed-precision dtype, except the
     # VAE, which stays fp32 unless an fp16-safe VAE was given (SDXL's own VAE overflows in fp16). The ControlNet
     # given to fine-tune is checked against the base model before anything is cached.
-    backbone = backbone_class(getattr(args, "backbone", "sdxl"))(args)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    backbone = backbone_class(getattr(args, "backbone", "sdxl"))(args, frozen_dtype=weight_dtype)
     if args.controlnet_model_name_or_path is not None:
         backbone.check_controlnet(args.controlnet_model_name_or_path)
     denoiser = backbone.denoiser
@@ -388,7 +389,6 @@ def set_up(args, accelerator, extra_loss: ExtraLoss | None) -> Run:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
     return Run(args=args, accelerator=accelerator, output_dir=output_dir, seed=seed, resume_path=resume_path,
                saved_state=saved_state, dataset=dataset, pairs=pairs, backbone=backbone, controlnet=controlnet,

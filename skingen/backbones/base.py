@@ -102,8 +102,11 @@ class Backbone:
 
     # -- loading --------------------------------------------------------------------------------------------
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, frozen_dtype: torch.dtype = torch.float32):
+        """Load the frozen parts; text encoders (and the flow-matching transformers, whose hub weights are bf16
+        anyway) load straight in ``frozen_dtype``, so N processes never hold fp32 copies of FLUX's 12 B weights."""
         self.args = args
+        self.frozen_dtype = frozen_dtype
         self.source = resolve_model_source(args.pretrained_model_name_or_path, self)
         self.common = {"revision": args.revision, "cache_dir": None if args.cache_dir is None else str(args.cache_dir)}
         self.loss_options = LossOptions.from_args(args)
@@ -118,6 +121,11 @@ class Backbone:
         """One component of the base pipeline (``subfolder`` of it); load errors name the part and the folder."""
         return load_part(what, self.source, loader, layout_help=self.layout_help(),
                          **({"subfolder": subfolder} if subfolder else {}), **self.common, **kwargs)
+
+    @property
+    def text_encoder_kwargs(self) -> dict:
+        """transformers' ``from_pretrained`` arguments of a frozen text encoder."""
+        return {"variant": self.args.variant, "dtype": self.frozen_dtype}
 
     def _load_vae(self):
         from diffusers import AutoencoderKL

@@ -64,12 +64,13 @@ class SD3Backbone(FlowMatchingBackbone):
         self.tokenizers = [self.part(f"tokenizer {name}", AutoTokenizer.from_pretrained, name)
                            for name in ("tokenizer", "tokenizer_2", "tokenizer_3")]
         self.text_encoders = [
-            self.part("CLIP-L text encoder", CLIPTextModelWithProjection.from_pretrained, "text_encoder", variant=variant),
+            self.part("CLIP-L text encoder", CLIPTextModelWithProjection.from_pretrained, "text_encoder", **self.text_encoder_kwargs),
             self.part("CLIP-G text encoder", CLIPTextModelWithProjection.from_pretrained, "text_encoder_2",
-                      variant=variant),
-            self.part("T5 text encoder", T5EncoderModel.from_pretrained, "text_encoder_3", variant=variant),
+                      **self.text_encoder_kwargs),
+            self.part("T5 text encoder", T5EncoderModel.from_pretrained, "text_encoder_3", **self.text_encoder_kwargs),
         ]
-        self.denoiser = self.part("transformer", SD3Transformer2DModel.from_pretrained, "transformer", variant=variant)
+        self.denoiser = self.part("transformer", SD3Transformer2DModel.from_pretrained, "transformer", variant=variant,
+                                  torch_dtype=self.frozen_dtype)
         self.load_scheduler()
 
     def resolution_multiple(self) -> tuple[int, str]:

@@ -62,9 +62,9 @@ class SDXLBackbone(Backbone):
         self.tokenizers = [self.part("first tokenizer", AutoTokenizer.from_pretrained, "tokenizer"),
                            self.part("second tokenizer", AutoTokenizer.from_pretrained, "tokenizer_2")]
         self.text_encoders = [
-            self.part("first text encoder", CLIPTextModel.from_pretrained, "text_encoder", variant=variant),
+            self.part("first text encoder", CLIPTextModel.from_pretrained, "text_encoder", **self.text_encoder_kwargs),
             self.part("second text encoder", CLIPTextModelWithProjection.from_pretrained, "text_encoder_2",
-                      variant=variant),
+                      **self.text_encoder_kwargs),
         ]
         self.denoiser = self.part("UNet", UNet2DConditionModel.from_pretrained, "unet", variant=variant)
         self.noise_scheduler = self.part("noise scheduler", DDPMScheduler.from_pretrained, "scheduler")
