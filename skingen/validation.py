@@ -20,6 +20,7 @@ from .data import open_rgb
 from .errors import SkingenError
 from .fileio import atomic_save_image, atomic_write_text
 from .training_data import conditioning_keys, load_training_rows, resize_and_center_crop
+from .training_options import interpolation_filter
 
 
 @dataclass
@@ -37,7 +38,9 @@ class ValidationPair:
 
 
 def load_validation_pairs(args: argparse.Namespace) -> list[ValidationPair]:
-    """Prompt/conditioning pairs from the flags (diffusers' pairing rules) or from a split of the dataset."""
+    """Prompt/conditioning pairs from the flags (diffusers' pairing rules) or from a split of the dataset, resized
+    with ``--image_interpolation_mode`` as diffusers resizes its validation images."""
+    resample = interpolation_filter(getattr(args, "image_interpolation_mode", "lanczos"))
     if args.validation_prompt is not None:
         prompts, images = list(args.validation_prompt), list(args.validation_image)
         if len(images) == 1:
@@ -45,7 +48,7 @@ def load_validation_pairs(args: argparse.Namespace) -> list[ValidationPair]:
         elif len(prompts) == 1:
             prompts = prompts * len(images)
         # With several --conditioning_image_column, each --validation_image lists one image per column: a.png,b.png
-        controls = [[resize_and_center_crop(open_rgb(part, "--validation_image"), args.resolution)[0]
+        controls = [[resize_and_center_crop(open_rgb(part, "--validation_image"), args.resolution, resample)[0]
                      for part in path.split(",")] for path in images]
         return [ValidationPair(prompt, first, rest) for prompt, (first, *rest) in zip(prompts, controls)]
     if args.validation_split is not None:
@@ -53,7 +56,7 @@ def load_validation_pairs(args: argparse.Namespace) -> list[ValidationPair]:
         keys = conditioning_keys(rows)
         pairs = []
         for row in rows.select_columns(["text", *keys]):
-            first, *rest = (resize_and_center_crop(row[key], args.resolution)[0] for key in keys)
+            first, *rest = (resize_and_center_crop(row[key], args.resolution, resample)[0] for key in keys)
             pairs.append(ValidationPair(row["text"], first, rest))
         return pairs
     return []
