@@ -434,3 +434,22 @@ def test_two_processes_with_buckets_lora_and_ema_train_like_one(tiny_sdxl_dir, m
         a, b = load_file(one / name), load_file(two / name)
         differences = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
         assert (differences > 1e-5).float().mean().item() < 1e-3, name
+
+
+def test_validation_grids_sample_with_the_ema_weights(tiny_sdxl_dir, mixed_dataset, tmp_path, monkeypatch):
+    import skingen.training as training
+
+    seen = []
+    out = tmp_path / "run"
+
+    def capture(pairs, *, accelerator, controlnet, step, **_):
+        seen.append({k: v.detach().clone() for k, v in accelerator.unwrap_model(controlnet).state_dict().items()})
+        return out / "validation" / f"step-{step}.png"
+
+    monkeypatch.setattr(training, "log_validation", capture)
+    train(_args(tiny_sdxl_dir, mixed_dataset, out, "--max_train_steps", 3, "--use_ema", "--ema_decay", 0.5,
+                "--learning_rate", 1e-2, "--validation_prompt", "a keyboard skin", "--validation_image",
+                mixed_dataset / "conditioning_images" / "4.png", "--validation_steps", 3))
+    assert len(seen) == 1  # at step 3
+    assert _max_difference(seen[0], _weights(out / "ema")) < 1e-6
+    assert _max_difference(seen[0], _weights(out)) > 1e-4  # not the raw weights, which are back in place after it
