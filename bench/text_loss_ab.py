@@ -332,8 +332,8 @@ def summary_markdown(records: dict, seeds: list[int], weight: float, title: str)
     cells = [f"{s['weight0_mean']:.3f} +- {s['weight0_sd']:.3f} | {s['arm_mean']:.3f} +- {s['arm_sd']:.3f}"
              for s in summary.values()]
     rows.append("| mean +- sd | " + " | ".join(cells) + " |")
-    cells = [f"{s['diff_mean']:+.3f} +- {s['diff_sd']:.3f} ({s['up']} up, {s['down']} down)" for s in summary.values()]
-    rows.append("| paired difference (w - 0) | " + " | ".join(f"{c} | " for c in cells)[:-3] + " |")
+    cells = [f" | {s['diff_mean']:+.4f} +- {s['diff_sd']:.4f} ({s['up']} up, {s['down']} down)" for s in summary.values()]
+    rows.append("| paired difference (w - 0), in the w column | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

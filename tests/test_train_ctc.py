@@ -138,7 +138,7 @@ def test_held_out_protocol_pairs_the_arms_and_scores_sampled_text_on_unseen_cont
         assert 0 <= zero["edge_f1"] <= 1 and 0 <= text["sentence_accuracy"] <= 1
     assert len(list((tmp_path / "arms_6steps_lr0.003_text_loss_max_timestep_1000_base" / "seed0_w0" / "heldout_samples").glob("*.png"))) == 2
     table = capsys.readouterr().out
-    assert "| 0 |" in table and "| 1 |" in table and "| paired difference (w - 0) |" in table
+    assert "| 0 |" in table and "| 1 |" in table and "| paired difference (w - 0), in the w column |" in table
     assert set(result["summary"]) == {"sentence_accuracy", "ned", "edge_f1", "val_loss_diffusion", "val_text_ctc"}
 
 
