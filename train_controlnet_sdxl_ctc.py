@@ -18,7 +18,7 @@ What the defaults rest on (docs/text_loss.md): on the rows it trains on, with la
 made the one-step x0 estimate 29% more readable (5/5 seeds, tiny models) without harming the diffusion loss. On
 held-out layouts and *sampled* images (bench/text_loss_ab.py) no gain has been shown: at tiny scale the VAE cannot
 render unseen labels (ceiling 0); there weight 0.05 cost diffusion loss in 10/10 seeds (+3.6%, +4.2% on the two
-glyph families), weight 0.01 did not (-0.6%, +0.5%), hence the default 0.01. Run that protocol on your data and
+glyph families), weight 0.01 did not (-0.6%, +0.4%), hence the default 0.01. Run that protocol on your data and
 base model before relying on the loss or raising the weight.
 """
 
