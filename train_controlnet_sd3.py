@@ -18,16 +18,12 @@ import argparse
 from collections.abc import Sequence
 
 from skingen.errors import run_cli
-from skingen.text_loss_options import add_text_loss_arguments, build_text_loss, check_text_loss_arguments
-from skingen.training import build_arg_parser, parse_training_args, train
+from skingen.text_loss_options import build_text_loss, parse_args_with_text_loss
+from skingen.training import build_arg_parser, train
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = build_arg_parser(backbone="sd3")
-    add_text_loss_arguments(parser, default_weight=None)
-    args = parse_training_args(parser, argv)
-    check_text_loss_arguments(args)
-    return args
+    return parse_args_with_text_loss(build_arg_parser(backbone="sd3"), argv, default_weight=None)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

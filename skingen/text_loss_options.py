@@ -1,6 +1,6 @@
 """The OCR text-loss flags of every trainer script, and the loss they build (``skingen.losses.TextLoss``).
 
-``train_controlnet_sdxl_ctc.py`` turns the loss on by default (``--text_loss_weight 0.05``); the SD3 and FLUX
+``train_controlnet_sdxl_ctc.py`` turns the loss on by default (``--text_loss_weight 0.01``); the SD3 and FLUX
 trainers take the same flags with the loss off unless ``--text_loss_weight`` is given, so diffusers' command lines
 run unchanged. Weight 0 measures the loss (logged) without adding it.
 ``--text_loss_max_timestep`` is on the scheduler's 0..1000 scale: DDPM steps for SDXL, sigma x 1000 for SD3/FLUX.
@@ -9,6 +9,7 @@ run unchanged. Weight 0 measures the loss (logged) without adding it.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from .errors import SkingenError
 from .losses import TEXT_LOSS_TYPES, TIMESTEP_WEIGHTINGS, TextLoss
@@ -39,6 +40,17 @@ def add_text_loss_arguments(parser: argparse.ArgumentParser, default_weight: flo
     text.add_argument("--recognizer_char_dict", type=str, default=None,
                       help="The recognizer's character dictionary (PaddleOCR rec_char_dict_path), needed when the "
                            "ONNX file carries no 'character' metadata.")
+
+
+def parse_args_with_text_loss(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                              default_weight: float | None) -> argparse.Namespace:
+    """A trainer's flags plus the text-loss flags, parsed (``--config`` honoured) and checked."""
+    from .training import parse_training_args
+
+    add_text_loss_arguments(parser, default_weight=default_weight)
+    args = parse_training_args(parser, argv)
+    check_text_loss_arguments(args)
+    return args
 
 
 def check_text_loss_arguments(args: argparse.Namespace) -> None:
