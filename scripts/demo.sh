@@ -71,7 +71,7 @@ run train_controlnet_sdxl_ctc.py \
   --learning_rate 1e-3 --lr_warmup_steps 10 --checkpointing_steps 200 --checkpoints_total_limit 1 \
   --validation_steps "$TRAIN_STEPS" --validation_split validation --num_validation_images 2 \
   --validation_loss_timesteps 50 150 250 --validation_loss_rows 8 \
-  --text_loss_type ctc --text_loss_weight 0.05 --text_loss_max_boxes 4 --seed "$SEED" \
+  --text_loss_type ctc --text_loss_weight 0.01 --text_loss_max_boxes 4 --seed "$SEED" \
   --resume_from_checkpoint latest 2>&1 | grep -E "losses at fixed timesteps|^error|Error" || true
 test -f "$OUT/controlnet/diffusion_pytorch_model.safetensors" || { echo "error: ControlNet training failed" >&2; exit 1; }
 
