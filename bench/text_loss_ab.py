@@ -319,9 +319,10 @@ def _sd(values: list[float]) -> float:
 
 
 def summary_markdown(records: dict, seeds: list[int], weight: float, title: str) -> str:
+    w = f"w={weight:g}"
     rows = [f"### {title}", "",
-            "| seed | sentence acc, w=0 | w={0:g} | NED, w=0 | w={0:g} | edge F1, w=0 | w={0:g} "
-            "| val_loss_diffusion, w=0 | w={0:g} | val_text_ctc, w=0 | w={0:g} |".format(weight),
+            f"| seed | sentence acc, w=0 | {w} | NED, w=0 | {w} | edge F1, w=0 | {w} "
+            f"| val_loss_diffusion, w=0 | {w} | val_text_ctc, w=0 | {w} |",
             "|---|" + "---|" * 10]
     for seed in seeds:
         zero, text = records[(seed, 0.0)], records[(seed, weight)]
