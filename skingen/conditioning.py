@@ -55,6 +55,25 @@ def match_conditioning_channels(controlnet, num_images: int, *, new: bool = Fals
     return controlnet
 
 
+def kaiming_conditioning_encoder(controlnet, seed: int = 0):
+    """Re-initialise the convolutions of a new ControlNet's conditioning encoder with Kaiming (He) normal weights
+    and zero biases, leaving its zero-initialised output conv as it is (the ControlNet still starts as a no-op).
+
+    With PyTorch's default init each conv + SiLU of the encoder shrinks its input's scale (to about 1% after the
+    seven convolutions of SDXL's encoder), so the zero conv's gradient, which is proportional to those features, is
+    about 100x smaller than the latents' path gets and the control is ignored for thousands of steps (ControlNet's
+    "sudden convergence"). He init keeps the scale through the SiLUs."""
+    embedding = controlnet.controlnet_cond_embedding
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in (embedding.conv_in, *embedding.blocks):
+            fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            std = (2.0 / fan_in) ** 0.5
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * std)
+            conv.bias.zero_()
+    return controlnet
+
+
 def stack_conditions(images: list[torch.Tensor]) -> torch.Tensor:
     """Conditioning images ``(B, 3, H, W)`` in [0, 1], one per column, as the ControlNet's input ``(B, 3n, H, W)``."""
     return images[0] if len(images) == 1 else torch.cat(images, dim=1)

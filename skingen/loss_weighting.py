@@ -7,6 +7,11 @@ sample (``skingen.training_data``), so resumed and multi-process runs stay exact
   (broadcast over height and width); it is both the noise added and the target.
 - ``--input_perturbation p``: the latents are noised with ``noise + p * m`` (``m`` fresh normal noise) while the
   target stays ``noise``.
+- ``--timestep_bias_strategy`` (SDXL): the training timestep is drawn from weights that are ``--timestep_bias_multiplier``
+  times larger on the ``later`` (noisier) or ``earlier`` ``--timestep_bias_portion`` of the schedule, or on
+  ``range`` ``[--timestep_bias_begin, --timestep_bias_end)``, as ``train_text_to_image_sdxl.py``'s
+  ``generate_timestep_weights``. ``later`` puts more steps where the layout of an image is decided, which is what a
+  ControlNet must learn to steer (T2I-Adapter's cubic sampling has the same aim).
 - ``--snr_gamma g``: per-sample weights ``min(SNR(t), g) / SNR(t)`` for epsilon prediction and
   ``min(SNR(t), g) / (SNR(t) + 1)`` for v-prediction, on the per-sample mean squared error.
 """
@@ -31,6 +36,53 @@ class LossOptions:
     def from_args(cls, args) -> LossOptions:
         return cls(snr_gamma=getattr(args, "snr_gamma", None), noise_offset=getattr(args, "noise_offset", 0.0),
                    input_perturbation=getattr(args, "input_perturbation", 0.0))
+
+
+TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
+
+
+@dataclass(frozen=True)
+class TimestepBias:
+    strategy: str = "none"
+    multiplier: float = 1.0
+    portion: float = 0.25
+    begin: int = 0
+    end: int = 1000
+
+    @classmethod
+    def from_args(cls, args) -> TimestepBias:
+        return cls(strategy=getattr(args, "timestep_bias_strategy", "none"),
+                   multiplier=getattr(args, "timestep_bias_multiplier", 1.0),
+                   portion=getattr(args, "timestep_bias_portion", 0.25),
+                   begin=getattr(args, "timestep_bias_begin", 0), end=getattr(args, "timestep_bias_end", 1000))
+
+    def check(self) -> None:
+        if self.strategy not in TIMESTEP_BIAS_STRATEGIES:
+            raise SkingenError(f"--timestep_bias_strategy must be one of {', '.join(TIMESTEP_BIAS_STRATEGIES)}, "
+                               f"got {self.strategy!r}")
+        if self.multiplier <= 0:
+            raise SkingenError(f"--timestep_bias_multiplier must be > 0 (1: no bias), got {self.multiplier}")
+        if self.strategy in ("earlier", "later") and not 0 < self.portion <= 1:
+            raise SkingenError(f"--timestep_bias_portion must be in (0, 1], got {self.portion}")
+        if self.strategy == "range" and not 0 <= self.begin < self.end:
+            raise SkingenError(f"--timestep_bias_begin/--timestep_bias_end must satisfy 0 <= begin < end, got "
+                               f"{self.begin} and {self.end}")
+
+    def weights(self, num_timesteps: int) -> torch.Tensor | None:
+        """Sampling weights over ``range(num_timesteps)`` (summing to 1), or None for uniform sampling."""
+        if self.strategy == "none" or self.multiplier == 1.0:
+            return None
+        weights = torch.ones(num_timesteps, dtype=torch.float64)
+        count = max(1, int(self.portion * num_timesteps))
+        if self.strategy == "later":
+            weights[-count:] *= self.multiplier
+        elif self.strategy == "earlier":
+            weights[:count] *= self.multiplier
+        else:
+            if self.begin >= num_timesteps:
+                raise SkingenError(f"--timestep_bias_begin {self.begin} is past the schedule's {num_timesteps} timesteps")
+            weights[self.begin:min(self.end, num_timesteps)] *= self.multiplier
+        return weights / weights.sum()
 
 
 def offset_noise(noise: torch.Tensor, offset_draw: torch.Tensor | None, scale: float) -> torch.Tensor:

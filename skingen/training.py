@@ -49,7 +49,7 @@ from .checkpointing import (
     save_checkpoint,
     save_controlnet_weights,
 )
-from .conditioning import match_conditioning_channels
+from .conditioning import kaiming_conditioning_encoder, match_conditioning_channels
 from .ema import WeightsEMA
 from .errors import SkingenError
 from .lora import LoraState, add_lora, average_gradients
@@ -372,8 +372,10 @@ def set_up(args, accelerator, extra_loss: ExtraLoss | None) -> Run:
     # Trainable weights stay fp32 even under mixed precision (an fp16 ControlNet is upcast).
     controlnet = _place(backbone.create_controlnet(args.controlnet_model_name_or_path), "cpu", torch.float32)
     if not backbone.encodes_conditioning:  # SD3/FLUX ControlNets read one image through the VAE
-        controlnet = match_conditioning_channels(controlnet, len(conditioning_columns(args)),
-                                                 new=args.controlnet_model_name_or_path is None)
+        new = args.controlnet_model_name_or_path is None
+        controlnet = match_conditioning_channels(controlnet, len(conditioning_columns(args)), new=new)
+        if new and args.controlnet_conditioning_init == "kaiming":
+            controlnet = kaiming_conditioning_encoder(controlnet, seed=seed)
     for frozen in backbone.frozen_models():
         frozen.requires_grad_(False)
     controlnet.train()

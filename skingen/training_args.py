@@ -42,6 +42,11 @@ def build_arg_parser(description: str | None = None, backbone: str = "sdxl") -> 
     models.add_argument("--controlnet_model_name_or_path", type=str, default=None,
                         help="ControlNet to fine-tune (e.g. a Canny one of the same base model); default: "
                              "initialise from the base model's UNet or transformer.")
+    models.add_argument("--controlnet_conditioning_init", choices=("diffusers", "kaiming"), default="diffusers",
+                        help="Initialisation of a new SDXL ControlNet's conditioning encoder (the convolutions before "
+                             "its zero conv): diffusers' default, whose output is about 1%% of its input's scale so the "
+                             "control's gradient starts near zero, or Kaiming (He) init, which keeps the scale and lets "
+                             "the control steer the model within hundreds of steps instead of thousands.")
     models.add_argument("--variant", type=str, default=None, help="Weight variant of the base model files, e.g. fp16.")
     models.add_argument("--revision", type=str, default=None, help="Revision of a hub model.")
     models.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
@@ -176,6 +181,13 @@ def validate_training_args(args: argparse.Namespace) -> None:
     _require(args.pretrained_model_name_or_path is not None,
              "--pretrained_model_name_or_path is required (the base pipeline), on the command line or in --config")
     backbone_class(args.backbone).validate_arguments(args)
+    if args.controlnet_conditioning_init != "diffusers":
+        _require(args.controlnet_model_name_or_path is None,
+                 "--controlnet_conditioning_init initialises a new ControlNet; it would overwrite the conditioning "
+                 "encoder of --controlnet_model_name_or_path: drop one of them")
+        _require(not backbone_class(args.backbone).encodes_conditioning,
+                 f"--controlnet_conditioning_init: a {args.backbone} ControlNet reads its control through the VAE "
+                 "and has no conditioning encoder to initialise; drop the flag")
     _require((args.train_data_dir is None) != (args.dataset_name is None),
              "give exactly one of --train_data_dir (a local dataset folder) or --dataset_name (a hub dataset)")
     _require(0.0 <= args.proportion_empty_prompts <= 1.0,

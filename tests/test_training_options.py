@@ -271,6 +271,44 @@ def test_min_snr_weights_the_loss_by_the_formula_and_the_noise_options_change_th
     perturbed, perturbed_batch = first_step("--input_perturbation", 0.1)
     assert perturbed != plain and perturbed_batch["perturbation_noise"].shape == batch["noise"].shape
 
+    # diffusers' timestep bias: a range weighted a million times over takes every sample of the batch.
+    _, biased_batch = first_step("--timestep_bias_strategy", "range", "--timestep_bias_begin", 900,
+                                 "--timestep_bias_end", 1000, "--timestep_bias_multiplier", 1e6)
+    assert (batch["timesteps"] < 900).any() and (biased_batch["timesteps"] >= 900).all()
+
+
+def _control_effect(controlnet_dir: Path, condition: torch.Tensor) -> float:
+    """Mean change of the ControlNet's residuals when its control is replaced by a black image."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_pretrained(controlnet_dir)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 77, controlnet.config.cross_attention_dim, generator=generator)
+    pooled = controlnet.config.projection_class_embeddings_input_dim - 6 * controlnet.config.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(1, pooled, generator=generator), "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64.0]])}
+    with torch.no_grad():
+        with_control, _ = controlnet(latents, torch.tensor([800]), text, condition, added_cond_kwargs=added, return_dict=False)
+        black, _ = controlnet(latents, torch.tensor([800]), text, torch.zeros_like(condition), added_cond_kwargs=added,
+                              return_dict=False)
+    return sum((a - b).abs().mean().item() for a, b in zip(with_control, black)) / len(black)
+
+
+def test_kaiming_conditioning_init_lets_the_control_steer_a_new_controlnet_sooner(tiny_sdxl_dir, mixed_dataset, tmp_path):
+    condition = torch.from_numpy(np.asarray(Image.open(mixed_dataset / "conditioning_images" / "0.png").convert("RGB")
+                                            .resize((64, 64)), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    effects = {}
+    for init in ("diffusers", "kaiming"):
+        out = tmp_path / init
+        train(_args(tiny_sdxl_dir, mixed_dataset, out, "--max_train_steps", 4, "--controlnet_conditioning_init", init))
+        effects[init] = _control_effect(out, condition)
+    # The same 4 steps: with diffusers' init the control barely reaches the residuals; with Kaiming it does.
+    assert effects["kaiming"] > 5 * effects["diffusers"] > 0
+
+    with pytest.raises(SkingenError, match="overwrite the conditioning encoder"):
+        _args(tiny_sdxl_dir, mixed_dataset, tmp_path / "x", "--controlnet_model_name_or_path", tiny_sdxl_dir / "controlnet",
+              "--controlnet_conditioning_init", "kaiming")
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Aspect-ratio buckets

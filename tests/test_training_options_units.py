@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from skingen.buckets import bucket_placement, bucket_sizes, nearest_bucket, square_placement
-from skingen.conditioning import match_conditioning_channels
+from skingen.conditioning import kaiming_conditioning_encoder, match_conditioning_channels
 from skingen.ema import WeightsEMA
 from skingen.errors import SkingenError
-from skingen.loss_weighting import min_snr_weights, offset_noise, perturbed_noise, weighted_mse
+from skingen.loss_weighting import TimestepBias, min_snr_weights, offset_noise, perturbed_noise, weighted_mse
 from skingen.training_data import GlobalBatchSampler, place_boxes
 from skingen.training_options import INTERPOLATION_MODES, add_option_args, check_option_args, lr_scheduler_names
 
@@ -38,6 +38,33 @@ def test_min_snr_weights_match_the_formula_on_sdxls_schedule():
     assert epsilon[0] < 0.01 and epsilon[-1] == 1.0  # low-noise steps are down-weighted, high-noise ones kept
     with pytest.raises(SkingenError, match="prediction_type"):
         min_snr_weights(snr, gamma, "sample")
+
+
+def test_timestep_bias_weights_follow_diffusers_generate_timestep_weights():
+    later = TimestepBias("later", multiplier=3.0, portion=0.5).weights(1000)
+    # diffusers: weights = ones; weights[-int(portion * N):] *= multiplier; weights /= weights.sum()
+    assert later[:500].allclose(torch.full((500,), 1 / 2000, dtype=torch.float64))
+    assert later[500:].allclose(torch.full((500,), 3 / 2000, dtype=torch.float64))
+    earlier = TimestepBias("earlier", multiplier=2.0, portion=0.25).weights(1000)
+    assert earlier[0] == 2 * earlier[999] and earlier[249] == earlier[0] and earlier[250] == earlier[999]
+    ranged = TimestepBias("range", multiplier=5.0, begin=100, end=200).weights(1000)
+    assert ranged[150] == 5 * ranged[99] and ranged[200] == ranged[99] and ranged.sum().item() == pytest.approx(1.0)
+    assert TimestepBias("none", multiplier=3.0).weights(1000) is None  # uniform: torch.randint as before
+    assert TimestepBias("later", multiplier=1.0).weights(1000) is None
+    # Drawn as the trainer draws (one generator per sample): the later half gets about 3/4 of the steps.
+    draws = torch.stack([torch.multinomial(later, 1, generator=torch.Generator().manual_seed(i))[0] for i in range(2000)])
+    assert 0.70 < (draws >= 500).float().mean().item() < 0.80
+
+
+@pytest.mark.parametrize("bias, message", [
+    (TimestepBias("later", multiplier=0.0), "--timestep_bias_multiplier must be > 0"),
+    (TimestepBias("later", multiplier=2.0, portion=1.5), "--timestep_bias_portion"),
+    (TimestepBias("range", multiplier=2.0, begin=300, end=200), "begin < end"),
+    (TimestepBias("sideways"), "--timestep_bias_strategy must be one of"),
+])
+def test_bad_timestep_bias_is_refused_with_the_fix(bias, message):
+    with pytest.raises(SkingenError, match=message):
+        bias.check()
 
 
 def test_weighted_mse_scales_each_samples_mean():
@@ -132,6 +159,32 @@ def test_a_pretrained_controlnet_widened_for_a_second_condition_starts_out_uncha
     assert torch.allclose(before, after, atol=1e-6)
     with pytest.raises(SkingenError, match="conditioning channels"):
         match_conditioning_channels(widened, 1)
+
+
+def _encoder_features(controlnet, condition: torch.Tensor) -> torch.Tensor:
+    """What the conditioning encoder hands its zero-initialised output conv."""
+    encoder = controlnet.controlnet_cond_embedding
+    hidden = torch.nn.functional.silu(encoder.conv_in(condition))
+    for block in encoder.blocks:
+        hidden = torch.nn.functional.silu(block(hidden))
+    return hidden
+
+
+def test_kaiming_conditioning_encoder_keeps_the_controls_scale_and_the_no_op_start(tiny_sdxl_dir):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(0)  # a new ControlNet as the trainer makes it (diffusers' encoder widths 16, 32, 96, 256)
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_sdxl_dir / "unet"))
+    condition = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        default_scale = _encoder_features(controlnet, condition).std().item()
+        kaiming_conditioning_encoder(controlnet, seed=0)
+        kaiming_scale = _encoder_features(controlnet, condition).std().item()
+        output = controlnet.controlnet_cond_embedding(condition)
+    assert condition.std().item() > 0.2
+    assert default_scale < 0.05  # diffusers' init: a few percent of the control's scale reaches the zero conv
+    assert kaiming_scale > 4 * default_scale
+    assert output.abs().max().item() == 0.0  # the output conv is still zero: the ControlNet starts as a no-op
 
 
 def _option_args(*argv):

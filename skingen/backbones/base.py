@@ -9,6 +9,7 @@ the target, the one-step x0 estimate and the pipeline class that generates with 
 
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import os
@@ -65,8 +66,8 @@ class DenoiserOutput:
 # The interface
 
 
-class Backbone:
-    """A base-model family. Subclasses set the class attributes and implement the methods that raise here."""
+class Backbone(abc.ABC):
+    """A base-model family. Subclasses set the class attributes and implement its abstract methods."""
 
     family: ClassVar[str]  # "sdxl", "sd3", "flux"
     title: ClassVar[str]  # what users call it, for messages
@@ -113,9 +114,9 @@ class Backbone:
         self.load()
         self.vae = self._load_vae()
 
+    @abc.abstractmethod
     def load(self) -> None:
         """Load tokenizers, text encoders, denoiser and noise scheduler (not the VAE)."""
-        raise NotImplementedError
 
     def part(self, what: str, loader, subfolder: str | None = None, **kwargs):
         """One component of the base pipeline (``subfolder`` of it); load errors name the part and the folder."""
@@ -170,9 +171,9 @@ class Backbone:
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
 
+    @abc.abstractmethod
     def resolution_multiple(self) -> tuple[int, str]:
         """The multiple a training resolution must be, and why."""
-        raise NotImplementedError
 
     @property
     def num_train_timesteps(self) -> int:
@@ -185,13 +186,13 @@ class Backbone:
         return {}
 
     @torch.no_grad()
+    @abc.abstractmethod
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """What the text cache stores for each caption: tensors with the caption as first dimension."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def token_limits(self) -> list[tuple[Any, int]]:
         """``(tokenizer, max_length)`` per text encoder, to count captions that get truncated."""
-        raise NotImplementedError
 
     def count_truncated(self, captions: Sequence[str]) -> dict[str, int]:
         """How many of ``captions`` are longer than each text encoder's limit (they are cut there)."""
@@ -210,9 +211,9 @@ class Backbone:
         """Per-sample conditioning besides text (SDXL's time ids); none by default."""
         return {}
 
+    @abc.abstractmethod
     def draw_timestep(self, generator: torch.Generator) -> torch.Tensor:
         """The training noise level of one sample, drawn from its own generator (exact resume, N processes = 1)."""
-        raise NotImplementedError
 
     def fixed_timestep(self, timestep: int) -> torch.Tensor:
         """The noise level ``--validation_loss_timesteps`` value ``timestep`` stands for."""
@@ -239,15 +240,15 @@ class Backbone:
         shift = getattr(config, "shift_factor", None) or 0.0
         return (latents - shift) * config.scaling_factor
 
+    @abc.abstractmethod
     def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype) -> DenoiserOutput:
         """ControlNet + frozen denoiser on the batch: prediction, target and what the losses need."""
-        raise NotImplementedError
 
     # -- the ControlNet -------------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def new_controlnet(self):
         """A ControlNet initialised from the denoiser's weights."""
-        raise NotImplementedError
 
     def create_controlnet(self, controlnet_model_name_or_path: str | os.PathLike | None):
         """The ControlNet to train: loaded (after the compatibility check) or initialised from the denoiser."""
@@ -278,10 +279,10 @@ class Backbone:
 
     # -- generating -----------------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def validation_pipeline(self, controlnet, scheduler=None):
         """The family's ControlNet pipeline around the loaded parts, without text encoders (prompts come from
         the text cache)."""
-        raise NotImplementedError
 
     def save_denoiser_lora(self, output_dir) -> Path:
         """Save the denoiser's LoRA (``--unet_lora_rank``) in the family's diffusers format."""

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import SkingenError
 from ..lora import diffusers_lora_state, save_lora
-from ..loss_weighting import min_snr_weights, offset_noise, perturbed_noise
+from ..loss_weighting import TIMESTEP_BIAS_STRATEGIES, TimestepBias, min_snr_weights, offset_noise, perturbed_noise
 from .base import Backbone, DenoiserOutput, check_controlnet_source, config_mismatches, load_part, resolve_model_source
 
 
@@ -53,6 +53,23 @@ class SDXLBackbone(Backbone):
     denoiser_subfolder = "unet"
     text_subfolders = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
     default_tracker_project_name = "sd_xl_train_controlnet"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("SDXL timestep sampling (diffusers' train_text_to_image_sdxl.py flags)")
+        group.add_argument("--timestep_bias_strategy", choices=TIMESTEP_BIAS_STRATEGIES, default="none",
+                           help="Draw training timesteps more often from the later (noisier: layout) or earlier "
+                                "(detail) part of the schedule, or from a range; none: uniform.")
+        group.add_argument("--timestep_bias_multiplier", type=float, default=1.0,
+                           help="How much more often the biased timesteps are drawn (2.0: twice; 1.0: no bias).")
+        group.add_argument("--timestep_bias_portion", type=float, default=0.25,
+                           help="The share of the schedule biased by the earlier/later strategies.")
+        group.add_argument("--timestep_bias_begin", type=int, default=0, help="range strategy: first timestep.")
+        group.add_argument("--timestep_bias_end", type=int, default=1000, help="range strategy: end (exclusive).")
+
+    @classmethod
+    def validate_arguments(cls, args: argparse.Namespace) -> None:
+        TimestepBias.from_args(args).check()
 
     def load(self) -> None:
         from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -98,7 +115,10 @@ class SDXLBackbone(Backbone):
         return {"time_ids": compute_time_ids(original_size, self.fixed_crop or crop_top_left, target_size)}
 
     def draw_timestep(self, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, self.num_train_timesteps, (), generator=generator)
+        weights = TimestepBias.from_args(self.args).weights(self.num_train_timesteps)
+        if weights is None:
+            return torch.randint(0, self.num_train_timesteps, (), generator=generator)
+        return torch.multinomial(weights, 1, generator=generator)[0]
 
     # -- the step -------------------------------------------------------------------------------------------
 
