@@ -40,6 +40,7 @@ from skingen.skins import check_unique_names, list_packages, open_package, packa
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 ROWS_FILE = "train.jsonl"
 MASKS_DIR = "masks"  # per package, each element's alpha in its box: what --split gives back as the tiles' alpha
+SHOWN_WARNINGS = 3  # package warnings printed as they come (all with --verbose); the rest are counted
 FLUSH_SECONDS = 2.0  # rows are saved at least this often, so a killed run redoes only the last few packages
 
 
@@ -175,7 +176,8 @@ def merge_packages(args: argparse.Namespace, layout: Layout, element_map: Elemen
             unused[name] = result["unused"]
             if result["warning"]:
                 warnings[name] = result["warning"]
-                tqdm.write(f"warning: {result['warning']}")
+                if args.verbose or len(warnings) <= SHOWN_WARNINGS:  # thousands of packages: a few, then a count
+                    tqdm.write(f"warning: {result['warning']}")
             if args.verbose:
                 tqdm.write("\n".join(result["choices"]))
             saver.add(name, {"image": f"images/{name}.png", "package": name, "layout": layout.name,
@@ -192,6 +194,9 @@ def merge_packages(args: argparse.Namespace, layout: Layout, element_map: Elemen
         "merged": merged, "already_merged": len(paths) - len(todo), "skipped": skipped, "unused_files": unused,
         "warnings": warnings,
     })  # fmt: skip
+    if len(warnings) > SHOWN_WARNINGS and not args.verbose:
+        print(f"warning: {len(warnings) - SHOWN_WARNINGS} more package(s) with warnings ({len(warnings)} in all): each "
+              f"is in {dataset_dir / 'merge_report.json'} (\"warnings\")")
     if args.verbose:
         for name, files in unused.items():
             if files:

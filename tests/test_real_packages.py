@@ -189,6 +189,21 @@ def test_thin_strips_fit_in_bounded_memory():
     assert float(result.stdout.strip()) < 200
 
 
+def test_many_packages_with_warnings_print_a_few_and_count_the_rest(tmp_path, capsys):
+    for index in range(5):
+        package = write_theme(tmp_path / "pkgs" / f"plain{index}", "dark")
+        for nine in package.glob("res/drawable-*/btn_keyboard_key_*.9.png"):
+            parse_ninepatch(Image.open(nine)).image.save(nine.with_name(nine.name.replace(".9.png", ".png")))
+            nine.unlink()
+    run("--packages_dir", str(tmp_path / "pkgs"), "--element_map", "android", "--output_dir", str(tmp_path / "ds"))
+    captured = capsys.readouterr()
+    warnings = [line for line in (captured.out + captured.err).splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 4 and all("plain image(s) in 9-patch box(es)" in line for line in warnings[:3])
+    assert "2 more package(s) with warnings (5 in all)" in warnings[3] and "merge_report.json" in warnings[3]
+    report = json.loads((tmp_path / "ds" / "merge_report.json").read_text(encoding="utf-8"))
+    assert sorted(report["warnings"]) == [f"plain{index}" for index in range(5)]
+
+
 def test_plain_image_in_a_ninepatch_box_warns_once_per_package(tmp_path, capsys):
     package = write_theme(tmp_path / "pkgs" / "plain", "dark")
     for nine in package.glob("res/drawable-*/btn_keyboard_key_*.9.png"):
