@@ -359,7 +359,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "_flux.py; their timesteps are sigma x 1000).")
     parser.add_argument("--work_dir", type=Path, default=Path("bench_text_loss_ab"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--text_loss_weight", type=float, default=0.05, help="The arm compared with weight 0.")
+    parser.add_argument("--text_loss_weight", type=float, default=0.01,
+                        help="The arm compared with weight 0 (default: the trainer's default).")
     parser.add_argument("--max_train_steps", type=int, default=150)
     parser.add_argument("--validation_steps", type=int, default=50)
     parser.add_argument("--validation_loss_rows", type=int, default=4)

@@ -118,7 +118,7 @@ def test_held_out_protocol_pairs_the_arms_and_scores_sampled_text_on_unseen_cont
         "--family", "light", "--rows", "5", "--heldout_rows", "2", "--base_model", str(tiny_sdxl_dir),
         "--work_dir", str(tmp_path), "--seeds", "0", "1", "--max_train_steps", "6", "--validation_steps", "6",
         "--validation_loss_rows", "1", "--eval_timesteps", "50", "--num_inference_steps", "2",
-        "--", "--text_loss_max_timestep", "1000",
+        "--text_loss_weight", "0.05", "--", "--text_loss_max_timestep", "1000",
     ])
     heldout = [json.loads(line) for line in (tmp_path / "split" / "heldout" / "train.jsonl").read_text().splitlines()]
     train_rows = [json.loads(line) for line in (tmp_path / "split" / "train" / "train.jsonl").read_text().splitlines()]
