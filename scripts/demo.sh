@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: every stage of skingen end to end, offline, on CPU, and a model that
-# visibly learns: a tiny SDXL pre-trained on whole-keyboard skins (VAE fitted, UNet trained; cached) gets a
-# ControlNet trained with the OCR text loss on key-element atlases with glyph controls; held-out layouts are
+# visibly learns: a tiny SDXL pre-trained on other skins' key-element atlases (VAE fitted, UNet trained; cached)
+# gets a new ControlNet trained with the OCR text loss on key-element atlases with Canny controls; held-out layouts are
 # generated with the untrained and the trained ControlNet on the same seeds, both are evaluated and
 # outputs/demo/report.md puts them side by side (outputs/demo/comparison.json, outputs/demo/demo_grid.png).
 #
@@ -22,7 +22,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS=1 ORT_LOGGING_LEVEL=3
 OUT=${OUT:-outputs/demo}
 SEED=${SEED:-0}
 NUM_SKINS=${NUM_SKINS:-24}              # synthetic skin packages for the ControlNet (a quarter held out)
-BASE_SKINS=${BASE_SKINS:-24}            # other synthetic skins, as whole keyboards, that the base model sees
+BASE_SKINS=${BASE_SKINS:-24}            # other synthetic skins that the base model sees
 ATLAS_RESOLUTION=${ATLAS_RESOLUTION:-512}  # atlases are made at 512 so OCR can read the key labels
 RESOLUTION=${RESOLUTION:-128}           # training and generation size on the tiny model
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-800}
@@ -42,14 +42,17 @@ stage "1/9 synthesise skin packages: $NUM_SKINS for the ControlNet, $BASE_SKINS 
 run scripts/make_synthetic_skins.py --out "$OUT/skins" --n "$NUM_SKINS" --seed "$SEED"
 run scripts/make_synthetic_skins.py --out "$OUT/base_skins" --n "$BASE_SKINS" --seed "$((SEED + 1000))"
 
-stage "2/9 merge: key elements ($LAYOUT) for the ControlNet, whole keyboards for the base, at $ATLAS_RESOLUTION px"
+stage "2/9 merge: key-element atlases ($LAYOUT) of both sets of skins at $ATLAS_RESOLUTION px"
 run merge_elements.py --packages_dir "$OUT/skins" --layout "$LAYOUT" --resolution "$ATLAS_RESOLUTION" \
   --output_dir "$DATA" --num_workers 2
-run merge_elements.py --packages_dir "$OUT/base_skins" --layout full_keyboard --resolution "$ATLAS_RESOLUTION" \
+run merge_elements.py --packages_dir "$OUT/base_skins" --layout "$LAYOUT" --resolution "$ATLAS_RESOLUTION" \
   --output_dir "$BASE_DATA" --num_workers 2
 
-stage "3/9 glyph conditioning: layout template + each skin's own text found by OCR"
+stage "3/9 conditioning: each skin's text found by OCR (boxes + texts for the text loss), then its Canny edges as the control"
 run render_glyphs.py --dataset_dir "$DATA" --mode glyph --min_confidence 0.98
+# The atlas layout is the same for every skin, so a glyph control tells a base that has seen atlases little it
+# cannot guess at 128 px; each skin's own edges (ControlNet's Canny setup, scored by the Canny F1 below) do.
+run render_glyphs.py --dataset_dir "$DATA" --mode canny
 
 stage "4/9 captions (template captioner: no weights needed; use --captioner blip with a local BLIP on real data)"
 run caption.py --dataset_dir "$DATA" --captioner template
@@ -59,13 +62,13 @@ stage "5/9 hold out a validation split"
 run dataset_tool.py split "$DATA" --val_fraction 0.25 --seed 0
 run dataset_tool.py validate "$DATA"
 
-stage "6/9 the base model: a tiny SDXL whose VAE is fitted to skins and whose UNet is trained on $BASE_SKINS whole keyboards (cached) -> $BASE"
+stage "6/9 the base model: a tiny SDXL whose VAE is fitted to skins and whose UNet is trained on $BASE_SKINS other skins' atlases (cached) -> $BASE"
 run scripts/pretrain_tiny_base.py --dataset_dir "$BASE_DATA" --output_dir "$BASE" --resolution "$RESOLUTION" \
   --max_train_steps "$PRETRAIN_STEPS" --vae_fit_steps "$VAE_FIT_STEPS" --seed "$SEED"
 
 stage "7/9 train the ControlNet on top of it for $TRAIN_STEPS steps at $RESOLUTION px with the OCR text loss -> $OUT/controlnet"
 run train_controlnet_sdxl_ctc.py \
-  --pretrained_model_name_or_path "$BASE" --controlnet_model_name_or_path "$BASE/controlnet" \
+  --pretrained_model_name_or_path "$BASE" --controlnet_conditioning_init kaiming \
   --train_data_dir "$DATA" --output_dir "$OUT/controlnet" \
   --resolution "$RESOLUTION" --train_batch_size 4 --max_train_steps "$TRAIN_STEPS" \
   --learning_rate 1e-3 --lr_warmup_steps 10 --checkpointing_steps 200 --checkpoints_total_limit 1 \

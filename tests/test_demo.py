@@ -166,3 +166,7 @@ def test_demo_runs_every_stage_and_compares_untrained_with_trained(tmp_path):
     assert seeds["untrained"] == seeds["trained"]
     assert "| edge F1" in (out / "report.md").read_text(encoding="utf-8")
     assert Image.open(out / "demo_grid.png").width == (2 + 2 * 2) * 128
+    # Each skin's own Canny edges are its control (binary), and the glyph pass left the boxes for the text loss.
+    rows = [json.loads(line) for line in validation_rows]
+    control = Image.open(out / "dataset" / rows[0]["conditioning_image"]).convert("L")
+    assert set(control.getdata()) <= {0, 255} and "box" in rows[0]
