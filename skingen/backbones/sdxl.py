@@ -85,6 +85,8 @@ class SDXLBackbone(Backbone):
         ]
         self.denoiser = self.part("UNet", UNet2DConditionModel.from_pretrained, "unet", variant=variant)
         self.noise_scheduler = self.part("noise scheduler", DDPMScheduler.from_pretrained, "scheduler")
+        # None: uniform draws (torch.randint, as without the flags); computed once, not per sample.
+        self.timestep_weights = TimestepBias.from_args(self.args).weights(self.num_train_timesteps)
         if getattr(self.denoiser.config, "addition_embed_type", None) != "text_time":
             raise SkingenError(f"{self.source}/unet: addition_embed_type is {self.denoiser.config.addition_embed_type!r}, "
                                "not 'text_time'; this is not an SDXL UNet (SD 1.x/2.x pipelines are not supported)")
@@ -115,10 +117,9 @@ class SDXLBackbone(Backbone):
         return {"time_ids": compute_time_ids(original_size, self.fixed_crop or crop_top_left, target_size)}
 
     def draw_timestep(self, generator: torch.Generator) -> torch.Tensor:
-        weights = TimestepBias.from_args(self.args).weights(self.num_train_timesteps)
-        if weights is None:
+        if self.timestep_weights is None:
             return torch.randint(0, self.num_train_timesteps, (), generator=generator)
-        return torch.multinomial(weights, 1, generator=generator)[0]
+        return torch.multinomial(self.timestep_weights, 1, generator=generator)[0]
 
     # -- the step -------------------------------------------------------------------------------------------
 
