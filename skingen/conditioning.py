@@ -61,8 +61,9 @@ def kaiming_conditioning_encoder(controlnet, seed: int = 0):
 
     With PyTorch's default init each conv + SiLU of the encoder shrinks its input's scale (to about 1% after the
     seven convolutions of SDXL's encoder), so the zero conv's gradient, which is proportional to those features, is
-    about 100x smaller than the latents' path gets and the control is ignored for thousands of steps (ControlNet's
-    "sudden convergence"). He init keeps the scale through the SiLUs."""
+    about 100x smaller than the latents' path gets and the control is ignored at first (measured on the demo's tiny
+    model, one seed: after 400 steps a black control changed no output pixel). He init keeps the scale through the
+    SiLUs; the same run's outputs then moved by 0.025 when the control was blacked out."""
     embedding = controlnet.controlnet_cond_embedding
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

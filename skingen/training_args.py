@@ -45,8 +45,9 @@ def build_arg_parser(description: str | None = None, backbone: str = "sdxl") -> 
     models.add_argument("--controlnet_conditioning_init", choices=("diffusers", "kaiming"), default="diffusers",
                         help="Initialisation of a new SDXL ControlNet's conditioning encoder (the convolutions before "
                              "its zero conv): diffusers' default, whose output is about 1%% of its input's scale so the "
-                             "control's gradient starts near zero, or Kaiming (He) init, which keeps the scale and lets "
-                             "the control steer the model within hundreds of steps instead of thousands.")
+                             "control's gradient starts near zero, or Kaiming (He) init, which keeps the scale (on the demo's "
+                             "tiny model, one seed, 400 steps: blacking out the control moved the outputs by 0.025 "
+                             "with it, by 0.0000 without).")
     models.add_argument("--variant", type=str, default=None, help="Weight variant of the base model files, e.g. fp16.")
     models.add_argument("--revision", type=str, default=None, help="Revision of a hub model.")
     models.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
