@@ -5,8 +5,11 @@
 # generated with the untrained and the trained ControlNet on the same seeds, both are evaluated and
 # outputs/demo/report.md puts them side by side (outputs/demo/comparison.json, outputs/demo/demo_grid.png).
 #
-# Sizes can be turned down (the tests do) or up: NUM_SKINS, BASE_SKINS, PRETRAIN_STEPS, TRAIN_STEPS,
-# RESOLUTION, IMAGES_PER_LAYOUT, SEED, OUT.
+# Every synthetic skin has a picture background of its own (PICTURE_FRACTION), so its control holds edges no other
+# skin has; the report also measures how much edge F1 there is to gain through the tiny VAE.
+#
+# Sizes can be turned down (the tests do) or up: NUM_SKINS, BASE_SKINS, PRETRAIN_STEPS, VAE_FIT_STEPS, TRAIN_STEPS,
+# RESOLUTION, IMAGES_PER_LAYOUT, PICTURE_FRACTION, SEED, OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +29,8 @@ BASE_SKINS=${BASE_SKINS:-24}            # other synthetic skins that the base mo
 ATLAS_RESOLUTION=${ATLAS_RESOLUTION:-512}  # atlases are made at 512 so OCR can read the key labels
 RESOLUTION=${RESOLUTION:-128}           # training and generation size on the tiny model
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-800}
-VAE_FIT_STEPS=${VAE_FIT_STEPS:-200}
+VAE_FIT_STEPS=${VAE_FIT_STEPS:-400}
+PICTURE_FRACTION=${PICTURE_FRACTION:-1}  # skins with a picture background of their own (see make_synthetic_skins.py)
 TRAIN_STEPS=${TRAIN_STEPS:-400}
 INFERENCE_STEPS=${INFERENCE_STEPS:-20}
 IMAGES_PER_LAYOUT=${IMAGES_PER_LAYOUT:-3}  # seeds per held-out layout (diversity needs two or more)
@@ -39,8 +43,9 @@ stage() { printf '\n== %s\n' "$*"; }
 run() { "$PYTHON" "$@"; }
 
 stage "1/9 synthesise skin packages: $NUM_SKINS for the ControlNet, $BASE_SKINS others for the base model"
-run scripts/make_synthetic_skins.py --out "$OUT/skins" --n "$NUM_SKINS" --seed "$SEED"
-run scripts/make_synthetic_skins.py --out "$OUT/base_skins" --n "$BASE_SKINS" --seed "$((SEED + 1000))"
+run scripts/make_synthetic_skins.py --out "$OUT/skins" --n "$NUM_SKINS" --seed "$SEED" --picture_fraction "$PICTURE_FRACTION"
+run scripts/make_synthetic_skins.py --out "$OUT/base_skins" --n "$BASE_SKINS" --seed "$((SEED + 1000))" \
+  --picture_fraction "$PICTURE_FRACTION"
 
 stage "2/9 merge: key-element atlases ($LAYOUT) of both sets of skins at $ATLAS_RESOLUTION px"
 run merge_elements.py --packages_dir "$OUT/skins" --layout "$LAYOUT" --resolution "$ATLAS_RESOLUTION" \

@@ -2,7 +2,8 @@
 
 Each package holds the files the shipped layouts look for (``key_elements``, ``four_parts``,
 ``full_keyboard``): a candidate bar with Chinese words (前往, 搜索, 设置, ...), a keyboard
-background (gradients, stripes, dots), the 9-key panel, the 26-key key background, function keys
+background (gradients, stripes, dots; with ``--picture_fraction`` a picture of large shapes placed per skin),
+solid, see-through or outlined keys, the 9-key panel, the 26-key key background, function keys
 with Chinese and Latin labels, the letter-key area and function row of the four-part form, and
 a whole-keyboard preview. Some keys are real 9-patch PNGs, some packages are .zip files, file
 names follow one of three naming conventions, and a few optional keys are left out. The output
@@ -86,11 +87,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ninepatch_fraction", type=float, default=0.5, help="share of key images written as 9-patch (*.9.png)"
     )
+    parser.add_argument(
+        "--picture_fraction", type=float, default=0.5,
+        help="share of skins whose keyboard background is a picture (large shapes of its own) instead of a plain pattern",
+    )
     parser.add_argument("--font", default=None, help="font with Chinese glyphs (default: found via fontconfig)")
     args = parse_args_with_config(parser, argv)
     if args.n < 1:
         parser.error("--n must be at least 1")
-    for name in ("zip_fraction", "ninepatch_fraction"):
+    for name in ("zip_fraction", "ninepatch_fraction", "picture_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(f"--{name} must be between 0 and 1")
     return args
@@ -113,7 +118,7 @@ def _text_colour(fill: tuple[int, ...]) -> tuple[int, int, int, int]:
 class SkinStyle:
     """The look of one package, drawn from its own random generator."""
 
-    def __init__(self, rng: random.Random, font: str):
+    def __init__(self, rng: random.Random, font: str, picture_fraction: float = 0.0):
         self.font = font
         hue = rng.random()
         self.dark = rng.random() < 0.5
@@ -124,13 +129,32 @@ class SkinStyle:
         self.pattern = rng.choice(("none", "stripes", "dots"))
         self.pattern_period = rng.randrange(24, 64, 4)
         key_v = rng.uniform(0.12, 0.3) if self.dark else rng.uniform(0.9, 1.0)
-        self.key_fill = (*_hsv(hue, rng.uniform(0.0, 0.25), key_v), rng.randrange(200, 256))
+        # Keys are solid, see-through or outlined (the picture shows through the last two), as in real skins.
+        self.key_style = rng.choice(("solid", "solid", "translucent", "outline"))
+        key_alpha = {"solid": rng.randrange(200, 256), "translucent": rng.randrange(90, 150), "outline": 40}[self.key_style]
+        self.key_fill = (*_hsv(hue, rng.uniform(0.0, 0.25), key_v), key_alpha)
         self.accent = (*_hsv(hue + 0.5, rng.uniform(0.5, 0.9), rng.uniform(0.5, 0.8)), 255)
         self.bar_fill = (*_hsv(hue + rng.uniform(-0.1, 0.1), rng.uniform(0.2, 0.7), 0.2 if self.dark else 0.97), 255)
         self.radius = rng.uniform(0.12, 0.3)  # corner radius as a share of the key's shorter side
         self.nav_words = rng.sample(NAV_WORDS[:3], 3) + rng.sample(NAV_WORDS[3:], rng.randrange(1, 3))
         self.labels = {key: rng.choice(choices) for key, choices in KEY_LABELS.items()}
         self.lowercase = rng.random() < 0.5
+        # Drawn from a generator of their own, so the rest of a skin is the same at every --picture_fraction.
+        picture_rng = random.Random(rng.random())
+        self.shapes = picture_shapes(picture_rng, hue, self.dark) if picture_rng.random() < picture_fraction else []
+
+
+def picture_shapes(rng: random.Random, hue: float, dark: bool) -> list[tuple]:
+    """A picture background: a few large shapes at places of their own (kind, box as shares of the
+    background, RGB), light on dark skins and dark on light ones so their outlines are Canny edges."""
+    shapes = []
+    for _ in range(rng.randrange(3, 7)):
+        w, h = rng.uniform(0.15, 0.45), rng.uniform(0.2, 0.6)
+        x, y = rng.uniform(-0.1, 1.0 - w + 0.1), rng.uniform(-0.1, 1.0 - h + 0.1)
+        value = rng.uniform(0.7, 0.95) if dark else rng.uniform(0.3, 0.5)
+        colour = _hsv(hue + rng.uniform(0.2, 0.8), rng.uniform(0.4, 0.9), value)
+        shapes.append((rng.choice(("ellipse", "rectangle", "triangle")), (x, y, x + w, y + h), colour))
+    return shapes
 
 
 def draw_background(style: SkinStyle, size: tuple[int, int]) -> Image.Image:
@@ -148,7 +172,17 @@ def draw_background(style: SkinStyle, size: tuple[int, int]) -> Image.Image:
         dx, dy = (xs % period) - period / 2, (ys % period) - period / 2
         mask = dx * dx + dy * dy < (period * 0.18) ** 2
         rgb[mask] = rgb[mask] * 0.75 + 255 * 0.25
-    return Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), "RGB")
+    image = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for kind, (x0, y0, x1, y1), colour in style.shapes:
+        box = (x0 * width, y0 * height, x1 * width, y1 * height)
+        if kind == "ellipse":
+            draw.ellipse(box, fill=colour)
+        elif kind == "rectangle":
+            draw.rounded_rectangle(box, radius=min(box[2] - box[0], box[3] - box[1]) * 0.15, fill=colour)
+        else:
+            draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=colour)
+    return image
 
 
 def draw_key(style: SkinStyle, draw: ImageDraw.ImageDraw, box, label: str = "", fill=None) -> tuple | None:
@@ -158,7 +192,10 @@ def draw_key(style: SkinStyle, draw: ImageDraw.ImageDraw, box, label: str = "", 
     shadow = max(1, (y1 - y0) // 24)
     fill = fill or style.key_fill
     draw.rounded_rectangle((x0, y0 + shadow, x1 - 1, y1 - 1), radius, fill=(0, 0, 0, 90))
-    draw.rounded_rectangle((x0, y0, x1 - 1, y1 - 1 - shadow), radius, fill=fill)
+    outline = None
+    if style.key_style == "outline" and fill is style.key_fill:
+        outline = {"outline": _text_colour(fill), "width": max(1, (y1 - y0) // 30)}
+    draw.rounded_rectangle((x0, y0, x1 - 1, y1 - 1 - shadow), radius, fill=fill, **(outline or {}))
     if not label:
         return None
     size = round((y1 - y0) * 0.42)
@@ -294,9 +331,9 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def package_files(rng: random.Random, font: str, ninepatch_fraction: float) -> dict[str, bytes]:
+def package_files(rng: random.Random, font: str, ninepatch_fraction: float, picture_fraction: float = 0.0) -> dict[str, bytes]:
     """File name -> bytes for one package."""
-    style = SkinStyle(rng, font)
+    style = SkinStyle(rng, font, picture_fraction)
     naming = rng.choice(NAMING)
     scale = rng.choice((0.5, 0.75, 1.0))
 
@@ -361,6 +398,7 @@ def make_synthetic_skins(
     zip_fraction: float = 0.25,
     ninepatch_fraction: float = 0.5,
     font: str | Path | None = None,
+    picture_fraction: float = 0.5,
 ) -> list[Path]:
     """Write ``n`` packages into ``out_dir``; returns their paths (folders or .zip files)."""
     font_path = str(find_cjk_font(font))
@@ -370,7 +408,7 @@ def make_synthetic_skins(
     written = []
     for index in range(n):
         rng = random.Random(f"skingen-synthetic-skin:{seed}:{index}")
-        files = package_files(rng, font_path, ninepatch_fraction)
+        files = package_files(rng, font_path, ninepatch_fraction, picture_fraction)
         as_zip = rng.random() < zip_fraction
         written.append(write_package(out_dir, f"skin_{index:04d}", files, as_zip, top_folder=rng.random() < 0.5))
     return written
@@ -378,7 +416,9 @@ def make_synthetic_skins(
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    paths = make_synthetic_skins(args.out, args.n, args.seed, args.zip_fraction, args.ninepatch_fraction, args.font)
+    paths = make_synthetic_skins(
+        args.out, args.n, args.seed, args.zip_fraction, args.ninepatch_fraction, args.font, args.picture_fraction
+    )
     zipped = sum(p.suffix == ".zip" for p in paths)
     print(f"wrote {len(paths)} skin packages to {args.out} ({zipped} as .zip)")
 

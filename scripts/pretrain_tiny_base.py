@@ -31,11 +31,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default=DEFAULTS.preset, choices=sorted(PRESETS))
     parser.add_argument("--resolution", type=int, default=DEFAULTS.resolution)
     parser.add_argument("--vae_fit_steps", type=int, default=DEFAULTS.vae_fit_steps)
+    parser.add_argument("--vae_learning_rate", type=float, default=DEFAULTS.vae_learning_rate, help="Adam learning rate of the VAE fit")
     parser.add_argument("--vae_fit_images", type=int, default=DEFAULTS.vae_fit_images,
                         help="images the VAE is fitted on (spread over the data; the fit is full-batch)")
     parser.add_argument("--max_train_steps", type=int, default=DEFAULTS.max_train_steps, help="UNet training steps")
     parser.add_argument("--train_batch_size", type=int, default=DEFAULTS.train_batch_size)
     parser.add_argument("--learning_rate", type=float, default=DEFAULTS.learning_rate)
+    parser.add_argument("--lr_scheduler", default=DEFAULTS.lr_scheduler,
+                        choices=["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"],
+                        help="UNet learning-rate schedule (diffusers' get_scheduler names)")
     parser.add_argument("--proportion_empty_prompts", type=float, default=DEFAULTS.proportion_empty_prompts,
                         help="share of samples trained with the empty prompt (for classifier-free guidance)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
@@ -43,6 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("resolution", "max_train_steps", "train_batch_size", "vae_fit_steps", "vae_fit_images"):
         if getattr(args, name) < 1:
             raise SkingenError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("learning_rate", "vae_learning_rate"):
+        if not getattr(args, name) > 0:
+            raise SkingenError(f"--{name} must be > 0, got {getattr(args, name)}")
     if args.resolution % 8:
         raise SkingenError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     if not 0 <= args.proportion_empty_prompts <= 1:
@@ -54,8 +61,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     settings = PretrainSettings(
         preset=args.preset, resolution=args.resolution, vae_fit_steps=args.vae_fit_steps, vae_fit_images=args.vae_fit_images,
+        vae_learning_rate=args.vae_learning_rate,
         max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
-        learning_rate=args.learning_rate, proportion_empty_prompts=args.proportion_empty_prompts, seed=args.seed,
+        learning_rate=args.learning_rate, lr_scheduler=args.lr_scheduler, proportion_empty_prompts=args.proportion_empty_prompts, seed=args.seed,
     )
     record = pretrain_tiny_base(args.output_dir, args.dataset_dir, settings)
     if record["reused"]:

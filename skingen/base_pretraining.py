@@ -31,18 +31,20 @@ from .images import open_rgb
 
 CACHE_FILE = "pretrain.json"
 # Bump when the procedure changes in a way that changes the weights, so old caches are not reused.
-PROCEDURE_VERSION = 1
+PROCEDURE_VERSION = 2
 
 
 @dataclass(frozen=True)
 class PretrainSettings:
     preset: str = "tiny"
     resolution: int = 128
-    vae_fit_steps: int = 200
+    vae_fit_steps: int = 400
+    vae_learning_rate: float = 5e-3
     vae_fit_images: int = 8  # the fit is full-batch: its cost grows with every image, its quality hardly
     max_train_steps: int = 800
     train_batch_size: int = 8
     learning_rate: float = 1e-3
+    lr_scheduler: str = "cosine"  # diffusers' get_scheduler name (the demo base: edge F1 0.568 vs 0.554 constant, one seed)
     proportion_empty_prompts: float = 0.1
     seed: int = 0
 
@@ -105,6 +107,7 @@ def cached_result(out_dir: str | os.PathLike, key: str) -> dict | None:
 
 def train_unet(pipeline_dir: Path, images: Sequence[TrainingImage], settings: PretrainSettings) -> dict[str, float]:
     """Train the pipeline's UNet on ``images`` with the text-to-image diffusion loss; saved back in place."""
+    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     from .models import compute_time_ids, encode_prompt, load_sdxl_components
@@ -124,6 +127,7 @@ def train_unet(pipeline_dir: Path, images: Sequence[TrainingImage], settings: Pr
     unet, scheduler = parts.unet, parts.noise_scheduler
     unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate, weight_decay=1e-2)
+    lr_schedule = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=settings.max_train_steps)
     losses = []
     for _ in tqdm(range(settings.max_train_steps), desc="pre-training the tiny UNet", leave=False):
         batch = torch.randint(len(images), (settings.train_batch_size,), generator=generator)
@@ -143,6 +147,7 @@ def train_unet(pipeline_dir: Path, images: Sequence[TrainingImage], settings: Pr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        lr_schedule.step()
         losses.append(loss.item())
     unet.eval()
     unet.save_pretrained(pipeline_dir / "unet", safe_serialization=True)
@@ -183,7 +188,8 @@ def pretrain_tiny_base(
         build_tiny_sdxl(tmp_dir / "pipeline", preset=settings.preset, seed=settings.seed)
         pipeline_dir = tmp_dir / "pipeline"
         vae_fit = fit_tiny_vae(pipeline_dir, spread_subset([image.pixels for image in images], settings.vae_fit_images),
-                               steps=settings.vae_fit_steps, seed=settings.seed)
+                               steps=settings.vae_fit_steps, seed=settings.seed,
+                               learning_rate=settings.vae_learning_rate)
         unet_fit = train_unet(pipeline_dir, images, settings)
         save_untrained_controlnet(pipeline_dir)
         for item in pipeline_dir.iterdir():

@@ -97,6 +97,12 @@ def test_report_says_so_when_training_did_not_help(fake_demo):
     assert "did NOT follow the held-out layouts better" in report
     assert "| 0.300 | 0.200 | untrained |" in report
 
+    metrics["summary"]["edge_f1"] = 0.303  # +1%: better in the table, not clearly better in the verdict
+    metrics_path.write_text(json.dumps(metrics), encoding="utf-8")
+    load_script("scripts/demo_report.py").main(["--demo_dir", str(fake_demo)])
+    report = (fake_demo / "report.md").read_text(encoding="utf-8")
+    assert "NOT clearly better on the held-out layouts: edge F1 0.300 -> 0.303 (+0.003)" in report
+
 
 def test_report_without_results_is_a_clear_error(tmp_path):
     proc = subprocess.run(["python3", "scripts/demo_report.py", "--demo_dir", str(tmp_path)], cwd=REPO,
@@ -170,3 +176,46 @@ def test_demo_runs_every_stage_and_compares_untrained_with_trained(tmp_path):
     rows = [json.loads(line) for line in validation_rows]
     control = Image.open(out / "dataset" / rows[0]["conditioning_image"]).convert("L")
     assert set(control.getdata()) <= {0, 255} and "box" in rows[0]
+
+
+@pytest.mark.parametrize("flag", ["--learning_rate", "--vae_learning_rate"])
+def test_pretraining_refuses_a_rate_that_is_not_positive(flag):
+    from skingen.errors import SkingenError
+
+    script = load_script("scripts/pretrain_tiny_base.py")
+    with pytest.raises(SkingenError, match=f"{flag} must be > 0, got 0.0"):
+        script.parse_args(["--dataset_dir", "d", "--output_dir", "o", flag, "0"])
+
+
+def test_edge_f1_room_separates_a_skins_own_edges_from_another_skins(tmp_path):
+    from PIL import ImageDraw
+
+    from skingen.glyphs import canny_control
+
+    report = load_script("scripts/demo_report.py")
+    rows = []
+    for i, box in enumerate([(8, 8, 40, 30), (30, 34, 60, 60), (4, 40, 24, 60)]):
+        real = Image.new("RGB", (64, 64), (30, 30, 30))
+        ImageDraw.Draw(real).rectangle(box, fill=(230, 230, 230))  # each skin's own shape
+        real.save(tmp_path / f"real_{i}.png")
+        canny_control(real).save(tmp_path / f"control_{i}.png")
+        rows.append({"reference_image": str(tmp_path / f"real_{i}.png"),
+                     "conditioning_image": str(tmp_path / f"control_{i}.png")})
+    # A perfect VAE gives each control back exactly; the other skins' shapes are elsewhere.
+    room = report.edge_f1_room(rows, reconstruct=lambda path: Image.open(path).convert("RGB"))
+    assert room["layouts"] == 3 and room["vae_ceiling"] == pytest.approx(1.0)
+    assert room["other_skin"] < 0.3
+    line = report.room_lines(room)[0]
+    assert "scores 1.000" in line and f"{1.0 - room['other_skin']:+.3f}" in line
+
+    # Through a real (random tiny) VAE the same numbers come out, in [0, 1].
+    from skingen.models import build_tiny_sdxl
+
+    build_tiny_sdxl(tmp_path / "base", seed=0)
+    room = report.edge_f1_room(rows, report.vae_reconstructor(tmp_path / "base" / "vae", (64, 64)))
+    assert 0.0 <= room["other_skin"] <= 1.0 and 0.0 <= room["vae_ceiling"] <= 1.0
+
+
+def test_report_says_when_the_room_was_not_measured(fake_demo):
+    load_script("scripts/demo_report.py").main(["--demo_dir", str(fake_demo)])  # no base/vae in the fake demo
+    assert "room for edge F1: not measured" in (fake_demo / "report.md").read_text(encoding="utf-8")

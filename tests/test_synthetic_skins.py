@@ -107,3 +107,35 @@ def test_nav_bar_words_are_readable_by_ocr_at_512(skins):
 def test_missing_font_is_a_clear_error(tmp_path):
     with pytest.raises(SkingenError, match="no-such-font.ttf: file not found"):
         synthetic.main(["--out", str(tmp_path), "--n", "1", "--font", str(tmp_path / "no-such-font.ttf")])
+
+
+def _element_images(package_path: Path, element_id: str) -> np.ndarray:
+    with open_package(package_path) as package:
+        source = find_elements(package, load_layout("key_elements")).found[element_id]
+        return np.asarray(package.open_image(source).convert("RGBA"))
+
+
+def test_picture_backgrounds_are_large_shapes_placed_per_skin(tmp_path):
+    for fraction in ("0", "1"):
+        synthetic.main(["--out", str(tmp_path / fraction), "--n", "4", "--seed", "3", "--zip_fraction", "0",
+                        "--ninepatch_fraction", "0", "--picture_fraction", fraction])
+    shape_masks = []
+    for plain_path, picture_path in zip(list_packages(tmp_path / "0"), list_packages(tmp_path / "1")):
+        plain = _element_images(plain_path, "keyboard_bg")[..., :3].astype(int)
+        picture = _element_images(picture_path, "keyboard_bg")[..., :3].astype(int)
+        assert plain.shape == picture.shape  # the picture is the only change: same skin otherwise
+        changed = np.abs(picture - plain).sum(axis=-1) > 60  # shapes are far in value from the background
+        assert 0.05 < changed.mean() < 0.95, changed.mean()
+        shape_masks.append(np.asarray(Image.fromarray(changed).resize((64, 48), Image.NEAREST)))  # skins differ in scale
+    for i, a in enumerate(shape_masks):  # each skin's shapes are in places of its own
+        for b in shape_masks[i + 1:]:
+            assert (a & b).sum() / (a | b).sum() < 0.8
+
+
+def test_keys_are_solid_see_through_or_outlined(skins):
+    centre_alpha = []
+    for path in list_packages(skins):
+        key = _element_images(path, "key_26_bg")  # a blank key: its centre is the key's fill
+        centre_alpha.append(int(key[key.shape[0] // 2, key.shape[1] // 2, 3]))
+    assert any(alpha >= 200 for alpha in centre_alpha)  # solid keys
+    assert any(alpha < 160 for alpha in centre_alpha)  # the background shows through others
