@@ -168,11 +168,11 @@ def score_images(heldout_dir: Path, images_dir: Path) -> dict:
 
 def ceilings(pipeline_dir: Path, heldout_dir: Path, out_dir: Path, resolution: int) -> dict:
     """Scores of the held-out images themselves and of their VAE reconstructions: the most sampling can reach."""
-    import torch
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from skingen.training_data import training_pixels
+    from skingen.models import vae_round_trip
+    from skingen.training_data import tensor_to_image, training_pixels
 
     vae = AutoencoderKL.from_pretrained(pipeline_dir / "vae")
     originals, reconstructions = out_dir / "originals", out_dir / "reconstructions"
@@ -181,11 +181,9 @@ def ceilings(pipeline_dir: Path, heldout_dir: Path, out_dir: Path, resolution: i
         for folder in (originals, reconstructions):
             folder.mkdir(parents=True, exist_ok=True)
         pixels = training_pixels(Image.open(heldout_dir / row["image"]).convert("RGB"), resolution)[0]
-        with torch.no_grad():
-            decoded = vae.decode(vae.encode(pixels[None]).latent_dist.mode()).sample[0]
+        decoded = vae_round_trip(vae, pixels[None])[0]
         for folder, image in ((originals, pixels), (reconstructions, decoded)):
-            array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-            Image.fromarray(array).save(folder / name)
+            tensor_to_image(image).save(folder / name)
     return {"images": _flat(score_images(heldout_dir, originals)),
             "reconstructions": _flat(score_images(heldout_dir, reconstructions))}
 

@@ -161,18 +161,16 @@ def base_summary(demo_dir: Path) -> list[str]:
 
 def vae_reconstructor(vae_dir: Path, size: tuple[int, int]):
     """image path -> the image at ``size`` encoded and decoded by the VAE in ``vae_dir`` (posterior mode)."""
-    import torch
     from diffusers import AutoencoderKL
 
-    from skingen.training_data import image_to_tensor
+    from skingen.models import vae_round_trip
+    from skingen.training_data import image_to_tensor, tensor_to_image
 
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
 
     def reconstruct(path: str) -> Image.Image:
-        pixels = image_to_tensor(open_rgb(path).resize(size, Image.Resampling.BICUBIC), normalize=True)[None]
-        with torch.no_grad():
-            decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample[0]
-        return Image.fromarray(((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+        pixels = image_to_tensor(open_rgb(path).resize(size, Image.Resampling.BICUBIC), normalize=True)
+        return tensor_to_image(vae_round_trip(vae, pixels[None])[0])
 
     return reconstruct
 

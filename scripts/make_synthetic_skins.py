@@ -118,7 +118,7 @@ def _text_colour(fill: tuple[int, ...]) -> tuple[int, int, int, int]:
 class SkinStyle:
     """The look of one package, drawn from its own random generator."""
 
-    def __init__(self, rng: random.Random, font: str, picture_fraction: float = 0.0):
+    def __init__(self, rng: random.Random, font: str, picture_fraction: float):
         self.font = font
         hue = rng.random()
         self.dark = rng.random() < 0.5
@@ -192,10 +192,10 @@ def draw_key(style: SkinStyle, draw: ImageDraw.ImageDraw, box, label: str = "", 
     shadow = max(1, (y1 - y0) // 24)
     fill = fill or style.key_fill
     draw.rounded_rectangle((x0, y0 + shadow, x1 - 1, y1 - 1), radius, fill=(0, 0, 0, 90))
-    outline = None
+    outline = {}
     if style.key_style == "outline" and fill is style.key_fill:
         outline = {"outline": _text_colour(fill), "width": max(1, (y1 - y0) // 30)}
-    draw.rounded_rectangle((x0, y0, x1 - 1, y1 - 1 - shadow), radius, fill=fill, **(outline or {}))
+    draw.rounded_rectangle((x0, y0, x1 - 1, y1 - 1 - shadow), radius, fill=fill, **outline)
     if not label:
         return None
     size = round((y1 - y0) * 0.42)
@@ -331,7 +331,7 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def package_files(rng: random.Random, font: str, ninepatch_fraction: float, picture_fraction: float = 0.0) -> dict[str, bytes]:
+def package_files(rng: random.Random, font: str, ninepatch_fraction: float, picture_fraction: float) -> dict[str, bytes]:
     """File name -> bytes for one package."""
     style = SkinStyle(rng, font, picture_fraction)
     naming = rng.choice(NAMING)

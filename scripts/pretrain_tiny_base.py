@@ -20,6 +20,7 @@ from skingen.base_pretraining import PretrainSettings, pretrain_tiny_base  # noq
 from skingen.config import parse_args_with_config  # noqa: E402
 from skingen.errors import SkingenError, run_cli  # noqa: E402
 from skingen.models import PRESETS  # noqa: E402
+from skingen.training_options import lr_scheduler_names  # noqa: E402
 
 DEFAULTS = PretrainSettings()
 
@@ -38,7 +39,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_batch_size", type=int, default=DEFAULTS.train_batch_size)
     parser.add_argument("--learning_rate", type=float, default=DEFAULTS.learning_rate)
     parser.add_argument("--lr_scheduler", default=DEFAULTS.lr_scheduler,
-                        choices=["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"],
+                        choices=[name for name in lr_scheduler_names() if name != "piecewise_constant"],
                         help="UNet learning-rate schedule (diffusers' get_scheduler names)")
     parser.add_argument("--proportion_empty_prompts", type=float, default=DEFAULTS.proportion_empty_prompts,
                         help="share of samples trained with the empty prompt (for classifier-free guidance)")

@@ -260,6 +260,12 @@ def count_parameters(module: torch.nn.Module) -> int:
 # Fitting a tiny VAE
 
 
+def vae_round_trip(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """``pixels`` (N, 3, H, W) in [-1, 1] encoded (posterior mode) and decoded by ``vae``, without gradients."""
+    with torch.no_grad():
+        return vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+
+
 def fit_tiny_vae(
     pipeline_dir: str | os.PathLike,
     images: Sequence[torch.Tensor],
@@ -292,8 +298,7 @@ def fit_tiny_vae(
     pixels = torch.stack([image.float() for image in images])
 
     def reconstruction_error() -> float:
-        with torch.no_grad():
-            return (vae.decode(vae.encode(pixels).latent_dist.mode()).sample - pixels).abs().mean().item()
+        return (vae_round_trip(vae, pixels) - pixels).abs().mean().item()
 
     initial = reconstruction_error()
     generator = torch.Generator().manual_seed(seed)

@@ -145,6 +145,11 @@ def image_to_tensor(image: Image.Image, normalize: bool) -> torch.Tensor:
     return tensor * 2.0 - 1.0 if normalize else tensor
 
 
+def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
+    """A (3, H, W) tensor in [-1, 1] (what ``image_to_tensor(..., normalize=True)`` and a VAE decoder give) as RGB."""
+    return Image.fromarray(((tensor.detach().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
 def training_pixels(image: Image.Image, resolution: int, placement: Placement | None = None,
                     resample: int = Image.BILINEAR) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """A training image as (3, H, W) in [-1, 1] (a ``resolution`` square, or ``placement``'s target), with its

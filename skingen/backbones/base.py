@@ -87,17 +87,17 @@ class Backbone(abc.ABC):
     denoiser: Any
     noise_scheduler: Any
 
-    # -- flags ----------------------------------------------------------------------------------------------
+    # -- flags (optional hooks: a family without flags of its own inherits these no-ops) ----------------------
 
-    @classmethod
+    @classmethod  # noqa: B027
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add the family's own flags (diffusers' names for that family's trainer)."""
 
-    @classmethod
+    @classmethod  # noqa: B027
     def validate_arguments(cls, args: argparse.Namespace) -> None:
         """Check the family's flags before anything loads; raise ``SkingenError``."""
 
-    @classmethod
+    @classmethod  # noqa: B027
     def normalize_arguments(cls, args: argparse.Namespace) -> None:
         """Map the family trainer's diffusers-only flag forms onto skingen's (e.g. FLUX's --jsonl_for_train)."""
 

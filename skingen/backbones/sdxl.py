@@ -8,6 +8,7 @@ generation uses ``StableDiffusionXLControlNetPipeline``.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
