@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: every stage of skingen end to end, offline, on CPU, and a model that
-# visibly learns: a tiny SDXL pre-trained on other skins' key-element atlases (VAE fitted, UNet trained; cached)
+# visibly learns: a tiny SDXL pre-trained on other skins' key-element atlases (around the committed tiny VAE of
+# assets/tiny_skin_vae, fitted beforehand by scripts/fit_tiny_vae.py as SDXL's VAE was; UNet trained here; cached)
 # gets a new ControlNet trained with the OCR text loss on key-element atlases with Canny controls; held-out layouts are
 # generated with the untrained and the trained ControlNet on the same seeds, both are evaluated and
 # outputs/demo/report.md puts them side by side (outputs/demo/comparison.json, outputs/demo/demo_grid.png).
@@ -9,7 +10,8 @@
 # skin has; the report also measures how much edge F1 there is to gain through the tiny VAE.
 #
 # Sizes can be turned down (the tests do) or up: NUM_SKINS, BASE_SKINS, PRETRAIN_STEPS, VAE_FIT_STEPS, TRAIN_STEPS,
-# RESOLUTION, IMAGES_PER_LAYOUT, PICTURE_FRACTION, SEED, OUT.
+# RESOLUTION, IMAGES_PER_LAYOUT, PICTURE_FRACTION, SEED, OUT; VAE (a fitted AutoencoderKL folder; VAE=none fits a
+# random tiny VAE for VAE_FIT_STEPS instead, as earlier versions of this demo did).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,9 +31,11 @@ BASE_SKINS=${BASE_SKINS:-24}            # other synthetic skins that the base mo
 ATLAS_RESOLUTION=${ATLAS_RESOLUTION:-512}  # atlases are made at 512 so OCR can read the key labels
 RESOLUTION=${RESOLUTION:-128}           # training and generation size on the tiny model
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-800}
-VAE_FIT_STEPS=${VAE_FIT_STEPS:-400}
+VAE=${VAE:-assets/tiny_skin_vae}      # fitted beforehand (assets/tiny_skin_vae/README.md has its recipe)
+# Steps fitting the VAE to the base skins here: 0 keeps the fitted one as it is; a random one (VAE=none) needs them.
+if [ "$VAE" = none ]; then VAE_FIT_STEPS=${VAE_FIT_STEPS:-400}; else VAE_FIT_STEPS=${VAE_FIT_STEPS:-0}; fi
 PICTURE_FRACTION=${PICTURE_FRACTION:-1}  # skins with a picture background of their own (see make_synthetic_skins.py)
-TRAIN_STEPS=${TRAIN_STEPS:-400}
+TRAIN_STEPS=${TRAIN_STEPS:-1200}         # cosine-decayed rate; held-out edge F1 rose with steps (400 / 800 / 1600: see README)
 INFERENCE_STEPS=${INFERENCE_STEPS:-20}
 IMAGES_PER_LAYOUT=${IMAGES_PER_LAYOUT:-3}  # seeds per held-out layout (diversity needs two or more)
 LAYOUT=key_elements
@@ -67,20 +71,23 @@ stage "5/9 hold out a validation split"
 run dataset_tool.py split "$DATA" --val_fraction 0.25 --seed 0
 run dataset_tool.py validate "$DATA"
 
-stage "6/9 the base model: a tiny SDXL whose VAE is fitted to skins and whose UNet is trained on $BASE_SKINS other skins' atlases (cached) -> $BASE"
+stage "6/9 the base model: a tiny SDXL around the VAE $VAE whose UNet is trained on $BASE_SKINS other skins' atlases (cached) -> $BASE"
+vae_args=(--vae_fit_steps "$VAE_FIT_STEPS")
+if [ "$VAE" != none ]; then vae_args+=(--pretrained_vae_model_name_or_path "$VAE"); fi
 run scripts/pretrain_tiny_base.py --dataset_dir "$BASE_DATA" --output_dir "$BASE" --resolution "$RESOLUTION" \
-  --max_train_steps "$PRETRAIN_STEPS" --vae_fit_steps "$VAE_FIT_STEPS" --seed "$SEED"
+  --max_train_steps "$PRETRAIN_STEPS" "${vae_args[@]}" --seed "$SEED"
 
 stage "7/9 train the ControlNet on top of it for $TRAIN_STEPS steps at $RESOLUTION px with the OCR text loss -> $OUT/controlnet"
 run train_controlnet_sdxl_ctc.py \
   --pretrained_model_name_or_path "$BASE" --controlnet_conditioning_init kaiming \
   --train_data_dir "$DATA" --output_dir "$OUT/controlnet" \
   --resolution "$RESOLUTION" --train_batch_size 4 --max_train_steps "$TRAIN_STEPS" \
-  --learning_rate 1e-3 --lr_warmup_steps 10 --checkpointing_steps 200 --checkpoints_total_limit 1 \
+  --learning_rate 1e-3 --lr_scheduler cosine --lr_warmup_steps 10 --checkpointing_steps 200 --checkpoints_total_limit 1 \
   --validation_steps "$TRAIN_STEPS" --validation_split validation --num_validation_images 2 \
   --validation_loss_timesteps 50 150 250 --validation_loss_rows 8 \
   --text_loss_type ctc --text_loss_weight 0.01 --text_loss_max_boxes 4 --seed "$SEED" \
-  --resume_from_checkpoint latest 2>&1 | grep -E "losses at fixed timesteps|^error|Error" || true
+  --resume_from_checkpoint latest 2>&1 | tr '\r' '\n' | grep -aE "losses at fixed timesteps|^error|Error" \
+  | sed -E 's/.*INFO skingen[.a-z_]*: //' || true
 test -f "$OUT/controlnet/diffusion_pytorch_model.safetensors" || { echo "error: ControlNet training failed" >&2; exit 1; }
 
 stage "8/9 generate $IMAGES_PER_LAYOUT seeds per held-out layout with the untrained and the trained ControlNet"

@@ -151,11 +151,16 @@ def base_summary(demo_dir: Path) -> list[str]:
         return ["- base model: no pretrain.json found (not pre-trained by scripts/pretrain_tiny_base.py)"]
     record = json.loads(path.read_text(encoding="utf-8"))
     vae, unet, settings = record["vae_fit"], record["unet_fit"], record["settings"]
+    if settings.get("pretrained_vae"):
+        vae_note = f"VAE {settings['pretrained_vae']} (fitted beforehand)"
+        if vae is not None:
+            vae_note += f", fine-tuned here: L1 {vae['initial_l1']:.3f} -> {vae['final_l1']:.3f}"
+    else:
+        vae_note = f"VAE fitted here: reconstruction L1 {vae['initial_l1']:.3f} -> {vae['final_l1']:.3f}"
     return [
         f"- base model: tiny SDXL ({settings['preset']} preset) pre-trained on {record['images']} other "
-        f"skins at {settings['resolution']} px in {record['seconds']:.0f} s: VAE reconstruction L1 "
-        f"{vae['initial_l1']:.3f} -> {vae['final_l1']:.3f}, UNet diffusion loss {unet['first_loss']:.3f} -> "
-        f"{unet['last_loss']:.3f} over {settings['max_train_steps']} steps",
+        f"skins at {settings['resolution']} px in {record['seconds']:.0f} s: {vae_note}; UNet diffusion loss "
+        f"{unet['first_loss']:.3f} -> {unet['last_loss']:.3f} over {settings['max_train_steps']} steps",
     ]
 
 
@@ -256,15 +261,14 @@ def main(argv=None) -> None:
         "",
         "## What the tiny model can and cannot do",
         "",
-        "- The base has seen a few dozen other skins' atlases for minutes: it draws the atlas grid, panels and",
-        "  colours, blurred (look at the grid), so the untrained column already scores on edges. What the control",
-        "  adds is each skin's own edges (the shapes of its picture background, key outlines, labels). At this size",
-        "  there is little room for that in edge F1 (the line above), and 400 steps of a tiny ControlNet have not",
-        "  been seen to take it; the edge F1 row says which way it went.",
-        "- It cannot write readable text: at 128 px with a 1M-parameter UNet and a VAE fitted for a minute, key labels",
-        "  come out as blobs; OCR accuracy near 0 is expected, and the text loss here only shows that it runs inside",
-        "  training (docs/text_loss.md has the evidence about what it teaches). Nor does it show image quality: real",
-        "  skins need SDXL weights and the same commands (README.md).",
+        "- The base has seen a few dozen other skins' atlases for about a minute: it draws the atlas grid, panels,",
+        "  key outlines and some labels, blurred (look at the grid), so the untrained column already scores on edges.",
+        "  What the control adds is each skin's own edges (the shapes of its picture background, key outlines,",
+        "  labels); the room line above bounds that gain, and the edge F1 row says how much of it the ControlNet took.",
+        "- It writes few readable labels: at 128 px with a 1M-parameter UNet, OCR reads a handful of short ones",
+        "  (ABC, 123) and sentence accuracy stays near 0; the text loss here shows that it runs inside training",
+        "  (docs/text_loss.md has the evidence about what it teaches). Nor does it show image quality: real skins",
+        "  need SDXL weights and the same commands (README.md).",
         "",
         f"Grid (real | control | untrained seeds | trained seeds): {grid or 'no images'}",
         f"Numbers: {demo_dir / 'comparison.json'}; per image: {demo_dir / 'untrained' / 'metrics.md'}, "

@@ -31,7 +31,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="pipeline folder to write (or reuse when cached)")
     parser.add_argument("--preset", default=DEFAULTS.preset, choices=sorted(PRESETS))
     parser.add_argument("--resolution", type=int, default=DEFAULTS.resolution)
-    parser.add_argument("--vae_fit_steps", type=int, default=DEFAULTS.vae_fit_steps)
+    parser.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                        help="a fitted AutoencoderKL folder to build the base around (e.g. assets/tiny_skin_vae, made by "
+                             "scripts/fit_tiny_vae.py); default: a random tiny VAE, fitted here")
+    parser.add_argument("--vae_fit_steps", type=int, default=DEFAULTS.vae_fit_steps,
+                        help="full-batch steps fitting the VAE to these skins (0: keep the pretrained VAE as it is)")
     parser.add_argument("--vae_learning_rate", type=float, default=DEFAULTS.vae_learning_rate, help="Adam learning rate of the VAE fit")
     parser.add_argument("--vae_fit_images", type=int, default=DEFAULTS.vae_fit_images,
                         help="images the VAE is fitted on (spread over the data; the fit is full-batch)")
@@ -45,9 +49,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="share of samples trained with the empty prompt (for classifier-free guidance)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     args = parse_args_with_config(parser, argv)
-    for name in ("resolution", "max_train_steps", "train_batch_size", "vae_fit_steps", "vae_fit_images"):
+    for name in ("resolution", "max_train_steps", "train_batch_size", "vae_fit_images"):
         if getattr(args, name) < 1:
             raise SkingenError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    least_vae_steps = 0 if args.pretrained_vae_model_name_or_path else 1
+    if args.vae_fit_steps < least_vae_steps:
+        raise SkingenError(f"--vae_fit_steps must be >= {least_vae_steps}, got {args.vae_fit_steps} "
+                           "(0, keeping the VAE as it is, needs --pretrained_vae_model_name_or_path)")
     for name in ("learning_rate", "vae_learning_rate"):
         if not getattr(args, name) > 0:
             raise SkingenError(f"--{name} must be > 0, got {getattr(args, name)}")
@@ -61,7 +69,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     settings = PretrainSettings(
-        preset=args.preset, resolution=args.resolution, vae_fit_steps=args.vae_fit_steps, vae_fit_images=args.vae_fit_images,
+        preset=args.preset, pretrained_vae=args.pretrained_vae_model_name_or_path, resolution=args.resolution,
+        vae_fit_steps=args.vae_fit_steps, vae_fit_images=args.vae_fit_images,
         vae_learning_rate=args.vae_learning_rate,
         max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
         learning_rate=args.learning_rate, lr_scheduler=args.lr_scheduler, proportion_empty_prompts=args.proportion_empty_prompts, seed=args.seed,
@@ -72,8 +81,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     vae, unet = record["vae_fit"], record["unet_fit"]
     print(f"pre-trained a {args.preset} SDXL base on {record['images']} skins in {record['seconds']:.0f} s -> {args.output_dir}")
-    print(f"  VAE reconstruction L1 {vae['initial_l1']:.3f} -> {vae['final_l1']:.3f} "
-          f"({args.vae_fit_steps} steps on {min(args.vae_fit_images, record['images'])} skins)")
+    if vae is None:
+        print(f"  VAE: {args.pretrained_vae_model_name_or_path} as it is")
+    else:
+        print(f"  VAE reconstruction L1 {vae['initial_l1']:.3f} -> {vae['final_l1']:.3f} "
+              f"({args.vae_fit_steps} steps on {min(args.vae_fit_images, record['images'])} skins)")
     print(f"  UNet diffusion loss {unet['first_loss']:.4f} -> {unet['last_loss']:.4f} "
           f"(mean of the first and last tenth of {args.max_train_steps} steps)")
 

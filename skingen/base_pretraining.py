@@ -2,7 +2,8 @@
 
 Real SDXL has seen millions of images before a ControlNet is trained on it; a random tiny SDXL has seen
 nothing, its VAE decodes noise and its UNet predicts noise at random. This module builds the tiny pipeline
-(``build_tiny_sdxl``), fits its VAE to the skins (``fit_tiny_vae``) and trains its UNet with the plain
+(``build_tiny_sdxl``, around a VAE fitted beforehand when one is given, as real SDXL keeps its VAE), fits
+its VAE to the skins (``fit_tiny_vae``) and trains its UNet with the plain
 text-to-image diffusion loss (epsilon prediction, SDXL's size conditioning, a share of empty prompts so
 classifier-free guidance works), all with the real diffusers classes, then saves the pipeline and an
 untrained ControlNet initialised from the trained UNet (``<out>/controlnet``: the starting point of
@@ -37,6 +38,7 @@ PROCEDURE_VERSION = 2
 @dataclass(frozen=True)
 class PretrainSettings:
     preset: str = "tiny"
+    pretrained_vae: str | None = None  # an AutoencoderKL folder to start from (assets/tiny_skin_vae); None: a random one
     resolution: int = 128
     vae_fit_steps: int = 400
     vae_learning_rate: float = 5e-3
@@ -84,6 +86,10 @@ def spread_subset(items: Sequence, count: int) -> list:
 def cache_key(settings: PretrainSettings, dataset_dirs: Sequence[str | os.PathLike]) -> str:
     """A hash of the settings, the procedure version and every training image's bytes and caption."""
     digest = hashlib.sha256(json.dumps({**asdict(settings), "version": PROCEDURE_VERSION}, sort_keys=True).encode())
+    if settings.pretrained_vae is not None:
+        for path in sorted(Path(settings.pretrained_vae).glob("*")):
+            if path.is_file():
+                digest.update(path.name.encode() + path.read_bytes())
     for dataset_dir in dataset_dirs:
         folder = Path(dataset_dir)
         for row in read_rows(folder):
@@ -185,11 +191,13 @@ def pretrain_tiny_base(
     images = load_training_images(dataset_dirs, settings.resolution)
     started = time.perf_counter()
     with AtomicDirectory(out_dir) as tmp_dir:
-        build_tiny_sdxl(tmp_dir / "pipeline", preset=settings.preset, seed=settings.seed)
+        build_tiny_sdxl(tmp_dir / "pipeline", preset=settings.preset, seed=settings.seed, vae=settings.pretrained_vae)
         pipeline_dir = tmp_dir / "pipeline"
-        vae_fit = fit_tiny_vae(pipeline_dir, spread_subset([image.pixels for image in images], settings.vae_fit_images),
-                               steps=settings.vae_fit_steps, seed=settings.seed,
-                               learning_rate=settings.vae_learning_rate)
+        vae_fit = None
+        if settings.vae_fit_steps > 0:
+            vae_fit = fit_tiny_vae(pipeline_dir, spread_subset([image.pixels for image in images], settings.vae_fit_images),
+                                   steps=settings.vae_fit_steps, seed=settings.seed,
+                                   learning_rate=settings.vae_learning_rate)
         unet_fit = train_unet(pipeline_dir, images, settings)
         save_untrained_controlnet(pipeline_dir)
         for item in pipeline_dir.iterdir():

@@ -163,12 +163,20 @@ def _sdxl_euler_scheduler():
     )
 
 
-def build_tiny_sdxl(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0, controlnet: bool = False) -> Path:
+def build_tiny_sdxl(
+    out_dir: str | os.PathLike,
+    preset: str = "tiny",
+    seed: int = 0,
+    controlnet: bool = False,
+    vae: str | os.PathLike | None = None,
+) -> Path:
     """Write a randomly initialised SDXL pipeline (diffusers format, safetensors) to ``out_dir``.
 
     Same architecture family and file layout as SDXL base (text_time conditioning, two CLIP text encoders,
     VAE downsampling by 8), small enough for CPU. ``controlnet=True`` also writes a matching
     ``ControlNetModel`` to ``out_dir/controlnet``. The same seed gives byte-identical weights.
+    ``vae``: a fitted ``AutoencoderKL`` folder to use instead of a random one (e.g. ``assets/tiny_skin_vae``);
+    the UNet then takes its latent channels.
     """
     from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -182,6 +190,8 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, preset: str = "tiny", seed: int 
             "choose a new or empty --out folder (a previous tiny SDXL there would be replaced)"
         )
     p = PRESETS[preset]
+    pretrained_vae = load_downsample_by_8_vae(vae) if vae is not None else None
+    latent_channels = pretrained_vae.config.latent_channels if pretrained_vae is not None else 4
 
     tokenizer_one = build_clip_tokenizer(pad_token=EOS_TOKEN)
     tokenizer_two = build_clip_tokenizer(pad_token=EOS_TOKEN)
@@ -201,8 +211,8 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, preset: str = "tiny", seed: int 
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(
         sample_size=p["default_resolution"] // 8,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=p["unet_down"],
         up_block_types=p["unet_up"],
         block_out_channels=p["unet_blocks"],
@@ -218,7 +228,7 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, preset: str = "tiny", seed: int 
     )
 
     torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
+    vae = pretrained_vae or AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(p["vae_blocks"]),
@@ -252,6 +262,25 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, preset: str = "tiny", seed: int 
     return out_dir
 
 
+def load_downsample_by_8_vae(vae_dir: str | os.PathLike):
+    """An ``AutoencoderKL`` folder for a tiny SDXL: it must downsample by 8, as SDXL's and the ControlNet's
+    conditioning embedding do."""
+    from diffusers import AutoencoderKL
+
+    vae_dir = Path(vae_dir)
+    if not (vae_dir / "config.json").is_file():
+        raise SkingenError(f"{vae_dir}: no config.json; give a diffusers AutoencoderKL folder (e.g. assets/tiny_skin_vae)")
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise SkingenError(f"{vae_dir}: not a loadable AutoencoderKL ({error}); give a diffusers VAE folder") from None
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if factor != 8:
+        raise SkingenError(f"{vae_dir}: this VAE downsamples by {factor}; a tiny SDXL needs one that downsamples by 8 "
+                           "(four block_out_channels)")
+    return vae
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(param.numel() for param in module.parameters())
 
@@ -264,6 +293,31 @@ def vae_round_trip(vae, pixels: torch.Tensor) -> torch.Tensor:
     """``pixels`` (N, 3, H, W) in [-1, 1] encoded (posterior mode) and decoded by ``vae``, without gradients."""
     with torch.no_grad():
         return vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+
+
+def vae_reconstruction_loss(
+    vae, pixels: torch.Tensor, generator: torch.Generator, kl_weight: float = 1e-6, gradient_weight: float = 0.0
+) -> torch.Tensor:
+    """L1 + L2 reconstruction through a sampled latent (as training encodes), ``kl_weight`` times the KL term and
+    ``gradient_weight`` times the L1 error of the image's horizontal and vertical differences (sharper edges:
+    the pixel losses alone average an uncertain edge into a blur, which Canny then misses)."""
+    posterior = vae.encode(pixels).latent_dist
+    latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    decoded = vae.decode(latents).sample
+    error = decoded - pixels
+    loss = error.abs().mean() + error.pow(2).mean() + kl_weight * posterior.kl().mean()
+    if gradient_weight:
+        for dim in (-1, -2):
+            loss = loss + gradient_weight * (decoded.diff(dim=dim) - pixels.diff(dim=dim)).abs().mean()
+    return loss
+
+
+def set_unit_latent_scale(vae, pixels: torch.Tensor) -> None:
+    """Set ``scaling_factor`` so the scaled latents of ``pixels`` have unit standard deviation (how SD/SDXL chose
+    theirs)."""
+    with torch.no_grad():
+        latent_std = vae.encode(pixels).latent_dist.mode().std().item()
+    vae.register_to_config(scaling_factor=1.0 / max(latent_std, 1e-6))
 
 
 def fit_tiny_vae(
@@ -305,18 +359,13 @@ def fit_tiny_vae(
     optimizer = torch.optim.Adam(vae.parameters(), lr=learning_rate)
     vae.train()
     for _ in tqdm(range(steps), desc="fitting the tiny VAE", leave=False):
-        posterior = vae.encode(pixels).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        error = vae.decode(latents).sample - pixels
-        loss = error.abs().mean() + error.pow(2).mean() + kl_weight * posterior.kl().mean()
+        loss = vae_reconstruction_loss(vae, pixels, generator, kl_weight=kl_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     vae.eval()
     final = reconstruction_error()
-    with torch.no_grad():
-        latent_std = vae.encode(pixels).latent_dist.mode().std().item()
-    vae.register_to_config(scaling_factor=1.0 / max(latent_std, 1e-6))
+    set_unit_latent_scale(vae, pixels)
     with AtomicDirectory(vae_dir) as tmp_dir:
         vae.save_pretrained(tmp_dir, safe_serialization=True)
     return {"initial_l1": initial, "final_l1": final, "scaling_factor": float(vae.config.scaling_factor)}
