@@ -10,7 +10,7 @@
 # skin has; the report also measures how much edge F1 there is to gain through the tiny VAE.
 #
 # Sizes can be turned down (the tests do) or up: NUM_SKINS, BASE_SKINS, PRETRAIN_STEPS, VAE_FIT_STEPS, TRAIN_STEPS,
-# RESOLUTION, IMAGES_PER_LAYOUT, PICTURE_FRACTION, SEED, OUT; VAE (a fitted AutoencoderKL folder; VAE=none fits a
+# RESOLUTION, IMAGES_PER_LAYOUT, PICTURE_FRACTION, SEED, OUT; BASE_VAE (a fitted AutoencoderKL folder; BASE_VAE=none fits a
 # random tiny VAE for VAE_FIT_STEPS instead, as earlier versions of this demo did).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +31,9 @@ BASE_SKINS=${BASE_SKINS:-24}            # other synthetic skins that the base mo
 ATLAS_RESOLUTION=${ATLAS_RESOLUTION:-512}  # atlases are made at 512 so OCR can read the key labels
 RESOLUTION=${RESOLUTION:-128}           # training and generation size on the tiny model
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-800}
-VAE=${VAE:-assets/tiny_skin_vae}      # fitted beforehand (assets/tiny_skin_vae/README.md has its recipe)
-# Steps fitting the VAE to the base skins here: 0 keeps the fitted one as it is; a random one (VAE=none) needs them.
-if [ "$VAE" = none ]; then VAE_FIT_STEPS=${VAE_FIT_STEPS:-400}; else VAE_FIT_STEPS=${VAE_FIT_STEPS:-0}; fi
+BASE_VAE=${BASE_VAE:-assets/tiny_skin_vae}  # fitted beforehand (assets/tiny_skin_vae/README.md has its recipe)
+# Steps fitting the VAE to the base skins here: 0 keeps the fitted one as it is; a random one (BASE_VAE=none) needs them.
+if [ "$BASE_VAE" = none ]; then VAE_FIT_STEPS=${VAE_FIT_STEPS:-400}; else VAE_FIT_STEPS=${VAE_FIT_STEPS:-0}; fi
 PICTURE_FRACTION=${PICTURE_FRACTION:-1}  # skins with a picture background of their own (see make_synthetic_skins.py)
 TRAIN_STEPS=${TRAIN_STEPS:-1200}         # cosine-decayed rate; held-out edge F1 rose with steps (400 / 800 / 1600: see README)
 INFERENCE_STEPS=${INFERENCE_STEPS:-20}
@@ -71,13 +71,23 @@ stage "5/9 hold out a validation split"
 run dataset_tool.py split "$DATA" --val_fraction 0.25 --seed 0
 run dataset_tool.py validate "$DATA"
 
-stage "6/9 the base model: a tiny SDXL around the VAE $VAE whose UNet is trained on $BASE_SKINS other skins' atlases (cached) -> $BASE"
+stage "6/9 the base model: a tiny SDXL around the VAE $BASE_VAE whose UNet is trained on $BASE_SKINS other skins' atlases (cached) -> $BASE"
 vae_args=(--vae_fit_steps "$VAE_FIT_STEPS")
-if [ "$VAE" != none ]; then vae_args+=(--pretrained_vae_model_name_or_path "$VAE"); fi
+if [ "$BASE_VAE" != none ]; then vae_args+=(--pretrained_vae_model_name_or_path "$BASE_VAE"); fi
 run scripts/pretrain_tiny_base.py --dataset_dir "$BASE_DATA" --output_dir "$BASE" --resolution "$RESOLUTION" \
   --max_train_steps "$PRETRAIN_STEPS" "${vae_args[@]}" --seed "$SEED"
 
 stage "7/9 train the ControlNet on top of it for $TRAIN_STEPS steps at $RESOLUTION px with the OCR text loss -> $OUT/controlnet"
+# Training resumes from $OUT/controlnet's last checkpoint, which only makes sense on the base it was trained on: a
+# ControlNet folder of another base (or of a demo older than this record) is moved aside, not resumed or deleted.
+base_key=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["key"])' "$BASE/pretrain.json")
+if [ -d "$OUT/controlnet" ] && [ "$(cat "$OUT/controlnet/base_key" 2>/dev/null)" != "$base_key" ]; then
+  stale="$OUT/controlnet.other-base.$(date +%Y%m%d-%H%M%S)"
+  mv "$OUT/controlnet" "$stale"
+  echo "moved $OUT/controlnet (trained on another base) to $stale; training a new one"
+fi
+mkdir -p "$OUT/controlnet"
+printf '%s\n' "$base_key" > "$OUT/controlnet/base_key"
 run train_controlnet_sdxl_ctc.py \
   --pretrained_model_name_or_path "$BASE" --controlnet_conditioning_init kaiming \
   --train_data_dir "$DATA" --output_dir "$OUT/controlnet" \

@@ -177,6 +177,19 @@ def test_demo_runs_every_stage_and_compares_untrained_with_trained(tmp_path):
     control = Image.open(out / "dataset" / rows[0]["conditioning_image"]).convert("L")
     assert set(control.getdata()) <= {0, 255} and "box" in rows[0]
 
+    # A rerun on another base (more pre-training steps) must not resume the ControlNet trained on the first one:
+    # that folder is moved aside, kept whole, and a new ControlNet is trained.
+    first_key = (out / "controlnet" / "base_key").read_text(encoding="utf-8").strip()
+    assert first_key == json.loads((out / "base" / "pretrain.json").read_text(encoding="utf-8"))["key"]
+    proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env={**env, "PRETRAIN_STEPS": "3"},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "trained on another base" in proc.stdout
+    [stale] = out.glob("controlnet.other-base.*")
+    assert (stale / "base_key").read_text(encoding="utf-8").strip() == first_key
+    assert (stale / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "controlnet" / "base_key").read_text(encoding="utf-8").strip() != first_key
+
 
 @pytest.mark.parametrize("flag", ["--learning_rate", "--vae_learning_rate"])
 def test_pretraining_refuses_a_rate_that_is_not_positive(flag):
