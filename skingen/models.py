@@ -295,6 +295,11 @@ def vae_round_trip(vae, pixels: torch.Tensor) -> torch.Tensor:
         return vae.decode(vae.encode(pixels).latent_dist.mode()).sample
 
 
+def reconstruction_l1(vae, pixels: torch.Tensor) -> float:
+    """Mean absolute error in [-1, 1] of ``pixels`` encoded (posterior mode) and decoded by ``vae``."""
+    return (vae_round_trip(vae, pixels) - pixels).abs().mean().item()
+
+
 def vae_reconstruction_loss(
     vae, pixels: torch.Tensor, generator: torch.Generator, kl_weight: float = 1e-6, gradient_weight: float = 0.0
 ) -> torch.Tensor:
@@ -351,10 +356,7 @@ def fit_tiny_vae(
     vae = AutoencoderKL.from_pretrained(vae_dir)
     pixels = torch.stack([image.float() for image in images])
 
-    def reconstruction_error() -> float:
-        return (vae_round_trip(vae, pixels) - pixels).abs().mean().item()
-
-    initial = reconstruction_error()
+    initial = reconstruction_l1(vae, pixels)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(vae.parameters(), lr=learning_rate)
     vae.train()
@@ -364,7 +366,7 @@ def fit_tiny_vae(
         loss.backward()
         optimizer.step()
     vae.eval()
-    final = reconstruction_error()
+    final = reconstruction_l1(vae, pixels)
     set_unit_latent_scale(vae, pixels)
     with AtomicDirectory(vae_dir) as tmp_dir:
         vae.save_pretrained(tmp_dir, safe_serialization=True)

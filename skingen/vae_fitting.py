@@ -24,7 +24,7 @@ import torch
 
 from .errors import SkingenError
 from .fileio import AtomicDirectory, atomic_write_bytes
-from .models import set_unit_latent_scale, vae_reconstruction_loss, vae_round_trip
+from .models import reconstruction_l1, set_unit_latent_scale, vae_reconstruction_loss
 
 CHECKPOINT_NAME = "fit_checkpoint.pt"
 RECIPE_FILE = "recipe.json"
@@ -135,6 +135,7 @@ def fit_vae_from_scratch(
     if len(images) == 0:
         raise SkingenError("fitting a VAE needs at least one training image")
     pixels = torch.stack([image.float() for image in images])
+    sample = pixels[:64]  # what the L1 and the latent scale are measured on
     vae = build_vae(recipe)
     optimizer = torch.optim.Adam(vae.parameters(), lr=recipe.learning_rate)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -145,7 +146,7 @@ def fit_vae_from_scratch(
     if checkpoint.is_file():
         state.load(checkpoint, recipe)
     if state.step == 0:
-        state.initial_l1 = (vae_round_trip(vae, pixels[:64]) - pixels[:64]).abs().mean().item()
+        state.initial_l1 = reconstruction_l1(vae, sample)
     started, seconds_before = time.perf_counter(), state.seconds
     vae.train()
     progress = tqdm(range(state.step, recipe.steps), initial=state.step, total=recipe.steps, desc="fitting the VAE")
@@ -163,12 +164,12 @@ def fit_vae_from_scratch(
         if state.step % checkpointing_steps == 0 and state.step < recipe.steps:
             state.save(checkpoint, recipe)
     vae.eval()
-    set_unit_latent_scale(vae, pixels[:64])
+    set_unit_latent_scale(vae, sample)
     record = {
         "recipe": asdict(recipe),
         "images": len(pixels),
         "initial_l1": state.initial_l1,  # mean absolute error in [-1, 1] on up to 64 of the images
-        "final_l1": (vae_round_trip(vae, pixels[:64]) - pixels[:64]).abs().mean().item(),
+        "final_l1": reconstruction_l1(vae, sample),
         "seconds": round(state.seconds, 1),
         "scaling_factor": float(vae.config.scaling_factor),
     }
