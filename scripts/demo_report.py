@@ -5,8 +5,8 @@ the untrained and the trained ControlNet side by side on the same held-out layou
 
 ``comparison.json`` is ``{"untrained": {...}, "trained": {...}}`` with the summary metrics of each arm's
 ``metrics.json`` (edge_f1, sentence_accuracy, ned, diversity, ...) plus ``val_text_ctc`` and
-``val_loss_diffusion``: the trainer's losses at fixed timesteps and noise, before training (the untrained
-ControlNet) and after the last step.
+``val_loss_diffusion``: the trainer's losses at fixed timesteps and noise on the held-out rows, before training
+(the untrained ControlNet) and after the last step.
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def main(argv=None) -> None:
         "",
         "The untrained ControlNet is initialised from the base UNet with zero output convolutions, as the trained",
         "one is at step 0, so the untrained column is what the base model draws by itself. The fixed-timestep",
-        "losses are measured on training rows with the same noise before and after training.",
+        "losses are measured on the held-out rows with the same noise before and after training.",
         "",
         "## What the tiny model can and cannot do",
         "",

@@ -278,6 +278,8 @@ class Run:
     lora_parameters: list = field(default_factory=list)
     text_cache: Any = None
     samples: TrainingSamples | None = None
+    held_out: Any = None  # the --validation_split rows the fixed-timestep losses use (None: the first training rows)
+    loss_samples: TrainingSamples | None = None  # the rows --validation_loss_timesteps evaluates
     cache_stats: dict[str, int] = field(default_factory=dict)
     state: TrainingState | None = None
     optimizer: Any = None
@@ -308,7 +310,7 @@ class Run:
         if not args.validation_loss_timesteps or not self.accelerator.is_main_process:
             return {}
         values = fixed_timestep_losses(
-            self.samples, rows=range(min(args.validation_loss_rows, len(self.samples))),
+            self.loss_samples, rows=range(min(args.validation_loss_rows, len(self.loss_samples))),
             timesteps=args.validation_loss_timesteps, seed=self.seed, batch_size=args.train_batch_size,
             device=self.device, controlnet=self.accelerator.unwrap_model(self.controlnet), backbone=self.backbone,
             weight_dtype=self.weight_dtype, extra_loss=self.extra_loss, step=step)
@@ -344,6 +346,9 @@ def set_up(args, accelerator, extra_loss: ExtraLoss | None) -> Run:
 
     with accelerator.main_process_first():
         dataset = load_training_rows(args)
+        # Fixed-timestep losses on held-out rows when there is a split to hold out (as kohya's validation loss).
+        held_out = (load_training_rows(args, split=args.validation_split, max_samples=args.validation_loss_rows)
+                    if args.validation_loss_timesteps and args.validation_split else None)
     pairs = load_validation_pairs(args)
 
     # Models. Only the ControlNet trains; the rest are frozen and kept in the mixed-precision dtype, except the
@@ -393,32 +398,40 @@ def set_up(args, accelerator, extra_loss: ExtraLoss | None) -> Run:
         torch.backends.cudnn.allow_tf32 = True
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
     return Run(args=args, accelerator=accelerator, output_dir=output_dir, seed=seed, resume_path=resume_path,
-               saved_state=saved_state, dataset=dataset, pairs=pairs, backbone=backbone, controlnet=controlnet,
+               saved_state=saved_state, dataset=dataset, held_out=held_out, pairs=pairs, backbone=backbone, controlnet=controlnet,
                weight_dtype=weight_dtype, vae_dtype=vae_dtype, extra_loss=extra_loss, repo_id=repo_id)
 
 
 def fill_caches(run: Run) -> None:
     """Cache every caption the run can use (dropout's "" and validation prompts included), then latents; build the
-    training samples; move the frozen models where the loop needs them."""
+    training samples (and the held-out ones of the fixed-timestep losses); move the frozen models where the loop
+    needs them."""
     args, accelerator, backbone = run.args, run.accelerator, run.backbone
     vae, denoiser = backbone.vae, backbone.denoiser
     cache_root = Path(args.embeddings_cache_dir) if args.embeddings_cache_dir else run.output_dir / "cache"
+    row_sets = [run.dataset] + ([run.held_out] if run.held_out is not None else [])
     # "" also serves validation as the negative prompt.
-    captions = (set(run.dataset["text"]) | {pair.prompt for pair in run.pairs}
+    captions = (set().union(*(rows["text"] for rows in row_sets)) | {pair.prompt for pair in run.pairs}
                 | ({""} if args.proportion_empty_prompts > 0 or run.pairs else set()))
     _report_truncated_captions(backbone, sorted(set(run.dataset["text"])), accelerator)
     run.text_cache, run.cache_stats = _cache_text_embeddings(args, accelerator, backbone, captions, run.weight_dtype,
                                                              cache_root)
     backbone.drop_text_encoders()  # no longer needed anywhere
-    latent_cache = latent_keys = None
-    run.placements = placements = row_placements(args, run.dataset)
     resample = interpolation_filter(args.image_interpolation_mode)
-    if args.cache_latents:
-        images = run.dataset.select_columns(["image"])
-        latent_cache, latent_keys, latent_stats = _cache_latents(
-            args, accelerator, run.dataset, vae, run.vae_dtype, cache_root, [p.target for p in placements],
-            load_pixels=lambda row: training_pixels(images[row]["image"], args.resolution, placements[row], resample))
-        run.cache_stats.update(latent_stats)
+    built = []
+    for rows in row_sets:
+        placements = row_placements(args, rows)
+        latent_cache = latent_keys = None
+        if args.cache_latents:
+            images = rows.select_columns(["image"])
+            latent_cache, latent_keys, latent_stats = _cache_latents(
+                args, accelerator, rows, vae, run.vae_dtype, cache_root, [p.target for p in placements],
+                load_pixels=lambda row, images=images, placements=placements: training_pixels(
+                    images[row]["image"], args.resolution, placements[row], resample))
+            for key, value in latent_stats.items():
+                run.cache_stats[key] = run.cache_stats.get(key, 0) + value
+        built.append((rows, placements, latent_cache, latent_keys))
+    run.placements = built[0][1]
     vae_on_device = not args.cache_latents or run.extra_loss is not None or backbone.encodes_conditioning
     _place(vae, run.device if vae_on_device else "cpu", run.vae_dtype)
     _place(denoiser, run.device, run.weight_dtype)
@@ -427,15 +440,16 @@ def fill_caches(run: Run) -> None:
         torch.cuda.empty_cache()
 
     vae_scale = backbone.vae_scale_factor
-    run.samples = TrainingSamples(
-        run.dataset, resolution=args.resolution, text_cache=run.text_cache, latent_cache=latent_cache,
+    samples = [TrainingSamples(
+        rows, resolution=args.resolution, text_cache=run.text_cache, latent_cache=latent_cache,
         latent_keys=latent_keys,
         latent_shape=(vae.config.latent_channels, args.resolution // vae_scale, args.resolution // vae_scale),
         backbone=backbone, proportion_empty_prompts=args.proportion_empty_prompts,
         load_pixel_values=bool(getattr(run.extra_loss, "needs_pixel_values", False)),
         placements=placements, bucketed=args.enable_bucket, resample=resample,
         conditioning_dropout=conditioning_dropout(args), loss_options=LossOptions.from_args(args),
-    )
+    ) for rows, placements, latent_cache, latent_keys in built]
+    run.samples, run.loss_samples = samples[0], samples[-1]
 
 
 def prepare_optimization(run: Run) -> None:

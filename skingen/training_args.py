@@ -137,12 +137,15 @@ def build_arg_parser(description: str | None = None, backbone: str = "sdxl") -> 
     val.add_argument("--validation_inference_steps", type=int, default=20, help="Sampling steps per validation image.")
     val.add_argument("--validation_loss_timesteps", type=int, nargs="+", default=None,
                      help="Also compute the losses at these fixed timesteps (e.g. 50 100 150 200) with fixed noise on "
-                          "the first --validation_loss_rows training rows: before training, every --validation_steps "
+                          "the first --validation_loss_rows rows of --validation_split when it is given (held out, as "
+                          "kohya sd-scripts' validation loss), else of the training rows: before training, every "
+                          "--validation_steps "
                           "and at the end. Logged as val_loss_diffusion and val_<extra loss log> (val_text_ctc): "
                           "curves without the timestep and noise sampling of the training loss, comparable between "
                           "runs (as kohya sd-scripts' fixed-timestep validation loss).")
     val.add_argument("--validation_loss_rows", type=int, default=8,
-                     help="How many training rows --validation_loss_timesteps evaluates.")
+                     help="How many rows (of --validation_split, else of the training data) --validation_loss_timesteps "
+                          "evaluates.")
 
     log = parser.add_argument_group("logging and hub")
     log.add_argument("--report_to", type=str, default="tensorboard",

@@ -149,7 +149,7 @@ def test_pretrained_base_is_cached_by_its_settings(tmp_path, cjk_font):
 
 def test_demo_runs_every_stage_and_compares_untrained_with_trained(tmp_path):
     out = tmp_path / "demo"
-    env = dict(os.environ, OUT=str(out), NUM_SKINS="4", BASE_SKINS="2", PRETRAIN_STEPS="2", VAE_FIT_STEPS="2",
+    env = dict(os.environ, OUT=str(out), NUM_SKINS="4", VAL_FRACTION="0.25", BASE_SKINS="2", PRETRAIN_STEPS="2", VAE_FIT_STEPS="2",
                TRAIN_STEPS="2", INFERENCE_STEPS="2", RESOLUTION="64", IMAGES_PER_LAYOUT="2")
     proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

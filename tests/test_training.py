@@ -151,6 +151,21 @@ def test_fixed_timestep_validation_loss_is_a_noise_free_curve(tiny_sdxl_dir, ski
     assert values[0] == result.validation_losses[0]["val_loss_diffusion"]
 
 
+def test_fixed_timestep_losses_use_the_held_out_split_when_one_is_given(tiny_sdxl_dir, skin_dataset, tmp_path):
+    # A curve on training rows shows memorisation as well as learning; with --validation_split it is the held-out
+    # rows' (validation.jsonl: one row with a caption of its own), which no training batch contains.
+    flags = ["--max_train_steps", 2, "--validation_steps", 2, "--validation_loss_timesteps", 100, 600,
+             "--validation_split", "validation", "--num_validation_images", 1, "--validation_inference_steps", 1]
+    recorder = RecordingLoss()
+    result = train(_args(tiny_sdxl_dir, skin_dataset, tmp_path / "held_out", *flags), extra_loss=recorder)
+    before_training = recorder.calls[0]  # the held-out row at both timesteps, in one batch of 2
+    assert before_training["captions"] == ['a held-out keyboard skin, writing "前往"'] * 2
+    assert not any("held-out" in caption for call in recorder.calls[1:3] for caption in call["captions"])
+    on_training_rows = train(_args(tiny_sdxl_dir, skin_dataset, tmp_path / "train_rows", *flags[:6],
+                                   "--validation_loss_rows", 1))
+    assert result.validation_losses[0]["val_loss_diffusion"] != on_training_rows.validation_losses[0]["val_loss_diffusion"]
+
+
 def test_fine_tunes_an_existing_controlnet_in_bf16(tiny_sdxl_dir, skin_dataset, tmp_path):
     # With learning rate 0 the result is exactly the ControlNet training started from (kept in fp32 under bf16).
     source = tiny_sdxl_dir / "controlnet"
