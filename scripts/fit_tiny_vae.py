@@ -42,6 +42,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient_loss_weight", type=float, default=DEFAULTS.gradient_loss_weight,
                         help="weight of the L1 error of image differences (sharper edges)")
     parser.add_argument("--kl_weight", type=float, default=DEFAULTS.kl_weight)
+    parser.add_argument("--initial_logvar", type=float, default=DEFAULTS.initial_logvar,
+                        help="log-variance the posterior starts from (0 is diffusers' unit variance, where a tiny VAE "
+                             "left half its latent channels unused)")
     parser.add_argument("--checkpointing_steps", type=int, default=250)
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     args = parse_args_with_config(parser, argv)
@@ -60,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         block_out_channels=tuple(args.block_out_channels), latent_channels=args.latent_channels,
         layers_per_block=args.layers_per_block, norm_num_groups=args.norm_num_groups, resolution=args.resolution,
         steps=args.max_train_steps, batch_size=args.train_batch_size, learning_rate=args.learning_rate,
-        gradient_loss_weight=args.gradient_loss_weight, kl_weight=args.kl_weight, seed=args.seed,
+        gradient_loss_weight=args.gradient_loss_weight, kl_weight=args.kl_weight, initial_logvar=args.initial_logvar,
+        seed=args.seed,
     )
     recipe.check()
     images = [image.pixels for image in load_training_images(args.dataset_dir, args.resolution)]
