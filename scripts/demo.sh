@@ -9,9 +9,9 @@
 # Every synthetic skin has a picture background of its own (PICTURE_FRACTION), so its control holds edges no other
 # skin has; the report also measures how much edge F1 there is to gain through the tiny VAE.
 #
-# Sizes can be turned down (the tests do) or up: NUM_SKINS, VAL_FRACTION, BASE_SKINS, PRETRAIN_STEPS, VAE_FIT_STEPS, TRAIN_STEPS,
-# RESOLUTION, IMAGES_PER_LAYOUT, PICTURE_FRACTION, SEED, OUT; BASE_VAE (a fitted AutoencoderKL folder; BASE_VAE=none fits a
-# random tiny VAE for VAE_FIT_STEPS instead, as earlier versions of this demo did).
+# Sizes can be turned down (the tests do) or up: NUM_SKINS, VAL_FRACTION, BASE_SKINS, PRETRAIN_STEPS,
+# VAE_FIT_STEPS, TRAIN_STEPS, RESOLUTION, IMAGES_PER_LAYOUT, PICTURE_FRACTION, SEED, OUT; BASE_VAE (a fitted
+# AutoencoderKL folder; BASE_VAE=none fits a random tiny VAE for VAE_FIT_STEPS instead, as earlier versions did).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
