@@ -39,7 +39,7 @@ BASE_VAE=${BASE_VAE:-assets/tiny_skin_vae}  # fitted beforehand (assets/tiny_ski
 # Steps fitting the VAE to the base skins here: 0 keeps the fitted one as it is; a random one (BASE_VAE=none) needs them.
 if [ "$BASE_VAE" = none ]; then VAE_FIT_STEPS=${VAE_FIT_STEPS:-400}; else VAE_FIT_STEPS=${VAE_FIT_STEPS:-0}; fi
 PICTURE_FRACTION=${PICTURE_FRACTION:-1}  # skins with a picture background of their own (see make_synthetic_skins.py)
-TRAIN_STEPS=${TRAIN_STEPS:-1200}         # cosine-decayed rate; held-out edge F1 rose with steps (400 / 800 / 1600: see README)
+TRAIN_STEPS=${TRAIN_STEPS:-1200}         # cosine-decayed rate (steps vs edge F1: docs/benchmarks.md)
 INFERENCE_STEPS=${INFERENCE_STEPS:-20}
 IMAGES_PER_LAYOUT=${IMAGES_PER_LAYOUT:-3}  # seeds per held-out layout (diversity needs two or more)
 LAYOUT=key_elements
