@@ -273,7 +273,6 @@ class Run:
     vae_dtype: torch.dtype
     extra_loss: ExtraLoss | None
     repo_id: str | None = None
-    placements: list | None = None  # where each row's image goes at training size (square or bucket)
     ema: WeightsEMA | None = None
     lora_parameters: list = field(default_factory=list)
     text_cache: Any = None
@@ -398,8 +397,8 @@ def set_up(args, accelerator, extra_loss: ExtraLoss | None) -> Run:
         torch.backends.cudnn.allow_tf32 = True
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
     return Run(args=args, accelerator=accelerator, output_dir=output_dir, seed=seed, resume_path=resume_path,
-               saved_state=saved_state, dataset=dataset, held_out=held_out, pairs=pairs, backbone=backbone, controlnet=controlnet,
-               weight_dtype=weight_dtype, vae_dtype=vae_dtype, extra_loss=extra_loss, repo_id=repo_id)
+               saved_state=saved_state, dataset=dataset, held_out=held_out, pairs=pairs, backbone=backbone,
+               controlnet=controlnet, weight_dtype=weight_dtype, vae_dtype=vae_dtype, extra_loss=extra_loss, repo_id=repo_id)
 
 
 def fill_caches(run: Run) -> None:
@@ -407,49 +406,48 @@ def fill_caches(run: Run) -> None:
     training samples (and the held-out ones of the fixed-timestep losses); move the frozen models where the loop
     needs them."""
     args, accelerator, backbone = run.args, run.accelerator, run.backbone
-    vae, denoiser = backbone.vae, backbone.denoiser
     cache_root = Path(args.embeddings_cache_dir) if args.embeddings_cache_dir else run.output_dir / "cache"
-    row_sets = [run.dataset] + ([run.held_out] if run.held_out is not None else [])
+    captions = set(run.dataset["text"]) | (set(run.held_out["text"]) if run.held_out is not None else set())
     # "" also serves validation as the negative prompt.
-    captions = (set().union(*(rows["text"] for rows in row_sets)) | {pair.prompt for pair in run.pairs}
-                | ({""} if args.proportion_empty_prompts > 0 or run.pairs else set()))
+    captions |= {pair.prompt for pair in run.pairs} | ({""} if args.proportion_empty_prompts > 0 or run.pairs else set())
     _report_truncated_captions(backbone, sorted(set(run.dataset["text"])), accelerator)
     run.text_cache, run.cache_stats = _cache_text_embeddings(args, accelerator, backbone, captions, run.weight_dtype,
                                                              cache_root)
     backbone.drop_text_encoders()  # no longer needed anywhere
-    resample = interpolation_filter(args.image_interpolation_mode)
-    built = []
-    for rows in row_sets:
-        placements = row_placements(args, rows)
-        latent_cache = latent_keys = None
-        if args.cache_latents:
-            images = rows.select_columns(["image"])
-            latent_cache, latent_keys, latent_stats = _cache_latents(
-                args, accelerator, rows, vae, run.vae_dtype, cache_root, [p.target for p in placements],
-                load_pixels=lambda row, images=images, placements=placements: training_pixels(
-                    images[row]["image"], args.resolution, placements[row], resample))
-            for key, value in latent_stats.items():
-                run.cache_stats[key] = run.cache_stats.get(key, 0) + value
-        built.append((rows, placements, latent_cache, latent_keys))
-    run.placements = built[0][1]
+    run.samples = _training_samples(run, run.dataset, cache_root)
+    run.loss_samples = _training_samples(run, run.held_out, cache_root) if run.held_out is not None else run.samples
     vae_on_device = not args.cache_latents or run.extra_loss is not None or backbone.encodes_conditioning
-    _place(vae, run.device if vae_on_device else "cpu", run.vae_dtype)
-    _place(denoiser, run.device, run.weight_dtype)
+    _place(backbone.vae, run.device if vae_on_device else "cpu", run.vae_dtype)
+    _place(backbone.denoiser, run.device, run.weight_dtype)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    vae_scale = backbone.vae_scale_factor
-    samples = [TrainingSamples(
+
+def _training_samples(run: Run, rows, cache_root: Path) -> TrainingSamples:
+    """``rows`` as training samples: where each image goes at training size, its latents cached (counted in
+    ``run.cache_stats``) under ``--cache_latents``."""
+    args, vae = run.args, run.backbone.vae
+    placements = row_placements(args, rows)
+    resample = interpolation_filter(args.image_interpolation_mode)
+    latent_cache = latent_keys = None
+    if args.cache_latents:
+        images = rows.select_columns(["image"])
+        latent_cache, latent_keys, latent_stats = _cache_latents(
+            args, run.accelerator, rows, vae, run.vae_dtype, cache_root, [p.target for p in placements],
+            load_pixels=lambda row: training_pixels(images[row]["image"], args.resolution, placements[row], resample))
+        for key, value in latent_stats.items():
+            run.cache_stats[key] = run.cache_stats.get(key, 0) + value
+    vae_scale = run.backbone.vae_scale_factor
+    return TrainingSamples(
         rows, resolution=args.resolution, text_cache=run.text_cache, latent_cache=latent_cache,
         latent_keys=latent_keys,
         latent_shape=(vae.config.latent_channels, args.resolution // vae_scale, args.resolution // vae_scale),
-        backbone=backbone, proportion_empty_prompts=args.proportion_empty_prompts,
+        backbone=run.backbone, proportion_empty_prompts=args.proportion_empty_prompts,
         load_pixel_values=bool(getattr(run.extra_loss, "needs_pixel_values", False)),
         placements=placements, bucketed=args.enable_bucket, resample=resample,
         conditioning_dropout=conditioning_dropout(args), loss_options=LossOptions.from_args(args),
-    ) for rows, placements, latent_cache, latent_keys in built]
-    run.samples, run.loss_samples = samples[0], samples[-1]
+    )
 
 
 def prepare_optimization(run: Run) -> None:
@@ -508,7 +506,7 @@ def train_loop(run: Run, on_step: Callable[[int, dict[str, float]], None] | None
     args, accelerator, state, plan = run.args, run.accelerator, run.state, run.state.plan
     sampler = GlobalBatchSampler(plan.num_rows, plan.batch_size, plan.processes, accelerator.process_index, run.seed,
                                  state.micro_step, plan.max_train_steps * plan.accumulation,
-                                 buckets=[p.target for p in run.placements] if args.enable_bucket else None)
+                                 buckets=[p.target for p in run.samples.placements] if args.enable_bucket else None)
     loader = torch.utils.data.DataLoader(run.samples, batch_sampler=sampler, collate_fn=collate_samples,
                                          num_workers=args.dataloader_num_workers, pin_memory=run.device.type == "cuda")
     progress = tqdm(total=plan.max_train_steps, initial=state.global_step, desc="Steps",

@@ -139,8 +139,7 @@ def build_arg_parser(description: str | None = None, backbone: str = "sdxl") -> 
                      help="Also compute the losses at these fixed timesteps (e.g. 50 100 150 200) with fixed noise on "
                           "the first --validation_loss_rows rows of --validation_split when it is given (held out, as "
                           "kohya sd-scripts' validation loss), else of the training rows: before training, every "
-                          "--validation_steps "
-                          "and at the end. Logged as val_loss_diffusion and val_<extra loss log> (val_text_ctc): "
+                          "--validation_steps and at the end. Logged as val_loss_diffusion and val_<extra loss log> (val_text_ctc): "
                           "curves without the timestep and noise sampling of the training loss, comparable between "
                           "runs (as kohya sd-scripts' fixed-timestep validation loss).")
     val.add_argument("--validation_loss_rows", type=int, default=8,
