@@ -2,7 +2,8 @@
 # The main job on the embedded default: every stage of skingen end to end, offline, on CPU, and a model that
 # visibly learns: a tiny SDXL pre-trained on other skins' key-element atlases (around the committed tiny VAE of
 # assets/tiny_skin_vae, fitted beforehand by scripts/fit_tiny_vae.py as SDXL's VAE was; UNet trained here; cached)
-# gets a new ControlNet trained with the OCR text loss on key-element atlases with Canny controls; held-out layouts are
+# gets a new ControlNet trained with the OCR text loss and the edge consistency loss (ControlNet++) on key-element
+# atlases with Canny controls; held-out layouts are
 # generated with the untrained and the trained ControlNet on the same seeds, both are evaluated and
 # outputs/demo/report.md puts them side by side (outputs/demo/comparison.json, outputs/demo/demo_grid.png).
 #
@@ -40,6 +41,11 @@ BASE_VAE=${BASE_VAE:-assets/tiny_skin_vae}  # fitted beforehand (assets/tiny_ski
 if [ "$BASE_VAE" = none ]; then VAE_FIT_STEPS=${VAE_FIT_STEPS:-400}; else VAE_FIT_STEPS=${VAE_FIT_STEPS:-0}; fi
 PICTURE_FRACTION=${PICTURE_FRACTION:-1}  # skins with a picture background of their own (see make_synthetic_skins.py)
 TRAIN_STEPS=${TRAIN_STEPS:-1200}         # cosine-decayed rate (steps vs edge F1: docs/benchmarks.md)
+# The edge consistency loss (ControlNet++): without it the ControlNet memorised its 18 training skins and did not
+# follow held-out controls better (edge F1 -0.009 over 3 seeds); 0 keeps it logged but not trained on. It scores a
+# 64 px window per row, and the text loss reads 2 boxes per row at t <= 100, so the run fits in 10 minutes
+# (step times: docs/benchmarks.md).
+EDGE_LOSS_WEIGHT=${EDGE_LOSS_WEIGHT:-0.3}
 INFERENCE_STEPS=${INFERENCE_STEPS:-20}
 IMAGES_PER_LAYOUT=${IMAGES_PER_LAYOUT:-3}  # seeds per held-out layout (diversity needs two or more)
 LAYOUT=key_elements
@@ -81,7 +87,7 @@ if [ "$BASE_VAE" != none ]; then vae_args+=(--pretrained_vae_model_name_or_path 
 run scripts/pretrain_tiny_base.py --dataset_dir "$BASE_DATA" --output_dir "$BASE" --resolution "$RESOLUTION" \
   --max_train_steps "$PRETRAIN_STEPS" "${vae_args[@]}" --seed "$SEED"
 
-stage "7/9 train the ControlNet on top of it for $TRAIN_STEPS steps at $RESOLUTION px with the OCR text loss -> $OUT/controlnet"
+stage "7/9 train the ControlNet on top of it for $TRAIN_STEPS steps at $RESOLUTION px with the OCR text loss and the edge loss -> $OUT/controlnet"
 # Training resumes from $OUT/controlnet's last checkpoint, which only makes sense on the base it was trained on: a
 # ControlNet folder of another base (or of a demo older than this record) is moved aside, not resumed or deleted.
 base_key=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["key"])' "$BASE/pretrain.json")
@@ -99,7 +105,8 @@ run train_controlnet_sdxl_ctc.py \
   --learning_rate 1e-3 --lr_scheduler cosine --lr_warmup_steps 10 --checkpointing_steps 200 --checkpoints_total_limit 1 \
   --validation_steps "$TRAIN_STEPS" --validation_split validation --num_validation_images 2 \
   --validation_loss_timesteps 50 150 250 --validation_loss_rows 8 \
-  --text_loss_type ctc --text_loss_weight 0.01 --text_loss_max_boxes 4 --seed "$SEED" \
+  --text_loss_type ctc --text_loss_weight 0.01 --text_loss_max_boxes 2 --text_loss_max_timestep 100 \
+  --edge_loss_weight "$EDGE_LOSS_WEIGHT" --edge_loss_crop_size 64 --seed "$SEED" \
   --resume_from_checkpoint latest 2>&1 | tr '\r' '\n' | grep -aE "losses at fixed timesteps|^error|Error" \
   | sed -E 's/.*INFO skingen[.a-z_]*: //' || true
 test -f "$OUT/controlnet/diffusion_pytorch_model.safetensors" || { echo "error: ControlNet training failed" >&2; exit 1; }

@@ -4,9 +4,11 @@ the untrained and the trained ControlNet side by side on the same held-out layou
     python scripts/demo_report.py --demo_dir outputs/demo
 
 ``comparison.json`` is ``{"untrained": {...}, "trained": {...}}`` with the summary metrics of each arm's
-``metrics.json`` (edge_f1, sentence_accuracy, ned, diversity, ...) plus ``val_text_ctc`` and
-``val_loss_diffusion``: the trainer's losses at fixed timesteps and noise on the held-out rows, before training
-(the untrained ControlNet) and after the last step.
+``metrics.json`` (edge_f1, sentence_accuracy, ned, diversity, ...), ``edge_f1_other_layouts`` (each output's edge
+F1 against the *other* held-out layouts' controls: what an output that ignores its control scores) and
+``edge_f1_own_minus_other`` (how much of edge_f1 its own control earned), plus ``val_text_ctc``,
+``val_loss_diffusion`` and ``val_edge_f1``: the trainer's values at fixed timesteps and noise on the held-out rows,
+before training (the untrained ControlNet) and after the last step.
 """
 
 from __future__ import annotations
@@ -25,17 +27,20 @@ from skingen.fileio import atomic_save_image, atomic_write_json, atomic_write_te
 from skingen.images import open_rgb  # noqa: E402
 
 ARMS = ("untrained", "trained")
-VALIDATION_LOSSES = ("val_text_ctc", "val_loss_diffusion")
+VALIDATION_LOSSES = ("val_text_ctc", "val_loss_diffusion", "val_edge_f1")
 # Rows of the side-by-side table: (key in comparison.json, label, which way is better).
 TABLE = (
     ("edge_f1", "edge F1 (Canny edges of the output vs the control)", "higher"),
     ("edge_precision", "edge precision", "higher"),
     ("edge_recall", "edge recall", "higher"),
+    ("edge_f1_other_layouts", "edge F1 against the other held-out layouts' controls", None),
+    ("edge_f1_own_minus_other", "edge F1 earned by its own control (own - other layouts')", "higher"),
     ("sentence_accuracy", "OCR sentence accuracy", "higher"),
     ("ned", "OCR normalised edit distance (1 = exact)", "higher"),
     ("diversity", "diversity (mean 1 - SSIM between seeds of a layout)", "higher"),
     ("val_text_ctc", "val_text_ctc (recognizer CTC per character, fixed timesteps)", "lower"),
     ("val_loss_diffusion", "val_loss_diffusion (fixed timesteps and noise)", "lower"),
+    ("val_edge_f1", "val_edge_f1 (soft edge F1 of the one-step estimate, fixed timesteps)", "higher"),
 )
 TILE = 128
 # A relative edge-F1 gain under this is within what another seed moves it (the demo's change over 3 seeds: sd 0.004).
@@ -83,15 +88,37 @@ def validation_losses(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, 
     return losses
 
 
-def build_comparison(metrics: dict[str, dict], losses: dict[str, dict]) -> dict:
-    return {arm: {**metrics[arm]["summary"], **losses[arm]} for arm in ARMS}
+def control_specificity(arm_dir: Path) -> dict[str, float]:
+    """Edge F1 of each output against the controls of the other held-out layouts, and how much higher it is against
+    its own: an output that ignores its control scores alike on both."""
+    from skingen.metrics import edge_f1
+
+    results = [result for items in results_by_layout(arm_dir).values() for result in items]
+    controls = {path: open_rgb(path) for path in sorted({result["conditioning_image"] for result in results})}
+    if len(controls) < 2:
+        return {}
+    own, other = [], []
+    for result in results:
+        output = open_rgb(arm_dir / result["output"])
+        own.append(edge_f1(output, controls[result["conditioning_image"]]))
+        other.append(sum(edge_f1(output, control) for path, control in controls.items()
+                         if path != result["conditioning_image"]) / (len(controls) - 1))
+    mean_other = sum(other) / len(other)
+    return {"edge_f1_other_layouts": mean_other, "edge_f1_own_minus_other": sum(own) / len(own) - mean_other}
+
+
+def build_comparison(metrics: dict[str, dict], losses: dict[str, dict], specificity: dict[str, dict]) -> dict:
+    return {arm: {**metrics[arm]["summary"], **specificity[arm], **losses[arm]} for arm in ARMS}
 
 
 def better(key: str, comparison: dict) -> str:
     a, b = comparison["untrained"].get(key), comparison["trained"].get(key)
     if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
         return "-"
-    higher = dict((k, way) for k, _, way in TABLE)[key] == "higher"
+    way = dict((k, way) for k, _, way in TABLE)[key]
+    if way is None:  # a reference value, neither way is better
+        return "-"
+    higher = way == "higher"
     if a == b:
         return "same"
     return "trained" if (b > a) == higher else "untrained"
@@ -234,7 +261,7 @@ def main(argv=None) -> None:
     demo_dir = Path(args.demo_dir)
     metrics = {arm: read_metrics(demo_dir / arm) for arm in ARMS}
     losses = validation_losses(read_scalars(demo_dir / "controlnet"))
-    comparison = build_comparison(metrics, losses)
+    comparison = build_comparison(metrics, losses, {arm: control_specificity(demo_dir / arm) for arm in ARMS})
     atomic_write_json(demo_dir / "comparison.json", comparison)
     grid = build_grid(demo_dir, args.grid_rows)
     summary = metrics["trained"]["summary"]
@@ -244,7 +271,7 @@ def main(argv=None) -> None:
         "Every stage ran offline on CPU with a tiny SDXL (about 1M UNet parameters) and synthetic skins.",
         "",
         *base_summary(demo_dir),
-        f"- ControlNet: trained on key-element atlases with Canny controls and the OCR text loss; "
+        f"- ControlNet: trained on key-element atlases with Canny controls, the OCR text loss and the edge consistency loss; "
         f"{summary['images']} images generated for the held-out layouts per arm, same seeds for both arms",
         "",
         "## Held-out layouts, same seeds",

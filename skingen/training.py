@@ -50,6 +50,7 @@ from .checkpointing import (
     save_controlnet_weights,
 )
 from .conditioning import kaiming_conditioning_encoder, match_conditioning_channels
+from .edge_loss import build_edge_loss
 from .ema import WeightsEMA
 from .errors import SkingenError
 from .lora import LoraState, add_lora, average_gradients
@@ -83,7 +84,7 @@ logger = logging.getLogger(__name__)
 
 
 class ExtraLoss(Protocol):
-    """An extra loss added to the diffusion loss (e.g. the OCR text loss).
+    """An extra loss added to the diffusion loss (the OCR text loss, the edge loss; a run may have several).
 
     ``__call__`` gets the batch, the step's :class:`~skingen.backbones.base.DenoiserOutput` (prediction, target,
     clean latents, noise level, ``x0(rows)``: the one-step clean estimate for any backbone, ``signal``: alpha_bar
@@ -230,7 +231,8 @@ def resolve_seed(args, saved: dict[str, Any], accelerator) -> int:
 
 def train(args: argparse.Namespace, extra_loss: ExtraLoss | None = None, *,
           on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainingResult:
-    """Train a ControlNet as ``args`` (from :func:`build_arg_parser`) say; ``on_step(step, logs)`` runs after each
+    """Train a ControlNet as ``args`` (from :func:`build_arg_parser`) say, with ``extra_loss`` (e.g. the text loss)
+    and the edge loss of ``--edge_loss_weight`` added to the diffusion loss; ``on_step(step, logs)`` runs after each
     optimizer step on every process."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
@@ -246,7 +248,8 @@ def train(args: argparse.Namespace, extra_loss: ExtraLoss | None = None, *,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else None,
     )
     try:
-        run = set_up(args, accelerator, extra_loss)
+        extra_losses = tuple(loss for loss in (extra_loss, build_edge_loss(args)) if loss is not None)
+        run = set_up(args, accelerator, extra_losses)
         fill_caches(run)
         prepare_optimization(run)
         train_loop(run, on_step)
@@ -271,7 +274,7 @@ class Run:
     controlnet: Any
     weight_dtype: torch.dtype
     vae_dtype: torch.dtype
-    extra_loss: ExtraLoss | None
+    extra_losses: tuple[ExtraLoss, ...]
     repo_id: str | None = None
     ema: WeightsEMA | None = None
     lora_parameters: list = field(default_factory=list)
@@ -312,14 +315,14 @@ class Run:
             self.loss_samples, rows=range(min(args.validation_loss_rows, len(self.loss_samples))),
             timesteps=args.validation_loss_timesteps, seed=self.seed, batch_size=args.train_batch_size,
             device=self.device, controlnet=self.accelerator.unwrap_model(self.controlnet), backbone=self.backbone,
-            weight_dtype=self.weight_dtype, extra_loss=self.extra_loss, step=step)
+            weight_dtype=self.weight_dtype, extra_losses=self.extra_losses, step=step)
         self.validation_losses[step] = values
         logger.info(f"step {step}: losses at fixed timesteps {args.validation_loss_timesteps}: "
                     + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         return values
 
 
-def set_up(args, accelerator, extra_loss: ExtraLoss | None) -> Run:
+def set_up(args, accelerator, extra_losses: tuple[ExtraLoss, ...]) -> Run:
     """Output folder, resume point, seed, rows, validation pairs and models (the ControlNet on CPU, fp32)."""
     from accelerate.utils import set_seed
 
@@ -398,7 +401,8 @@ def set_up(args, accelerator, extra_loss: ExtraLoss | None) -> Run:
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
     return Run(args=args, accelerator=accelerator, output_dir=output_dir, seed=seed, resume_path=resume_path,
                saved_state=saved_state, dataset=dataset, held_out=held_out, pairs=pairs, backbone=backbone,
-               controlnet=controlnet, weight_dtype=weight_dtype, vae_dtype=vae_dtype, extra_loss=extra_loss, repo_id=repo_id)
+               controlnet=controlnet, weight_dtype=weight_dtype, vae_dtype=vae_dtype, extra_losses=extra_losses,
+               repo_id=repo_id)
 
 
 def fill_caches(run: Run) -> None:
@@ -416,7 +420,7 @@ def fill_caches(run: Run) -> None:
     backbone.drop_text_encoders()  # no longer needed anywhere
     run.samples = _training_samples(run, run.dataset, cache_root)
     run.loss_samples = _training_samples(run, run.held_out, cache_root) if run.held_out is not None else run.samples
-    vae_on_device = not args.cache_latents or run.extra_loss is not None or backbone.encodes_conditioning
+    vae_on_device = not args.cache_latents or bool(run.extra_losses) or backbone.encodes_conditioning
     _place(backbone.vae, run.device if vae_on_device else "cpu", run.vae_dtype)
     _place(backbone.denoiser, run.device, run.weight_dtype)
     gc.collect()
@@ -444,7 +448,7 @@ def _training_samples(run: Run, rows, cache_root: Path) -> TrainingSamples:
         latent_keys=latent_keys,
         latent_shape=(vae.config.latent_channels, args.resolution // vae_scale, args.resolution // vae_scale),
         backbone=run.backbone, proportion_empty_prompts=args.proportion_empty_prompts,
-        load_pixel_values=bool(getattr(run.extra_loss, "needs_pixel_values", False)),
+        load_pixel_values=any(getattr(loss, "needs_pixel_values", False) for loss in run.extra_losses),
         placements=placements, bucketed=args.enable_bucket, resample=resample,
         conditioning_dropout=conditioning_dropout(args), loss_options=LossOptions.from_args(args),
     )
@@ -512,7 +516,7 @@ def train_loop(run: Run, on_step: Callable[[int, dict[str, float]], None] | None
     progress = tqdm(total=plan.max_train_steps, initial=state.global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     inject_nan = set(args.debug_inject_nan_at_step or ())
-    names = ("loss", "loss_diffusion") + ((f"loss_{run.extra_loss.name}",) if run.extra_loss is not None else ())
+    names = ("loss", "loss_diffusion") + tuple(f"loss_{loss.name}" for loss in run.extra_losses)
     window = LossWindow(names)
     trained = [*run.controlnet.parameters(), *run.lora_parameters]
 
@@ -523,11 +527,9 @@ def train_loop(run: Run, on_step: Callable[[int, dict[str, float]], None] | None
         batch = batch_to_device(batch, run.device)
         with accelerator.accumulate(run.controlnet):
             losses = compute_losses(batch, controlnet=run.controlnet, backbone=run.backbone, weight_dtype=run.weight_dtype,
-                                    extra_loss=run.extra_loss, step=state.global_step)
+                                    extra_losses=run.extra_losses, step=state.global_step)
             loss = losses.loss * float("nan") if state.global_step + 1 in inject_nan else losses.loss
-            parts = {"loss": loss, "loss_diffusion": losses.loss_diffusion}
-            if run.extra_loss is not None:
-                parts[names[-1]] = losses.loss_extra
+            parts = {"loss": loss, "loss_diffusion": losses.loss_diffusion, **losses.extras}
             finite = window.add(accelerator, parts, 1.0 / (plan.processes * plan.accumulation))
             window.extra_logs = dict(losses.extra_logs)
             if finite:
@@ -619,13 +621,13 @@ def finish(run: Run) -> TrainingResult:
 class StepLosses:
     loss: torch.Tensor
     loss_diffusion: torch.Tensor
-    loss_extra: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # loss_<name> of each extra loss, weighted
     extra_logs: dict[str, float] = field(default_factory=dict)
 
 
 def fixed_timestep_losses(samples: TrainingSamples, *, rows: Sequence[int], timesteps: Sequence[int], seed: int,
                           batch_size: int, device, controlnet, backbone: Backbone, weight_dtype: torch.dtype,
-                          extra_loss: ExtraLoss | None, step: int) -> dict[str, float]:
+                          extra_losses: Sequence[ExtraLoss], step: int) -> dict[str, float]:
     """The losses of ``rows`` at each of ``timesteps``, with each row's noise fixed by ``seed`` (the same at every
     call), no caption dropout and no gradients: ``val_loss_diffusion``, ``val_loss_<extra>`` and ``val_<log>`` for
     the extra loss's logs, each a mean over the (row, timestep) pairs that produced it."""
@@ -642,11 +644,9 @@ def fixed_timestep_losses(samples: TrainingSamples, *, rows: Sequence[int], time
             batch = collate_samples([samples.sample(row, sample_seed(seed, -2, row), fixed_timestep=timestep)
                                      for row, timestep in chunk])
             losses = compute_losses(batch_to_device(batch, device), controlnet=controlnet, backbone=backbone,
-                                    weight_dtype=weight_dtype, extra_loss=extra_loss,
-                                    step=step)
-            values = {"loss_diffusion": losses.loss_diffusion.item(), **losses.extra_logs}
-            if losses.loss_extra is not None:
-                values[f"loss_{extra_loss.name}"] = losses.loss_extra.item()
+                                    weight_dtype=weight_dtype, extra_losses=extra_losses, step=step)
+            values = {"loss_diffusion": losses.loss_diffusion.item(), **losses.extra_logs,
+                      **{name: value.item() for name, value in losses.extras.items()}}
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
                 counts[key] = counts.get(key, 0) + len(chunk)
@@ -654,15 +654,16 @@ def fixed_timestep_losses(samples: TrainingSamples, *, rows: Sequence[int], time
 
 
 def compute_losses(batch: dict, *, controlnet, backbone: Backbone, weight_dtype: torch.dtype,
-                   extra_loss: ExtraLoss | None, step: int) -> StepLosses:
-    """One forward pass: the backbone's ControlNet + frozen denoiser and its diffusion loss, plus the extra loss."""
+                   extra_losses: Sequence[ExtraLoss], step: int) -> StepLosses:
+    """One forward pass: the backbone's ControlNet + frozen denoiser and its diffusion loss, plus the extra losses."""
     output = backbone.forward(batch, controlnet, weight_dtype)
     loss_diffusion = output.diffusion_loss()
-    if extra_loss is None:
-        return StepLosses(loss=loss_diffusion, loss_diffusion=loss_diffusion)
-    loss_extra, extra_logs = extra_loss(batch=batch, output=output, backbone=backbone, weight_dtype=weight_dtype,
-                                        step=step)
-    return StepLosses(loss_diffusion + loss_extra, loss_diffusion, loss_extra, dict(extra_logs))
+    extras, extra_logs = {}, {}
+    for extra_loss in extra_losses:
+        extras[f"loss_{extra_loss.name}"], logs = extra_loss(batch=batch, output=output, backbone=backbone,
+                                                            weight_dtype=weight_dtype, step=step)
+        extra_logs.update(logs)
+    return StepLosses(loss_diffusion + sum(extras.values()), loss_diffusion, extras, extra_logs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -87,13 +87,14 @@ def _max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_short_run_with_text_loss_saves_a_controlnet_the_diffusers_class_loads(request, family, dataset, tmp_path):
+def test_short_run_with_text_and_edge_losses_saves_a_controlnet_the_diffusers_class_loads(request, family, dataset, tmp_path):
     import diffusers
 
     out = tmp_path / "run"
     logs = {}
     result = _train(family, _argv(_base(request, family), dataset, out, "--max_train_steps", 2,
                                   "--text_loss_weight", 0.01, "--text_loss_max_timestep", 1000,
+                                  "--edge_loss_weight", 0.2, "--edge_loss_crop_size", 32,
                                   "--validation_prompt", "skin", "--validation_image",
                                   dataset / "conditioning_images" / "0.png", "--num_validation_images", 1,
                                   "--validation_inference_steps", 2),
@@ -103,8 +104,9 @@ def test_short_run_with_text_loss_saves_a_controlnet_the_diffusers_class_loads(r
     # from_transformer starts the output projections at zero; training must have moved them.
     assert controlnet.controlnet_blocks[0].weight.abs().max().item() > 0
     assert Image.open(out / "validation" / "step-2.png").size == (64 * 2, 64)  # conditioning image + 1 sample
-    # Both loss terms are logged; the text loss read the box of every row of the batch.
-    assert logs[2]["loss_diffusion"] > 0 and logs[2]["loss"] == pytest.approx(logs[2]["loss_diffusion"] + logs[2]["loss_text"])
+    # Every loss term is logged (the edge loss beside the text loss); the text loss read the box of every row.
+    assert logs[2]["loss_diffusion"] > 0 and 0 < logs[2]["loss_edge"] <= 0.2
+    assert logs[2]["loss"] == pytest.approx(logs[2]["loss_diffusion"] + logs[2]["loss_text"] + logs[2]["loss_edge"])
     assert logs[1]["boxes_used"] == 2
 
 

@@ -64,7 +64,7 @@ def test_report_puts_untrained_and_trained_side_by_side(fake_demo, capsys):
     comparison = json.loads((fake_demo / "comparison.json").read_text(encoding="utf-8"))
     assert set(comparison) == {"untrained", "trained"}
     for arm in comparison.values():
-        assert set(arm) == SUMMARY_KEYS | {"val_text_ctc", "val_loss_diffusion"}
+        assert set(arm) == SUMMARY_KEYS | {"val_text_ctc", "val_loss_diffusion", "val_edge_f1"}
     assert (comparison["untrained"]["edge_f1"], comparison["trained"]["edge_f1"]) == (0.30, 0.55)
     # Fixed-timestep losses: step 0 (before training) is the untrained ControlNet, the last step the trained one.
     assert comparison["untrained"]["val_text_ctc"] == pytest.approx(0.9)
@@ -161,8 +161,10 @@ def test_demo_runs_every_stage_and_compares_untrained_with_trained(tmp_path):
     validation_rows = (out / "dataset" / "validation.jsonl").read_text().splitlines()
     for arm in ("untrained", "trained"):
         metrics = json.loads((out / arm / "metrics.json").read_text(encoding="utf-8"))
-        assert comparison[arm] == {**metrics["summary"], "val_text_ctc": comparison[arm]["val_text_ctc"],
-                                   "val_loss_diffusion": comparison[arm]["val_loss_diffusion"]}
+        # One held-out layout here: no other layout's control to measure control specificity against.
+        assert comparison[arm] == {**metrics["summary"], **{key: comparison[arm][key] for key in
+                                                            ("val_text_ctc", "val_loss_diffusion", "val_edge_f1")}}
+        assert 0 < comparison[arm]["val_edge_f1"] <= 1  # the demo trains with the edge loss, which logs it
         assert metrics["summary"]["images"] == 2 * len(validation_rows) > 0
         assert metrics["diversity"]["controls"] == len(validation_rows)
         assert comparison[arm]["val_loss_diffusion"] is not None
@@ -227,6 +229,34 @@ def test_edge_f1_room_separates_a_skins_own_edges_from_another_skins(tmp_path):
     build_tiny_sdxl(tmp_path / "base", seed=0)
     room = report.edge_f1_room(rows, report.vae_reconstructor(tmp_path / "base" / "vae", (64, 64)))
     assert 0.0 <= room["other_skin"] <= 1.0 and 0.0 <= room["vae_ceiling"] <= 1.0
+
+
+def test_control_specificity_tells_an_output_that_follows_its_control_from_one_that_ignores_it(tmp_path):
+    from PIL import ImageDraw
+
+    from skingen.glyphs import canny_control
+
+    report = load_script("scripts/demo_report.py")
+    boxes = [(8, 8, 40, 30), (30, 34, 60, 60), (4, 40, 24, 60)]
+    for arm in ("follows", "ignores"):
+        (tmp_path / arm / "images").mkdir(parents=True)
+    records = {"follows": [], "ignores": []}
+    for i, box in enumerate(boxes):
+        real = Image.new("RGB", (64, 64), (30, 30, 30))
+        ImageDraw.Draw(real).rectangle(box, fill=(230, 230, 230))
+        canny_control(real).save(tmp_path / f"control_{i}.png")
+        real.save(tmp_path / "follows" / "images" / f"{i}.png")  # draws its own layout's shape
+        fixed = Image.new("RGB", (64, 64), (30, 30, 30))
+        ImageDraw.Draw(fixed).rectangle((20, 20, 44, 44), fill=(230, 230, 230))  # the same shape whatever the control
+        fixed.save(tmp_path / "ignores" / "images" / f"{i}.png")
+        for arm in records:
+            records[arm].append({"row_id": f"row_{i}", "seed": 0, "output": f"images/{i}.png",
+                                 "conditioning_image": str(tmp_path / f"control_{i}.png")})
+    for arm, rows in records.items():
+        write_jsonl(tmp_path / arm / "results.jsonl", rows)
+    follows, ignores = (report.control_specificity(tmp_path / arm) for arm in ("follows", "ignores"))
+    assert follows["edge_f1_own_minus_other"] > 0.5
+    assert abs(ignores["edge_f1_own_minus_other"]) < 0.1
 
 
 def test_report_says_when_the_room_was_not_measured(fake_demo):
