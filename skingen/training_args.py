@@ -14,7 +14,7 @@ from pathlib import Path
 from .backbones import backbone_class
 from .config import parse_args_with_config
 from .data import ON_BAD_SAMPLE
-from .edge_loss import add_edge_loss_arguments
+from .edge_loss import add_edge_loss_arguments, build_edge_loss
 from .errors import SkingenError
 from .training_options import add_option_args, check_option_args, lr_scheduler_names, tracker_names
 
@@ -209,13 +209,7 @@ def validate_training_args(args: argparse.Namespace) -> None:
     _require(args.learning_rate >= 0, f"--learning_rate must not be negative, got {args.learning_rate}")
     _require(args.lr_warmup_steps >= 0, f"--lr_warmup_steps must not be negative, got {args.lr_warmup_steps}")
     _require(args.dataloader_num_workers >= 0, "--dataloader_num_workers must not be negative")
-    _require(args.edge_loss_weight is None or args.edge_loss_weight >= 0,
-             f"--edge_loss_weight must not be negative, got {args.edge_loss_weight}")
-    _require(0 <= args.edge_loss_max_timestep <= 1000,
-             f"--edge_loss_max_timestep is on the 0..1000 noise scale, got {args.edge_loss_max_timestep}")
-    _require(args.edge_loss_tolerance >= 0, f"--edge_loss_tolerance must not be negative, got {args.edge_loss_tolerance}")
-    _require(args.edge_loss_crop_size is None or (args.edge_loss_crop_size > 0 and args.edge_loss_crop_size % 8 == 0),
-             f"--edge_loss_crop_size must be a positive multiple of 8 (the VAE's cell), got {args.edge_loss_crop_size}")
+    build_edge_loss(args)  # its flags' checks
     _require(all(t >= 0 for t in args.validation_loss_timesteps or ()),
              f"--validation_loss_timesteps must not be negative, got {args.validation_loss_timesteps}")
 
