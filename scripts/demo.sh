@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: every stage of skingen end to end, offline, on CPU, and a model that
-# visibly learns: a tiny SDXL pre-trained on other skins' key-element atlases (around the committed tiny VAE of
-# assets/tiny_skin_vae, fitted beforehand by scripts/fit_tiny_vae.py as SDXL's VAE was; UNet trained here; cached)
+# visibly learns: a tiny SDXL pre-trained on other skins' whole keyboards (around the committed tiny VAE of
+# assets/tiny_skin_vae, fitted beforehand by scripts/fit_tiny_vae.py as SDXL's VAE was; UNet trained here; cached),
+# which, as SDXL has seen keyboard screenshots but never skingen's atlases, draws skins but not the atlas layout,
 # gets a new ControlNet trained with the OCR text loss and the edge consistency loss (ControlNet++) on key-element
 # atlases with Canny controls; held-out layouts are
 # generated with the untrained and the trained ControlNet on the same seeds, both are evaluated and
@@ -10,7 +11,7 @@
 # Every synthetic skin has a picture background of its own (PICTURE_FRACTION), so its control holds edges no other
 # skin has; the report also measures how much edge F1 there is to gain through the tiny VAE.
 #
-# Sizes can be turned down (the tests do) or up: NUM_SKINS, VAL_FRACTION, BASE_SKINS, PRETRAIN_STEPS,
+# Sizes can be turned down (the tests do) or up: NUM_SKINS, VAL_FRACTION, BASE_SKINS, BASE_LAYOUT, PRETRAIN_STEPS,
 # VAE_FIT_STEPS, TRAIN_STEPS, RESOLUTION, IMAGES_PER_LAYOUT, PICTURE_FRACTION, SEED, OUT; BASE_VAE (a fitted
 # AutoencoderKL folder; BASE_VAE=none fits a random tiny VAE for VAE_FIT_STEPS instead, as earlier versions did).
 set -euo pipefail
@@ -27,12 +28,16 @@ export HF_HUB_DISABLE_PROGRESS_BARS=1 ORT_LOGGING_LEVEL=3
 
 OUT=${OUT:-outputs/demo}
 SEED=${SEED:-0}
-# Synthetic skin packages for the ControlNet, VAL_FRACTION of them held out. On 18 training skins the ControlNet
-# memorises its rows (the held-out fixed-timestep loss rises); NUM_SKINS=96 VAL_FRACTION=0.0625 TRAIN_STEPS=1000
-# makes it fall (0.719 -> 0.589) but takes 10.4 minutes, over the budget (docs/benchmarks.md).
+# Synthetic skin packages for the ControlNet, VAL_FRACTION of them held out. Over the base of whole keyboards the
+# held-out fixed-timestep loss halves on 18 training skins (the atlas layout carries to every skin); over a base
+# pre-trained on atlases the ControlNet memorised those 18 skins and that loss rose (docs/benchmarks.md).
 NUM_SKINS=${NUM_SKINS:-24}
 VAL_FRACTION=${VAL_FRACTION:-0.25}
 BASE_SKINS=${BASE_SKINS:-24}            # other synthetic skins that the base model sees
+# What the base sees of them: whole keyboards (as SDXL has seen keyboards, never our atlases). BASE_LAYOUT=key_elements
+# pre-trains it on atlases instead: it then draws the layout itself and the ControlNet has only each skin's own
+# edges left to add (+0.006 edge F1 over 3 seeds, not clearly better: docs/benchmarks.md).
+BASE_LAYOUT=${BASE_LAYOUT:-full_keyboard}
 ATLAS_RESOLUTION=${ATLAS_RESOLUTION:-512}  # atlases are made at 512 so OCR can read the key labels
 RESOLUTION=${RESOLUTION:-128}           # training and generation size on the tiny model
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-800}
@@ -40,9 +45,10 @@ BASE_VAE=${BASE_VAE:-assets/tiny_skin_vae}  # fitted beforehand (assets/tiny_ski
 # Steps fitting the VAE to the base skins here: 0 keeps the fitted one as it is; a random one (BASE_VAE=none) needs them.
 if [ "$BASE_VAE" = none ]; then VAE_FIT_STEPS=${VAE_FIT_STEPS:-400}; else VAE_FIT_STEPS=${VAE_FIT_STEPS:-0}; fi
 PICTURE_FRACTION=${PICTURE_FRACTION:-1}  # skins with a picture background of their own (see make_synthetic_skins.py)
-TRAIN_STEPS=${TRAIN_STEPS:-1200}         # cosine-decayed rate (steps vs edge F1: docs/benchmarks.md)
-# The edge consistency loss (ControlNet++): without it the ControlNet memorised its 18 training skins and did not
-# follow held-out controls better (edge F1 -0.009 over 3 seeds); 0 keeps it logged but not trained on. It scores a
+TRAIN_STEPS=${TRAIN_STEPS:-1000}         # cosine-decayed rate; 1200 took up to 9 min 59 s in all (docs/benchmarks.md)
+# The edge consistency loss (ControlNet++): on a base pre-trained on atlases, without it the ControlNet memorised its
+# 18 training skins and did not follow held-out controls better (edge F1 -0.009 over 3 seeds); 0 keeps it logged but
+# not trained on. It scores a
 # 64 px window per row, and the text loss reads 2 boxes per row at t <= 100, so the run fits in 10 minutes
 # (step times: docs/benchmarks.md).
 EDGE_LOSS_WEIGHT=${EDGE_LOSS_WEIGHT:-0.3}
@@ -61,16 +67,16 @@ run scripts/make_synthetic_skins.py --out "$OUT/skins" --n "$NUM_SKINS" --seed "
 run scripts/make_synthetic_skins.py --out "$OUT/base_skins" --n "$BASE_SKINS" --seed "$((SEED + 1000))" \
   --picture_fraction "$PICTURE_FRACTION"
 
-stage "2/9 merge: key-element atlases ($LAYOUT) of both sets of skins at $ATLAS_RESOLUTION px"
+stage "2/9 merge: key-element atlases ($LAYOUT) of the ControlNet's skins, $BASE_LAYOUT images of the base's, at $ATLAS_RESOLUTION px"
 run merge_elements.py --packages_dir "$OUT/skins" --layout "$LAYOUT" --resolution "$ATLAS_RESOLUTION" \
   --output_dir "$DATA" --num_workers 2
-run merge_elements.py --packages_dir "$OUT/base_skins" --layout "$LAYOUT" --resolution "$ATLAS_RESOLUTION" \
+run merge_elements.py --packages_dir "$OUT/base_skins" --layout "$BASE_LAYOUT" --resolution "$ATLAS_RESOLUTION" \
   --output_dir "$BASE_DATA" --num_workers 2
 
 stage "3/9 conditioning: each skin's text found by OCR (boxes + texts for the text loss), then its Canny edges as the control"
 run render_glyphs.py --dataset_dir "$DATA" --mode glyph --min_confidence 0.98
-# The atlas layout is the same for every skin, so a glyph control tells a base that has seen atlases little it
-# cannot guess at 128 px; each skin's own edges (ControlNet's Canny setup, scored by the Canny F1 below) do.
+# A glyph control carries the atlas layout and the texts; each skin's Canny edges (ControlNet's Canny setup, scored
+# by the Canny F1 below) carry its own shapes too.
 run render_glyphs.py --dataset_dir "$DATA" --mode canny
 
 stage "4/9 captions (template captioner: no weights needed; use --captioner blip with a local BLIP on real data)"
@@ -81,7 +87,7 @@ stage "5/9 hold out a validation split"
 run dataset_tool.py split "$DATA" --val_fraction "$VAL_FRACTION" --seed 0
 run dataset_tool.py validate "$DATA"
 
-stage "6/9 the base model: a tiny SDXL around the VAE $BASE_VAE whose UNet is trained on $BASE_SKINS other skins' atlases (cached) -> $BASE"
+stage "6/9 the base model: a tiny SDXL around the VAE $BASE_VAE whose UNet is trained on $BASE_SKINS other skins' $BASE_LAYOUT images (cached) -> $BASE"
 vae_args=(--vae_fit_steps "$VAE_FIT_STEPS")
 if [ "$BASE_VAE" != none ]; then vae_args+=(--pretrained_vae_model_name_or_path "$BASE_VAE"); fi
 run scripts/pretrain_tiny_base.py --dataset_dir "$BASE_DATA" --output_dir "$BASE" --resolution "$RESOLUTION" \

@@ -45,6 +45,7 @@ TABLE = (
 TILE = 128
 # A relative edge-F1 gain under this is within what another seed moves it (the demo's change over 3 seeds: sd 0.004).
 CLEAR_GAIN = 0.02
+ATLAS_LAYOUT = "key_elements"  # the layout the demo trains the ControlNet on
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -172,11 +173,27 @@ def build_grid(demo_dir: Path, rows: int) -> Path | None:
     return atomic_save_image(grid, demo_dir / "demo_grid.png")
 
 
+def base_layouts(demo_dir: Path) -> list[str]:
+    """The merge layouts of the images the base was pre-trained on (from its datasets' rows), [] when unknown."""
+    path = demo_dir / "base" / "pretrain.json"
+    if not path.is_file():
+        return []
+    layouts = set()
+    for dataset in json.loads(path.read_text(encoding="utf-8")).get("datasets", []):
+        try:
+            with open(Path(dataset) / "train.jsonl", encoding="utf-8") as rows:
+                layouts |= {json.loads(line).get("layout") for line in rows if line.strip()}
+        except (OSError, ValueError):
+            continue
+    return sorted(layout for layout in layouts if layout)
+
+
 def base_summary(demo_dir: Path) -> list[str]:
     path = demo_dir / "base" / "pretrain.json"
     if not path.is_file():
         return ["- base model: no pretrain.json found (not pre-trained by scripts/pretrain_tiny_base.py)"]
     record = json.loads(path.read_text(encoding="utf-8"))
+    seen = " / ".join(base_layouts(demo_dir)) or "unknown layout"
     vae, unet, settings = record["vae_fit"], record["unet_fit"], record["settings"]
     if settings.get("pretrained_vae"):
         vae_note = f"VAE {settings['pretrained_vae']} (fitted beforehand)"
@@ -186,7 +203,7 @@ def base_summary(demo_dir: Path) -> list[str]:
         vae_note = f"VAE fitted here: reconstruction L1 {vae['initial_l1']:.3f} -> {vae['final_l1']:.3f}"
     return [
         f"- base model: tiny SDXL ({settings['preset']} preset) pre-trained on {record['images']} other "
-        f"skins at {settings['resolution']} px in {record['seconds']:.0f} s: {vae_note}; UNet diffusion loss "
+        f"skins' {seen} images at {settings['resolution']} px in {record['seconds']:.0f} s: {vae_note}; UNet diffusion loss "
         f"{unet['first_loss']:.3f} -> {unet['last_loss']:.3f} over {settings['max_train_steps']} steps",
     ]
 
@@ -239,7 +256,8 @@ def room_lines(room: dict | None) -> list[str]:
         f"- room for edge F1 on these {room['layouts']} layouts, through the base's VAE: its reconstruction of each "
         f"real atlas scores {room['vae_ceiling']:.3f} (about the most an output decoded by it scores); another held-out "
         f"skin's scores {room['other_skin']:.3f} against the same control (what knowing the layout but not the "
-        f"skin gives). A ControlNet adds about the difference at most: {room['vae_ceiling'] - room['other_skin']:+.3f}.",
+        f"skin gives). Over an output that has the layout, following each skin's own edges adds about the difference at "
+        f"most: {room['vae_ceiling'] - room['other_skin']:+.3f}.",
     ]
 
 
@@ -254,6 +272,28 @@ def verdict(comparison: dict) -> str:
         return (f"The trained ControlNet is NOT clearly better on the held-out layouts: {change}, under "
                 f"{CLEAR_GAIN:.0%} (seeds move it by about that much).")
     return f"The trained ControlNet did NOT follow the held-out layouts better: {change}."
+
+
+def base_lines(base_saw_atlases: bool) -> list[str]:
+    """What the untrained column is and what the ControlNet has to add, by what the base was pre-trained on."""
+    if base_saw_atlases:
+        first = ["- The base has seen a few dozen other skins' atlases for about a minute: it draws the atlas grid, panels,",
+                 "  key outlines and some labels, blurred (look at the grid), so the untrained column already scores on edges.",
+                 "  What the control adds is each skin's own edges (the shapes of its picture background, key outlines,",
+                 "  labels); the room line above bounds that gain."]
+    else:
+        first = ["- The base has seen a few dozen other skins' whole keyboards for about a minute (as SDXL has seen",
+                 "  keyboards but never skingen's atlases): it draws keyboard-like colours, keys and labels, not the atlas",
+                 "  layout. Most of the trained column's gain is that layout, drawn from the control (it is the same for",
+                 "  every skin); beyond it a control carries each skin's own edges (the shapes of its picture background,",
+                 "  key outlines, labels), a part the room line above bounds."]
+    return [
+        *first,
+        "  The 'earned by its own control' row says how much of the score is this control's (an output that ignores",
+        "  its control scores alike against every layout's). The edge loss teaches where edges go: sharper outlines",
+        "  and strokes where the control has them; at this size it does not redraw a held-out skin's picture shapes,",
+        "  and a control that pins more of the image leaves less to vary between seeds (diversity).",
+    ]
 
 
 def main(argv=None) -> None:
@@ -288,14 +328,7 @@ def main(argv=None) -> None:
         "",
         "## What the tiny model can and cannot do",
         "",
-        "- The base has seen a few dozen other skins' atlases for about a minute: it draws the atlas grid, panels,",
-        "  key outlines and some labels, blurred (look at the grid), so the untrained column already scores on edges.",
-        "  What the control adds is each skin's own edges (the shapes of its picture background, key outlines,",
-        "  labels); the room line above bounds that gain, the edge F1 row says how much of it the ControlNet took, and",
-        "  the 'earned by its own control' row how much of the score is this control's (an output that ignores its",
-        "  control scores alike against every layout's). The edge loss teaches where edges go: sharper outlines and",
-        "  strokes where the control has them; at this size it does not redraw a held-out skin's picture shapes, and",
-        "  a control that pins more of the image leaves less to vary between seeds (diversity).",
+        *base_lines(ATLAS_LAYOUT in base_layouts(demo_dir)),
         "- It writes few readable labels: at 128 px with a 1M-parameter UNet, OCR reads a handful of short ones",
         "  (ABC, 123) and sentence accuracy stays near 0; the text loss here shows that it runs inside training",
         "  (docs/text_loss.md has the evidence about what it teaches). Nor does it show image quality: real skins",

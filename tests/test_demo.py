@@ -173,7 +173,12 @@ def test_demo_runs_every_stage_and_compares_untrained_with_trained(tmp_path):
     seeds = {arm: sorted((r["row_id"], r["seed"]) for r in map(json.loads, (out / arm / "results.jsonl").open()))
              for arm in ("untrained", "trained")}
     assert seeds["untrained"] == seeds["trained"]
-    assert "| edge F1" in (out / "report.md").read_text(encoding="utf-8")
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| edge F1" in report
+    # The base saw whole keyboards, never the atlas layout the ControlNet is trained on, and the report says so.
+    base_rows = [json.loads(line) for line in (out / "base_corpus" / "train.jsonl").read_text().splitlines()]
+    assert {row["layout"] for row in base_rows} == {"full_keyboard"}
+    assert "full_keyboard images" in report and "whole keyboards" in report
     assert Image.open(out / "demo_grid.png").width == (2 + 2 * 2) * 128
     # Each skin's own Canny edges are its control (binary), and the glyph pass left the boxes for the text loss.
     rows = [json.loads(line) for line in validation_rows]
@@ -258,6 +263,22 @@ def test_control_specificity_tells_an_output_that_follows_its_control_from_one_t
     follows, ignores = (report.control_specificity(tmp_path / arm) for arm in ("follows", "ignores"))
     assert follows["edge_f1_own_minus_other"] > 0.5
     assert abs(ignores["edge_f1_own_minus_other"]) < 0.1
+
+
+@pytest.mark.parametrize("layout, says", [("full_keyboard", "other skins' whole keyboards"),
+                                          ("key_elements", "other skins' atlases")])
+def test_report_says_what_the_base_was_pretrained_on(fake_demo, layout, says):
+    corpus = fake_demo / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text(json.dumps({"image": "images/a.png", "layout": layout}) + "\n", encoding="utf-8")
+    (fake_demo / "base").mkdir(exist_ok=True)
+    record = {"key": "k", "settings": {"preset": "tiny", "pretrained_vae": None, "resolution": 64, "max_train_steps": 2},
+              "datasets": [str(corpus)], "images": 1, "vae_fit": {"initial_l1": 0.5, "final_l1": 0.2},
+              "unet_fit": {"first_loss": 0.4, "last_loss": 0.1}, "seconds": 1.0}
+    (fake_demo / "base" / "pretrain.json").write_text(json.dumps(record), encoding="utf-8")
+    load_script("scripts/demo_report.py").main(["--demo_dir", str(fake_demo)])
+    report = (fake_demo / "report.md").read_text(encoding="utf-8")
+    assert f"other skins' {layout} images at 64 px" in report and says in report
 
 
 def test_report_says_when_the_room_was_not_measured(fake_demo):
