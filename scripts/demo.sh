@@ -48,9 +48,8 @@ PICTURE_FRACTION=${PICTURE_FRACTION:-1}  # skins with a picture background of th
 TRAIN_STEPS=${TRAIN_STEPS:-1000}         # cosine-decayed rate; 1200 took up to 9 min 59 s in all (docs/benchmarks.md)
 # The edge consistency loss (ControlNet++): on a base pre-trained on atlases, without it the ControlNet memorised its
 # 18 training skins and did not follow held-out controls better (edge F1 -0.009 over 3 seeds); 0 keeps it logged but
-# not trained on. It scores a
-# 64 px window per row, and the text loss reads 2 boxes per row at t <= 100, so the run fits in 10 minutes
-# (step times: docs/benchmarks.md).
+# not trained on. It scores a 64 px window per row, and the text loss reads 2 boxes per row at t <= 100, so the run
+# fits in 10 minutes (step times: docs/benchmarks.md).
 EDGE_LOSS_WEIGHT=${EDGE_LOSS_WEIGHT:-0.3}
 INFERENCE_STEPS=${INFERENCE_STEPS:-20}
 IMAGES_PER_LAYOUT=${IMAGES_PER_LAYOUT:-3}  # seeds per held-out layout (diversity needs two or more)

@@ -188,12 +188,13 @@ def base_layouts(demo_dir: Path) -> list[str]:
     return sorted(layout for layout in layouts if layout)
 
 
-def base_summary(demo_dir: Path) -> list[str]:
+def base_summary(demo_dir: Path, layouts: list[str]) -> list[str]:
+    """One line on the base: what it was pre-trained on (``layouts``: :func:`base_layouts`), how long, its losses."""
     path = demo_dir / "base" / "pretrain.json"
     if not path.is_file():
         return ["- base model: no pretrain.json found (not pre-trained by scripts/pretrain_tiny_base.py)"]
     record = json.loads(path.read_text(encoding="utf-8"))
-    seen = " / ".join(base_layouts(demo_dir)) or "unknown layout"
+    seen = " / ".join(layouts) or "unknown layout"
     vae, unet, settings = record["vae_fit"], record["unet_fit"], record["settings"]
     if settings.get("pretrained_vae"):
         vae_note = f"VAE {settings['pretrained_vae']} (fitted beforehand)"
@@ -305,12 +306,13 @@ def main(argv=None) -> None:
     atomic_write_json(demo_dir / "comparison.json", comparison)
     grid = build_grid(demo_dir, args.grid_rows)
     summary = metrics["trained"]["summary"]
+    layouts = base_layouts(demo_dir)
     report = [
         "# skingen demo: untrained vs trained ControlNet",
         "",
         "Every stage ran offline on CPU with a tiny SDXL (about 1M UNet parameters) and synthetic skins.",
         "",
-        *base_summary(demo_dir),
+        *base_summary(demo_dir, layouts),
         f"- ControlNet: trained on key-element atlases with Canny controls, the OCR text loss and the edge consistency loss; "
         f"{summary['images']} images generated for the held-out layouts per arm, same seeds for both arms",
         "",
@@ -328,7 +330,7 @@ def main(argv=None) -> None:
         "",
         "## What the tiny model can and cannot do",
         "",
-        *base_lines(ATLAS_LAYOUT in base_layouts(demo_dir)),
+        *base_lines(ATLAS_LAYOUT in layouts),
         "- It writes few readable labels: at 128 px with a 1M-parameter UNet, OCR reads a handful of short ones",
         "  (ABC, 123) and sentence accuracy stays near 0; the text loss here shows that it runs inside training",
         "  (docs/text_loss.md has the evidence about what it teaches). Nor does it show image quality: real skins",
