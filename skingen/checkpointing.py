@@ -159,13 +159,13 @@ def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str | 
 
 
 def require_safe_loading() -> None:
-    """Refuse to resume where accelerate cannot load a checkpoint's optimizer/scheduler state with
-    ``torch.load(weights_only=True)`` (torch < 2.4): unpickling a checkpoint can run arbitrary code."""
-    from accelerate.utils import is_weights_only_available
+    """Refuse to resume where a checkpoint's optimizer/scheduler state cannot be loaded with
+    ``torch.load(weights_only=True)`` (torch < 2.4, where accelerate falls back to full unpickling, which can
+    run arbitrary code). torch's own version says so; no private helper of a dependency is needed."""
+    import torch
+    from packaging.version import Version
 
-    if not is_weights_only_available():
-        import torch
-
+    if Version(torch.__version__.split("+")[0]) < Version("2.4"):
         raise SkingenError(
             f"--resume_from_checkpoint: torch {torch.__version__} cannot load checkpoints safely (weights_only needs "
             "torch >= 2.4); upgrade torch (`pip install -r requirements.txt`) to resume"
