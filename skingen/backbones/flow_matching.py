@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 
+import numpy as np
 import torch
 
 from ..errors import SkingenError
@@ -91,6 +92,46 @@ class FlowMatchingBackbone(Backbone):
         pixels = batch["conditioning_pixel_values"] * 2.0 - 1.0
         latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
         return self.normalize_latents(latents.float()).to(weight_dtype)
+
+    def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor, controlnet,
+                 weight_dtype: torch.dtype) -> torch.Tensor:
+        """The velocity ``noise - x0`` that ControlNet + denoiser predict at ``noisy`` ``(B, C, h, w)`` and
+        ``timesteps`` (sigma x num_train_timesteps), for cached prompt entries ``prompts`` and control latents
+        ``control`` (:meth:`control_latents`). The training step (:meth:`forward`) and samplers call it."""
+        raise NotImplementedError(f"{self.title}: no velocity call")
+
+    # -- sampling -------------------------------------------------------------------------------------------
+
+    def pipeline_sigmas(self, num_steps: int) -> np.ndarray | None:
+        """The sigmas the family's ControlNet pipeline passes to its scheduler (None: the scheduler's own)."""
+        return None
+
+    def pipeline_shift(self, latent_height: int, latent_width: int) -> float | None:
+        """The resolution-dependent shift ``mu`` the pipeline passes when the scheduler shifts dynamically
+        (diffusers' ``calculate_shift`` over the packed token count); None otherwise."""
+        config = self.noise_scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return None
+        tokens = (latent_height // 2) * (latent_width // 2)
+        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        slope = (max_shift - base_shift) / (max_len - base_len)
+        return tokens * slope + base_shift - slope * base_len
+
+    def sampling_sigmas(self, num_steps: int, latent_height: int, latent_width: int) -> torch.Tensor:
+        """``num_steps + 1`` sigmas (1 -> 0) of the family pipeline's Euler sampler at this latent size: the
+        scheduler's ``set_timesteps`` on a copy, as the pipeline calls it."""
+        scheduler = copy.deepcopy(self.noise_scheduler)
+        kwargs = {}
+        mu = self.pipeline_shift(latent_height, latent_width)
+        if mu is not None:
+            kwargs["mu"] = mu
+        sigmas = self.pipeline_sigmas(num_steps)
+        if sigmas is not None:
+            scheduler.set_timesteps(sigmas=sigmas, **kwargs)
+        else:
+            scheduler.set_timesteps(num_steps, **kwargs)
+        return scheduler.sigmas.float().cpu()
 
     def flow_step(self, batch: dict, weight_dtype: torch.dtype):
         """``(latents, noise, sigmas, noisy latents)`` of a batch."""

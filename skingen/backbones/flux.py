@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import SkingenError
@@ -144,26 +145,9 @@ class FluxBackbone(FlowMatchingBackbone):
 
     def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype) -> DenoiserOutput:
         latents, noise, sigmas, noisy = self.flow_step(batch, weight_dtype)
-        height, width = latents.shape[-2:]
         timesteps = batch["timesteps"].float()
-        prompt_embeds = batch["prompt_embeds"].to(weight_dtype)
-        pooled = batch["pooled_prompt_embeds"].to(weight_dtype)
-        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=weight_dtype)
-        image_ids = latent_image_ids(height, width, latents.device, weight_dtype)
-        guidance = None
-        if self.denoiser.config.guidance_embeds:
-            guidance = torch.full((latents.shape[0],), self.args.guidance_scale, device=latents.device,
-                                  dtype=weight_dtype)
-        tokens = pack_latents(noisy)
-        common = {"hidden_states": tokens, "timestep": timesteps / self.num_train_timesteps, "guidance": guidance,
-                  "pooled_projections": pooled, "encoder_hidden_states": prompt_embeds, "txt_ids": text_ids,
-                  "img_ids": image_ids, "return_dict": False}
-        double, single = controlnet(controlnet_cond=pack_latents(self.control_latents(batch, weight_dtype)), **common)
-        velocity_tokens = self.denoiser(
-            controlnet_block_samples=None if double is None else [s.to(weight_dtype) for s in double],
-            controlnet_single_block_samples=None if single is None else [s.to(weight_dtype) for s in single],
-            **common)[0]
-        velocity = unpack_latents(velocity_tokens, height, width)
+        velocity = self.velocity(noisy, timesteps, batch, self.control_latents(batch, weight_dtype), controlnet,
+                                 weight_dtype)
 
         def estimate_x0(rows):
             pick = (lambda t: t) if rows is None else (lambda t: t[rows])
@@ -172,6 +156,29 @@ class FluxBackbone(FlowMatchingBackbone):
         return DenoiserOutput(model_pred=velocity, target=noise - latents, latents=latents, noisy_latents=noisy,
                               noise=noise, timesteps=timesteps, estimate_x0=estimate_x0,
                               signal=(1 - sigmas.flatten()) ** 2, weighting=self.loss_weighting(sigmas))
+
+    def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor, controlnet,
+                 weight_dtype: torch.dtype) -> torch.Tensor:
+        height, width = noisy.shape[-2:]
+        prompt_embeds = prompts["prompt_embeds"].to(weight_dtype)
+        pooled = prompts["pooled_prompt_embeds"].to(weight_dtype)
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=noisy.device, dtype=weight_dtype)
+        image_ids = latent_image_ids(height, width, noisy.device, weight_dtype)
+        guidance = None
+        if self.denoiser.config.guidance_embeds:
+            guidance = torch.full((noisy.shape[0],), self.args.guidance_scale, device=noisy.device, dtype=weight_dtype)
+        common = {"hidden_states": pack_latents(noisy), "timestep": timesteps / self.num_train_timesteps,
+                  "guidance": guidance, "pooled_projections": pooled, "encoder_hidden_states": prompt_embeds,
+                  "txt_ids": text_ids, "img_ids": image_ids, "return_dict": False}
+        double, single = controlnet(controlnet_cond=pack_latents(control), **common)
+        velocity_tokens = self.denoiser(
+            controlnet_block_samples=None if double is None else [s.to(weight_dtype) for s in double],
+            controlnet_single_block_samples=None if single is None else [s.to(weight_dtype) for s in single],
+            **common)[0]
+        return unpack_latents(velocity_tokens, height, width)
+
+    def pipeline_sigmas(self, num_steps: int) -> np.ndarray | None:
+        return np.linspace(1.0, 1 / num_steps, num_steps)  # as FluxControlNetPipeline
 
     # -- the ControlNet -------------------------------------------------------------------------------------
 

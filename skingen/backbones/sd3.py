@@ -108,15 +108,8 @@ class SD3Backbone(FlowMatchingBackbone):
     def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype) -> DenoiserOutput:
         latents, noise, sigmas, noisy = self.flow_step(batch, weight_dtype)
         timesteps = batch["timesteps"].float()
-        prompt_embeds = batch["prompt_embeds"].to(weight_dtype)
-        pooled = batch["pooled_prompt_embeds"].to(weight_dtype)
-        control = controlnet(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
-                             pooled_projections=pooled, controlnet_cond=self.control_latents(batch, weight_dtype),
-                             return_dict=False)[0]
-        velocity = self.denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
-                                 pooled_projections=pooled,
-                                 block_controlnet_hidden_states=[sample.to(weight_dtype) for sample in control],
-                                 return_dict=False)[0]
+        velocity = self.velocity(noisy, timesteps, batch, self.control_latents(batch, weight_dtype), controlnet,
+                                 weight_dtype)
         if self.args.precondition_outputs:
             model_pred, target = velocity * (-sigmas) + noisy, latents
         else:
@@ -132,6 +125,17 @@ class SD3Backbone(FlowMatchingBackbone):
         return DenoiserOutput(model_pred=model_pred, target=target, latents=latents, noisy_latents=noisy, noise=noise,
                               timesteps=timesteps, estimate_x0=estimate_x0, signal=(1 - sigmas.flatten()) ** 2,
                               weighting=self.loss_weighting(sigmas))
+
+    def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor, controlnet,
+                 weight_dtype: torch.dtype) -> torch.Tensor:
+        prompt_embeds = prompts["prompt_embeds"].to(weight_dtype)
+        pooled = prompts["pooled_prompt_embeds"].to(weight_dtype)
+        samples = controlnet(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
+                             pooled_projections=pooled, controlnet_cond=control, return_dict=False)[0]
+        return self.denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
+                             pooled_projections=pooled,
+                             block_controlnet_hidden_states=[sample.to(weight_dtype) for sample in samples],
+                             return_dict=False)[0]
 
     # -- the ControlNet -------------------------------------------------------------------------------------
 
