@@ -406,15 +406,16 @@ def set_up(args, accelerator, extra_losses: tuple[ExtraLoss, ...]) -> Run:
                repo_id=repo_id)
 
 
-def fill_caches(run: Run) -> None:
-    """Cache every caption the run can use (dropout's "" and validation prompts included), then latents; build the
-    training samples (and the held-out ones of the fixed-timestep losses); move the frozen models where the loop
-    needs them."""
+def fill_caches(run: Run, extra_captions: Sequence[str] = ()) -> None:
+    """Cache every caption the run can use (dropout's "" and validation prompts included, and ``extra_captions``),
+    then latents; build the training samples (and the held-out ones of the fixed-timestep losses); move the frozen
+    models where the loop needs them."""
     args, accelerator, backbone = run.args, run.accelerator, run.backbone
     cache_root = Path(args.embeddings_cache_dir) if args.embeddings_cache_dir else run.output_dir / "cache"
     captions = set(run.dataset["text"]) | (set(run.held_out["text"]) if run.held_out is not None else set())
     # "" also serves validation as the negative prompt.
     captions |= {pair.prompt for pair in run.pairs} | ({""} if args.proportion_empty_prompts > 0 or run.pairs else set())
+    captions |= set(extra_captions)
     _report_truncated_captions(backbone, sorted(set(run.dataset["text"])), accelerator)
     run.text_cache, run.cache_stats = _cache_text_embeddings(args, accelerator, backbone, captions, run.weight_dtype,
                                                              cache_root)

@@ -243,7 +243,9 @@ def test_short_run_saves_a_controlnet_diffusers_loads_with_logs_grid_and_card(
     result = _train(_argv(base, dataset, out, "--max_train_steps", 2, "--num_inner_epochs", 2,
                           "--reward", "edge_f1=1,ocr_ned=1", "--report_to", "tensorboard",
                           "--validation_split", "validation", "--validation_inference_steps", 3,
-                          "--num_validation_images", 1, "--validation_steps", 2))
+                          "--num_validation_images", 1, "--validation_steps", 2,
+                          # SD3 samples with classifier-free guidance (the empty prompt as the negative), as Flow-GRPO.
+                          *(["--sample_guidance_scale", 4.5] if family == "sd3" else [])))
     assert result.global_step == 2
     trained = getattr(diffusers, CONTROLNET_CLASS[family]).from_pretrained(out)
     start = getattr(diffusers, CONTROLNET_CLASS[family]).from_pretrained(base / "controlnet")

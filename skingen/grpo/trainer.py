@@ -94,7 +94,8 @@ def set_up_grpo(args, accelerator) -> GRPORun:
     if args.validation_split is not None:  # the held-out controls the rewards are measured on
         with accelerator.main_process_first():
             run.held_out = load_training_rows(args, split=args.validation_split, max_samples=args.validation_rows)
-    fill_caches(run)
+    # The empty prompt is the negative one of classifier-free guidance in the rollouts.
+    fill_caches(run, extra_captions=[""] if args.sample_guidance_scale > 1 else [])
     reference = copy.deepcopy(run.controlnet).requires_grad_(False).eval().to(run.device, run.weight_dtype)
     weights = args.reward_weights
     ocr = get_ocr(args.ocr_backend) if any(name.startswith("ocr") for name in weights) else None
@@ -160,12 +161,26 @@ def expand(batch: dict, times: int) -> dict[str, torch.Tensor]:
 
 
 def velocity_of(grpo: GRPORun, controlnet, prompts: dict, control: torch.Tensor):
+    """The sampler's velocity field: ControlNet + denoiser (the backbone's own call), with classifier-free guidance
+    ``u + g (c - u)`` under ``--sample_guidance_scale`` g > 1 (the unconditional half without gradients, as
+    Flow-GRPO)."""
     run = grpo.run
+    backbone, dtype = run.backbone, run.weight_dtype
+    scale = run.args.sample_guidance_scale
+    if scale <= 1:
+        return lambda latents, timesteps: backbone.velocity(latents.to(dtype), timesteps, prompts, control, controlnet,
+                                                            dtype).float()
+    empty = run.text_cache.load("")
+    batch_size = control.shape[0]
+    both = {key: torch.cat([value, empty[key][None].to(value).expand_as(value)])
+            for key, value in prompts.items() if key in empty}
 
-    def velocity(latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return run.backbone.velocity(latents.to(run.weight_dtype), timesteps, prompts, control, controlnet,
-                                     run.weight_dtype).float()
-    return velocity
+    def guided(latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        velocity = backbone.velocity(torch.cat([latents, latents]).to(dtype), torch.cat([timesteps, timesteps]), both,
+                                     torch.cat([control, control]), controlnet, dtype).float()
+        conditional, unconditional = velocity[:batch_size], velocity[batch_size:].detach()
+        return unconditional + scale * (conditional - unconditional)
+    return guided
 
 
 def sample_images(grpo: GRPORun, batch: dict, seeds: list[int], *, group: int, steps: int, noise_level: float,
