@@ -78,6 +78,9 @@ def add_grpo_arguments(parser: argparse.ArgumentParser, family: str) -> None:
                        help="Divide advantages by the std of all rewards of the step instead of each group's.")
     # Rollouts decode sampled latents; the training images' latents are never needed.
     parser.set_defaults(cache_latents=False)
+    for action in parser._actions:
+        if action.dest == "train_batch_size":
+            action.help = "Controls per process and step (each sampled --num_image_per_prompt times)."
 
 
 def validate_grpo_arguments(args: argparse.Namespace) -> None:
