@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -314,6 +313,8 @@ def test_two_processes_match_one_process(request, dataset, tmp_path, one_torch_t
         one = json.loads((tmp_path / f"{family}-one" / "grpo_log.json").read_text(encoding="utf-8"))["steps"]
         two = json.loads((tmp_path / f"{family}-two" / "grpo_log.json").read_text(encoding="utf-8"))["steps"]
         assert two["2"]["reward_edge_f1_mean"] == pytest.approx(one["2"]["reward_edge_f1_mean"], abs=1e-6)
+        # One inner epoch is on-policy: the update recomputes the sampler's own log-probabilities (ratio 1).
+        assert one["1"]["clip_fraction"] == 0 and one["1"]["approx_kl"] < 1e-10, family
 
 
 # ---------------------------------------------------------------------------------------------------------------
