@@ -39,7 +39,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 # steps while training and 8 ODE steps for the held-out rewards (Flow-GRPO: 10 and 40). Clip range and KL weight are
 # Flow-GRPO's OCR setting; 2 inner epochs so that the second update is off-policy and the clip acts.
 GRPO_FLAGS = ["--train_batch_size", "2", "--num_image_per_prompt", "4", "--train_sampling_steps", "4",
-              "--timestep_fraction", "0.99", "--noise_level", "0.7", "--clip_range", "1e-4", "--adv_clip_max", "5",
+              "--timestep_fraction", "1.0", "--noise_level", "0.7", "--clip_range", "1e-4", "--adv_clip_max", "5",
               "--beta", "0.04", "--num_inner_epochs", "2", "--reward", "edge_f1=1", "--ocr_backend", "none",
               "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_sequence_length", "32",
               "--validation_split", "validation", "--validation_inference_steps", "8", "--num_validation_images", "2",

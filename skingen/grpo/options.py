@@ -69,8 +69,10 @@ def add_grpo_arguments(parser: argparse.ArgumentParser, family: str) -> None:
                             "over latent elements, so ratios stay near 1).")
     group.add_argument("--adv_clip_max", type=float, default=5.0, help="Advantages are clipped to +-this.")
     group.add_argument("--beta", type=float, default=0.04, help="Weight of the KL penalty to the starting ControlNet.")
-    group.add_argument("--timestep_fraction", type=float, default=0.99,
-                       help="Fraction of the sampling steps (the first ones) that are trained on.")
+    group.add_argument("--timestep_fraction", type=float, default=1.0,
+                       help="Fraction of the sampling steps (the first ones) that are trained on (Flow-GRPO's OCR "
+                            "setting: 0.99 of 10; with few steps, leaving out the last can turn the gradient's sign: "
+                            "docs/grpo.md).")
     group.add_argument("--num_inner_epochs", type=int, default=1,
                        help="Optimizer steps on each set of rollouts (from the second on, the ratio is off-policy "
                             "and clipping acts).")
