@@ -33,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--controls", type=int, default=2, help="controls per step (--train_batch_size)")
     parser.add_argument("--group", type=int, default=4, help="--num_image_per_prompt")
     parser.add_argument("--train_sampling_steps", type=int, default=4)
+    parser.add_argument("--timestep_fraction", type=float, default=1.0)
     parser.add_argument("--num_inner_epochs", type=int, default=2)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--reward", default="edge_f1")
@@ -82,8 +83,9 @@ def measure(args, family: str) -> dict:
         "--pretrained_model_name_or_path", str(work / "base"), "--controlnet_model_name_or_path",
         str(work / "base" / "controlnet"), "--train_data_dir", str(work / "data"), "--output_dir", str(work / "out"),
         "--resolution", str(args.resolution), "--train_batch_size", str(args.controls), "--num_image_per_prompt",
-        str(args.group), "--train_sampling_steps", str(args.train_sampling_steps), "--num_inner_epochs",
-        str(args.num_inner_epochs), "--beta", str(args.beta), "--reward", args.reward, "--max_sequence_length", "32",
+        str(args.group), "--train_sampling_steps", str(args.train_sampling_steps),
+        "--timestep_fraction", str(args.timestep_fraction), "--num_inner_epochs", str(args.num_inner_epochs),
+        "--beta", str(args.beta), "--reward", args.reward, "--max_sequence_length", "32",
         "--max_train_steps", str(args.steps + 1), "--report_to", "none", "--seed", "0", "--learning_rate", "1e-4",
         *(["--ocr_backend", "none"] if "ocr" not in args.reward else [])])
     grpo = set_up_grpo(options, Accelerator())
@@ -118,7 +120,7 @@ def measure(args, family: str) -> dict:
 def passes(args) -> dict:
     """Transformer passes of one step, in images (each pass: ControlNet + denoiser on one image)."""
     images = args.controls * args.group
-    trained = int(args.train_sampling_steps * 0.99)
+    trained = int(args.train_sampling_steps * args.timestep_fraction)
     return {"images": images, "sampling_forwards": images * args.train_sampling_steps,
             "update_forward_backward": images * trained * args.num_inner_epochs,
             "reference_forwards": images * trained * args.num_inner_epochs * (args.beta > 0)}
@@ -133,9 +135,10 @@ def main(argv=None) -> None:
            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": str(args.threads)}
     counts = passes(args)
-    print(f"{args.controls} controls x {args.group} images, {args.train_sampling_steps} SDE steps "
-          f"({int(args.train_sampling_steps * 0.99)} trained), {args.num_inner_epochs} inner epochs, beta {args.beta}, "
-          f"reward {args.reward}, {args.resolution} px, {args.threads} thread(s)")
+    trained = int(args.train_sampling_steps * args.timestep_fraction)
+    print(f"{args.controls} controls x {args.group} images, {args.train_sampling_steps} SDE steps ({trained} trained), "
+          f"{args.num_inner_epochs} inner epochs, beta {args.beta}, reward {args.reward}, {args.resolution} px, "
+          f"{args.threads} thread(s)")
     print(f"passes per step: {counts}")
     print("| family | sampling s | decode + rewards s | update s (per inner epoch) | step s |")
     print("|---|---|---|---|---|")
