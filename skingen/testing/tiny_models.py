@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
+from ..backbones import FAMILIES, backbone_class
 from ..errors import SkingenError
 from ..fileio import AtomicDirectory
 from .tiny_sdxl import EOS_TOKEN, TOKENIZER_MAX_LENGTH, build_clip_tokenizer, build_tiny_sdxl
 
-BACKBONES = ("sdxl", "sd3", "flux")
+BACKBONES = tuple(FAMILIES)  # every registered family has a tiny builder here (its Backbone.tiny_builder)
 T5_MAX_LENGTH = 512  # model_max_length of the T5 tokenizers shipped with SD3 and FLUX
 
 # Sizes of the tiny SD3/FLUX models: a training step at 64-128 px takes a few tens of milliseconds on one CPU core.
@@ -314,15 +315,14 @@ def build_tiny_pipeline(
     backbone: str, out_dir: str | os.PathLike, *, seed: int = 0, controlnet: bool = False, preset: str = "tiny"
 ) -> Path:
     """Build the tiny pipeline of ``backbone`` (sdxl, sd3 or flux); ``preset`` applies to SDXL (tiny, small)."""
-    if backbone == "sdxl":
+    if backbone not in BACKBONES:
+        raise SkingenError(f"--backbone {backbone!r}: unknown backbone; choose one of {', '.join(BACKBONES)}")
+    builder = globals()[backbone_class(backbone).tiny_builder]
+    if builder is build_tiny_sdxl:
         return build_tiny_sdxl(out_dir, preset=preset, seed=seed, controlnet=controlnet)
     if preset != "tiny":
         raise SkingenError(f"--preset {preset}: the {backbone} pipeline has only the 'tiny' preset")
-    if backbone == "sd3":
-        return build_tiny_sd3(out_dir, seed=seed, controlnet=controlnet)
-    if backbone == "flux":
-        return build_tiny_flux(out_dir, seed=seed, controlnet=controlnet)
-    raise SkingenError(f"--backbone {backbone!r}: unknown backbone; choose one of {', '.join(BACKBONES)}")
+    return builder(out_dir, seed=seed, controlnet=controlnet)
 
 
 def fit_latent_shift(pipeline_dir: str | os.PathLike, images) -> dict[str, float]:

@@ -112,7 +112,7 @@ def log_validation(pairs: Sequence[ValidationPair], *, args, accelerator, backbo
                 torch.manual_seed(seed + index)
                 images.append(pipeline(
                     **prompt, **negative, **{family.control_image_argument: pair.pipeline_image()},
-                    height=args.resolution, width=args.resolution, guidance_scale=guidance_scale,
+                    height=args.resolution, width=args.resolution, **{family.guidance_argument: guidance_scale},
                     num_inference_steps=args.validation_inference_steps,
                     generator=torch.Generator().manual_seed(seed + index),
                 ).images[0])
