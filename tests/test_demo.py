@@ -129,7 +129,7 @@ def test_pretrained_base_is_cached_by_its_settings(tmp_path, cjk_font):
     assert record["images"] == 3 and record["settings"]["max_train_steps"] == 3
     # The UNet was trained: it differs from the random one a fresh build writes.
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
-    from skingen.models import build_tiny_sdxl
+    from skingen.testing.tiny_sdxl import build_tiny_sdxl
 
     build_tiny_sdxl(tmp_path / "random", seed=0)
     random_unet = UNet2DConditionModel.from_pretrained(tmp_path / "random" / "unet")
@@ -212,7 +212,7 @@ def test_pretraining_refuses_a_rate_that_is_not_positive(flag):
 def test_edge_f1_room_separates_a_skins_own_edges_from_another_skins(tmp_path):
     from PIL import ImageDraw
 
-    from skingen.glyphs import canny_control
+    from skingen.prep.glyphs import canny_control
 
     report = load_script("scripts/demo_report.py")
     rows = []
@@ -231,7 +231,7 @@ def test_edge_f1_room_separates_a_skins_own_edges_from_another_skins(tmp_path):
     assert "scores 1.000" in line and f"{1.0 - room['other_skin']:+.3f}" in line
 
     # Through a real (random tiny) VAE the same numbers come out, in [0, 1].
-    from skingen.models import build_tiny_sdxl
+    from skingen.testing.tiny_sdxl import build_tiny_sdxl
 
     build_tiny_sdxl(tmp_path / "base", seed=0)
     room = report.edge_f1_room(rows, report.vae_reconstructor(tmp_path / "base" / "vae", (64, 64)))
@@ -241,7 +241,7 @@ def test_edge_f1_room_separates_a_skins_own_edges_from_another_skins(tmp_path):
 def test_control_specificity_tells_an_output_that_follows_its_control_from_one_that_ignores_it(tmp_path):
     from PIL import ImageDraw
 
-    from skingen.glyphs import canny_control
+    from skingen.prep.glyphs import canny_control
 
     report = load_script("scripts/demo_report.py")
     boxes = [(8, 8, 40, 30), (30, 34, 60, 60), (4, 40, 24, 60)]
