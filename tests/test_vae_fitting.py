@@ -4,6 +4,7 @@ SDXL built around a fitted VAE."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -30,9 +31,9 @@ def held_out_atlases(tmp_path, seed: int) -> list:
     """Key-element atlases at 512 px of 4 synthetic skins with picture backgrounds, none of the VAE's (seed 7000)."""
     import subprocess
 
-    subprocess.run(["python3", "scripts/make_synthetic_skins.py", "--out", str(tmp_path / "skins"), "--n", "4",
+    subprocess.run([sys.executable, "scripts/make_synthetic_skins.py", "--out", str(tmp_path / "skins"), "--n", "4",
                     "--seed", str(seed), "--picture_fraction", "1"], cwd=REPO, check=True, capture_output=True)
-    subprocess.run(["python3", "merge_elements.py", "--packages_dir", str(tmp_path / "skins"), "--layout",
+    subprocess.run([sys.executable, "merge_elements.py", "--packages_dir", str(tmp_path / "skins"), "--layout",
                     "key_elements", "--resolution", "512", "--output_dir", str(tmp_path / "atlases")],
                    cwd=REPO, check=True, capture_output=True)
     return sorted((tmp_path / "atlases" / "images").glob("*.png"))
@@ -215,9 +216,9 @@ def test_pretraining_around_a_fitted_vae_keeps_it_and_caches_by_its_bytes(tmp_pa
 
     from safetensors.torch import load_file
 
-    subprocess.run(["python3", "scripts/make_synthetic_skins.py", "--out", str(tmp_path / "skins"), "--n", "2",
+    subprocess.run([sys.executable, "scripts/make_synthetic_skins.py", "--out", str(tmp_path / "skins"), "--n", "2",
                     "--seed", "6"], cwd=REPO, check=True, capture_output=True)
-    subprocess.run(["python3", "merge_elements.py", "--packages_dir", str(tmp_path / "skins"), "--layout",
+    subprocess.run([sys.executable, "merge_elements.py", "--packages_dir", str(tmp_path / "skins"), "--layout",
                     "key_elements", "--resolution", "512", "--output_dir", str(tmp_path / "corpus")],
                    cwd=REPO, check=True, capture_output=True)
     for name, steps in (("vae_a", 2), ("vae_b", 3)):
