@@ -19,9 +19,9 @@ import argparse
 from collections.abc import Sequence
 
 from skingen.errors import run_cli
-from skingen.grpo.options import add_grpo_arguments, family_from_argv, validate_grpo_arguments
-from skingen.grpo.trainer import train_grpo
-from skingen.training import build_arg_parser, parse_training_args
+from skingen.train.grpo.options import add_grpo_arguments, family_from_argv, validate_grpo_arguments
+from skingen.train.grpo.trainer import train_grpo
+from skingen.train.loop import build_arg_parser, parse_training_args
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

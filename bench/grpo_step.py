@@ -6,7 +6,7 @@ ControlNet's forward for the KL). Also counts the transformer passes a step cost
     python bench/grpo_step.py --threads 1                         # tiny SD3 and FLUX at 64 px, CPU
     python bench/grpo_step.py --reward edge_f1,ocr_ned --resolution 128
 
-Runs the trainer's own functions (skingen.grpo.trainer) on tiny random-weight pipelines built offline; each family in
+Runs the trainer's own functions (skingen.train.grpo.trainer) on tiny random-weight pipelines built offline; each family in
 a fresh process. The first step is a warm-up and is not counted; the median of the rest is reported.
 """
 
@@ -69,10 +69,10 @@ def measure(args, family: str) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from skingen.grpo.objective import group_advantages
-    from skingen.grpo.trainer import prepare, reward_inputs, sample_images, set_up_grpo, update
-    from skingen.tiny_models import build_tiny_pipeline
-    from skingen.training_data import GlobalBatchSampler, batch_to_device, collate_samples, sample_seed
+    from skingen.testing.tiny_models import build_tiny_pipeline
+    from skingen.train.batches import GlobalBatchSampler, batch_to_device, collate_samples, sample_seed
+    from skingen.train.grpo.objective import group_advantages
+    from skingen.train.grpo.trainer import prepare, reward_inputs, sample_images, set_up_grpo, update
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="grpo_bench_"))
@@ -105,7 +105,7 @@ def measure(args, family: str) -> dict:
         scores = grpo.rewards.score(images, reward_inputs(batch, args.group))
         total = torch.tensor(grpo.rewards.total(scores), dtype=torch.float32)
         scored = time.perf_counter()
-        from skingen.grpo.trainer import Rollouts
+        from skingen.train.grpo.trainer import Rollouts
 
         rollouts = Rollouts(trajectories, prompts, control, scores, group_advantages(total, args.group))
         for _ in range(args.num_inner_epochs):

@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 from textimages import SKIN_TEXTS, skin_with_texts
 
 from skingen.errors import SkingenError, run_cli
-from skingen.grpo.objective import group_advantages, grpo_loss
-from skingen.grpo.rewards import RewardInput, Rewards, parse_reward_weights
-from skingen.grpo.sde import sample_trajectories, sde_step, trajectory_noise
+from skingen.train.grpo.objective import group_advantages, grpo_loss
+from skingen.train.grpo.rewards import RewardInput, Rewards, parse_reward_weights
+from skingen.train.grpo.sde import sample_trajectories, sde_step, trajectory_noise
 
 FAMILIES = ("sd3", "flux")
 CONTROLNET_CLASS = {"sd3": "SD3ControlNetModel", "flux": "FluxControlNetModel"}
@@ -182,8 +182,8 @@ def test_grpo_steps_raise_the_reward_of_a_toy_flow_when_every_step_is_trained():
 def test_rewards_equal_evaluate_py_metrics_on_the_same_images(tmp_path):
     import evaluate
     from skingen.fileio import write_jsonl
-    from skingen.glyphs import canny_control
-    from skingen.ocr import get_ocr
+    from skingen.prep.glyphs import canny_control
+    from skingen.prep.ocr import get_ocr
 
     (tmp_path / "run" / "images").mkdir(parents=True)
     truth, quads = skin_with_texts(SKIN_TEXTS, size=(480, 160))
@@ -260,7 +260,7 @@ def _argv(base: Path, dataset: Path, out: Path, *extra) -> list[str]:
 
 
 def _train(argv):
-    from skingen.grpo.trainer import train_grpo
+    from skingen.train.grpo.trainer import train_grpo
 
     return train_grpo(load_script("train_controlnet_grpo.py").parse_args(argv))
 
