@@ -9,9 +9,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..errors import SkingenError
+from ..ocr import TextLine
 from .package import BdsPackage, is_bds_package
 from .render import demo_edge_f1, render_keyboard
 
@@ -44,3 +45,18 @@ def render_package_row(path: str | os.PathLike, name: str, keyboard: str, orient
             "box": rendered.boxes, "texts": rendered.texts, "texts_exact": True, "items": rendered.items,
         }  # fmt: skip
         return PackageRow(rendered.image, row, list(package.warnings), f1)
+
+
+def exact_text_lines(row_raw: dict) -> list:
+    """The row's own labelled boxes as text lines (score 1), for rows whose ``texts_exact`` says no OCR is needed."""
+    return [TextLine(quad, text, 1.0) for quad, text in zip(row_raw.get("box", []), row_raw.get("texts", [])) if text.strip()]
+
+
+def boxes_template(size: tuple[int, int], quads: list, line_width: int = 2) -> Image.Image:
+    """A row's own layout template: white outlines of its boxes on black (its keyboard's keys)."""
+    template = Image.new("RGB", size, (0, 0, 0))
+    draw = ImageDraw.Draw(template)
+    for quad in quads:
+        xs, ys = [p[0] for p in quad], [p[1] for p in quad]
+        draw.rectangle((round(min(xs)), round(min(ys)), round(max(xs)) - 1, round(max(ys)) - 1), outline=(255, 255, 255), width=line_width)
+    return template
