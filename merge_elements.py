@@ -33,15 +33,15 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from skingen.bds.atlas import open_any_package
+from skingen.bds.dataset import PACKAGE_LAYOUT, render_package_row
+from skingen.bds.writer import split_to_bds
 from skingen.config import parse_args_with_config
 from skingen.data import read_rows, write_rows
 from skingen.element_maps import ElementMap, check_map_against_layout, load_element_map
 from skingen.errors import SkingenError, run_cli
 from skingen.fileio import atomic_save_image, atomic_write_json, remove_stale_temp_files
 from skingen.layout import LAYOUT_RECORD, Layout, compose_package, load_layout, split_atlas
-from skingen.bds.atlas import open_any_package
-from skingen.bds.dataset import PACKAGE_LAYOUT, render_package_row
-from skingen.bds.writer import split_to_bds
 from skingen.skins import check_unique_names, list_packages, package_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -125,7 +125,8 @@ def merge_one(job: tuple[str, Layout, ElementMap | None, str, bool]) -> dict:
     atomic_save_image(composition.alpha, Path(dataset_dir) / MASKS_DIR / f"{name}.png")
     atomic_save_image(composition.image, Path(dataset_dir) / "images" / f"{name}.png")
     warning = "; ".join(filter(None, [composition.warning, *getattr(package, "warnings", [])])) or None  # a .bds's missing parts
-    return {"package": name, "placements": composition.placements, "unused": composition.unused,
+    source = {"source_package": str(Path(package_path).resolve())} if hasattr(package, "views") else {}  # a .bds
+    return {"package": name, "placements": composition.placements, "unused": composition.unused, **source,
             "warning": warning, "choices": composition.choices}  # fmt: skip
 
 
@@ -192,7 +193,8 @@ def merge_packages(args: argparse.Namespace, layout: Layout, element_map: Elemen
             if args.verbose:
                 tqdm.write("\n".join(result["choices"]))
             saver.add(name, {"image": f"images/{name}.png", "package": name, "layout": layout.name,
-                             "elements": result["placements"]})  # fmt: skip
+                             "elements": result["placements"],
+                             **({"source_package": result["source_package"]} if "source_package" in result else {})})  # fmt: skip
     finally:
         if pool is not None:
             pool.terminate()

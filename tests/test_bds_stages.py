@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from repo_scripts import load_script
 
 import evaluate
 import merge_elements
 import render_glyphs
-from repo_scripts import load_script
 from skingen.data import read_rows
 
 

@@ -69,10 +69,10 @@ def test_written_zip_has_the_package_structure(package_dataset, tmp_path):
         assert not any(name.endswith("/") for name in names)
         tops = [name.split("/")[0] for name in names[2:]]
         assert tops == sorted(tops, key=["port", "land", "res"].index)
-        sheet = f"res/skingen_py_9_port"
+        sheet = "res/skingen_py_9_port"
         assert {f"{sheet}.png", f"{sheet}.til", f"{sheet}_hl.png", f"{sheet}_hl.til", "port/py_9.ini", "res/default.css"} <= set(names)
         css = archive.read("res/default.css").decode("utf-8-sig")
-        assert f"NM_IMG=skingen_py_9_port,1" in css and "HL_IMG=skingen_py_9_port_hl,1" in css
+        assert "NM_IMG=skingen_py_9_port,1" in css and "HL_IMG=skingen_py_9_port_hl,1" in css
 
 
 def test_rerun_keeps_written_packages_and_stock_template_without_a_source(tmp_path, capsys):
@@ -88,3 +88,30 @@ def test_rerun_keeps_written_packages_and_stock_template_without_a_source(tmp_pa
     merge_elements.main(argv)
     assert (tmp_path / "out" / "mine.bds").stat().st_mtime_ns == stamp
     assert "(1 already there)" in capsys.readouterr().out
+
+
+def test_atlas_from_a_bds_is_written_back_into_its_package(tmp_path, cjk_font):
+    skin = write_synthetic_bds(tmp_path, 3, seed=2, font=str(cjk_font), as_zip=True)
+    merge = ["--layout", "key_elements", "--element_map", "baidu", "--resolution", "512"]
+    merge_elements.main(["--package", str(skin), *merge, "--output_dir", str(tmp_path / "ds")])
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    atlas = Image.open(tmp_path / "ds" / "images" / f"{skin.stem}.png").convert("RGB")
+    Image.fromarray(255 - np.asarray(atlas)).save(generated / f"{skin.stem}.png")  # a new look, same layout
+    merge_elements.main(["--split", "--format", "bds", "--input", str(generated), "--dataset_dir", str(tmp_path / "ds"),
+                         "--layout", "key_elements", "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    merge_elements.main(["--package", str(tmp_path / "out" / f"{skin.stem}.bds"), *merge, "--output_dir", str(tmp_path / "back")])
+    back = np.asarray(Image.open(tmp_path / "back" / "images" / f"{skin.stem}.png").convert("RGB")).astype(int)
+    wanted = np.asarray(Image.open(generated / f"{skin.stem}.png")).astype(int)
+    row = json.loads((tmp_path / "back" / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    boxes = {e["id"]: e["box"] for e in row["elements"]}
+    for element in ("candidate_bar", "key_26_bg", "key_9_bg", "keyboard_bg"):  # one style each: written back
+        x0, y0, x1, y1 = boxes[element]
+        assert np.abs(back[y0:y1, x0:x1] - wanted[y0:y1, x0:x1]).mean() < 1.0, element
+    # the package's own keyboard now draws its letter keys with the new sprite
+    with BdsPackage(tmp_path / "out" / f"{skin.stem}.bds") as package, BdsPackage(skin) as source:
+        old = render_keyboard(source, source.keyboard("py_26", "port")).image
+        new = render_keyboard(package, package.keyboard("py_26", "port")).image
+        x, y, w, h = next(k.rect for k in source.keyboard("py_26", "port").keys if k.values.get("CENTER") == "a")
+    centre_old, centre_new = np.asarray(old)[y + 3, x + w // 2], np.asarray(new)[y + 3, x + w // 2]
+    assert np.abs(centre_new.astype(int) - (255 - centre_old.astype(int))).max() <= 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from ..drawables import to_rgba
@@ -196,3 +197,12 @@ def til_sections(rects: list[tuple[int, int, int, int]], inners: list[tuple[int,
         sections.append((f"IMG{index}", {"SOURCE_RECT": f"{x},{y},{w},{h}",
                                           "INNER_RECT": f"{x + ix},{y + iy},{ix1 - ix},{iy1 - iy}"}))  # fmt: skip
     return sections
+
+
+PRESSED_SHADE = 0.8  # a written package's pressed state: its normal sprites darkened
+
+
+def pressed(sheet: Image.Image) -> Image.Image:
+    """The pressed-state sheet of a written package: the same sprites, darkened, alpha kept."""
+    pixels = np.asarray(sheet.convert("RGBA")).astype(np.float32)
+    return Image.fromarray(np.dstack([np.rint(pixels[..., :3] * PRESSED_SHADE), pixels[..., 3:]]).astype(np.uint8), "RGBA")

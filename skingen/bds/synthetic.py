@@ -207,12 +207,12 @@ def build_files(rng: random.Random, font: str) -> tuple[dict[str, bytes], Image.
         if sheet in ("letter", "icon"):  # fixed-size sprites: an empty INNER_RECT
             files[f"res/{sheet}.til"] = ini([(n, {k: (v if k != "INNER_RECT" else "0,0,0,0") for k, v in d.items()})
                                              for n, d in til_sections(rects, [None] * len(rects))])  # fmt: skip
-    colour = "FF%02X%02X%02X" % look.ink[:3]
+    colour = "FF{:02X}{:02X}{:02X}".format(*look.ink[:3])
     styles = [(f"STYLE{PANEL}", {"NM_IMG": "bj,1", "HL_IMG": "bj,1"}), (f"STYLE{BAR_BG}", {"NM_IMG": "bj,2"}),
               (f"STYLE{KEY_BG}", {"NM_IMG": "keys,1", "HL_IMG": "keys,2"}), (f"STYLE{FUNC_BG}", {"NM_IMG": "keys,3", "HL_IMG": "keys,4"}),
               (f"STYLE{TEXT}", {"FONT_SIZE": 15, "NM_COLOR": colour, "HL_COLOR": colour}),
               (f"STYLE{SMALL_TEXT}", {"FONT_SIZE": 13, "NM_COLOR": colour}),
-              (f"STYLE{LIST_BG}", {"NM_COLOR": "FF%02X%02X%02X" % look.func}),
+              (f"STYLE{LIST_BG}", {"NM_COLOR": "FF{:02X}{:02X}{:02X}".format(*look.func)}),
               (f"STYLE{LOGO}", {"NM_IMG": "icon,5"}), (f"STYLE{HIDE}", {"NM_IMG": "icon,6"})]  # fmt: skip
     styles += [(f"STYLE{sid}", {"NM_IMG": f"letter,{i + 1}"}) for i, sid in enumerate(_letter_ids().values())]
     styles += [(f"STYLE{sid}", {"NM_IMG": f"letter,{27 + int(d)}"}) for d, sid in _digit_ids().items()]

@@ -18,21 +18,21 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data import read_rows
 from ..errors import SkingenError
 from ..images import open_rgb
+from ..layout import Layout, load_layout
 from .archive import write_bds
+from .atlas_writer import write_atlas_bds
 from .ini import IniFile, format_ini
 from .package import BdsPackage, Keyboard
-from .resources import pack_sheet, til_sections
+from .resources import pack_sheet, pressed, til_sections
 
 STOCK_PACKAGE = Path(__file__).resolve().parent.parent.parent / "configs" / "bds" / "stock.bds"
 STOCK_KEYBOARD = ("py_26", "port")
-PRESSED_SHADE = 0.8  # the pressed state: the normal sprite darkened
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -83,11 +83,9 @@ class _Sprites:
 
     def files(self) -> dict[str, bytes]:
         sheet, rects = pack_sheet(self.crops, max(64, self.image.width))
-        pixels = np.asarray(sheet).astype(np.float32)
-        pressed = Image.fromarray(np.dstack([np.rint(pixels[..., :3] * PRESSED_SHADE), pixels[..., 3:]]).astype(np.uint8), "RGBA")
         til = format_ini(til_sections(rects, [None] * len(rects), use_alpha=0))
         out = {}
-        for name, picture in ((self.sheet, sheet), (f"{self.sheet}_hl", pressed)):
+        for name, picture in ((self.sheet, sheet), (f"{self.sheet}_hl", pressed(sheet))):
             buffer = io.BytesIO()
             picture.save(buffer, format="PNG")
             out[f"res/{name}.png"], out[f"res/{name}.til"] = buffer.getvalue(), til
@@ -178,13 +176,29 @@ def write_keyboard_bds(image: Image.Image, source: str | Path, keyboard: str, or
     return write_bds(out_path, files)
 
 
+def _atlas_job(path: Path, row: dict, args: argparse.Namespace) -> tuple[Layout, Image.Image | None]:
+    """The layout an atlas row was merged with (boxes checked) and its saved alpha."""
+    with Image.open(path) as image:
+        width = image.width
+    layout = load_layout(args.layout, args.resolution if args.resolution is not None else width)
+    boxes = {e.id: list(e.box) for e in layout.elements}
+    if any(boxes.get(r.get("id")) != r.get("box") for r in row["elements"]):
+        raise SkingenError(
+            f"{path}: the row of '{path.stem}' in {args.dataset_dir} was merged with other boxes than layout "
+            f"'{layout.name}' at {layout.width}x{layout.height}; pass the --layout and --resolution it was merged with"
+        )
+    mask = Path(args.dataset_dir) / "masks" / f"{path.stem}.png"
+    alpha = Image.open(mask).convert("L") if mask.is_file() else None
+    return layout, alpha
+
+
 def split_to_bds(args: argparse.Namespace) -> None:
     """``--split --format bds``: each --input image as ``<output_dir>/<name>.bds`` on its source package (the
-    dataset row of the same package name gives it) or the stock template."""
+    dataset row of the same package name gives it; a keyboard image or an atlas) or the stock template."""
     source = Path(args.input)
-    inputs = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
     if not source.exists():
         raise SkingenError(f"--input {source}: no such file or folder")
+    inputs = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
     if not inputs:
         raise SkingenError(f"--input {source}: no images ({', '.join(IMAGE_SUFFIXES)}) inside")
     rows = {row.get("package"): row for row in read_rows(Path(args.dataset_dir))} if args.dataset_dir else {}
@@ -195,14 +209,19 @@ def split_to_bds(args: argparse.Namespace) -> None:
         target = output_dir / f"{path.stem}.bds"
         if target.is_file():
             continue  # written atomically by an earlier run: complete
-        row = rows.get(path.stem)
-        if row is not None and row.get("layout") == "package" and Path(str(row.get("source_package"))).exists():
-            package, keyboard, orientation = row["source_package"], row["keyboard"], row["orientation"]
+        row = rows.get(path.stem) or {}
+        known = Path(str(row.get("source_package"))).exists() if row.get("source_package") else False
+        if known and row.get("layout") == "package":
+            write_keyboard_bds(open_rgb(path, str(path)), row["source_package"], row["keyboard"], row["orientation"], target, path.stem)
+        elif known and isinstance(row.get("elements"), list):
+            layout, alpha = _atlas_job(path, row, args)
+            _, kept = write_atlas_bds(open_rgb(path, str(path)), layout, row["elements"], alpha, row["source_package"], target, path.stem)
+            if kept:
+                tqdm.write(f"{path.name}: elements drawn from several layers, not written back (their styles keep the source sprites unless another element gave them new ones): {', '.join(kept)}")
         else:
             if args.dataset_dir:
-                tqdm.write(f"warning: {path.name}: no package row of '{path.stem}' with its source package in "
+                tqdm.write(f"warning: {path.name}: no row of '{path.stem}' with its source package in "
                            f"{args.dataset_dir}; written on the stock template {STOCK_PACKAGE.name}")
-            package, (keyboard, orientation) = STOCK_PACKAGE, STOCK_KEYBOARD
-        write_keyboard_bds(open_rgb(path, str(path)), package, keyboard, orientation, target, path.stem)
+            write_keyboard_bds(open_rgb(path, str(path)), STOCK_PACKAGE, *STOCK_KEYBOARD, target, path.stem)
         written += 1
     print(f"wrote {written} .bds packages into {output_dir} ({len(inputs) - written} already there)")
