@@ -56,8 +56,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--packages_dir", default=None, help="folder whose sub-folders and .zip files are skin packages")
     parser.add_argument("--package", nargs="+", default=None, help="one or more package folders / .zip files")
     parser.add_argument("--layout", default="key_elements", help="a name in configs/layouts/ or a path to a .yaml spec; 'package': each Baidu package's own --keyboard")
-    parser.add_argument("--keyboard", default="py_26", help="with --layout package: the keyboard file of the package to draw (py_26, py_9, en_26, symbol, ...)")
-    parser.add_argument("--orientation", default="port", choices=("port", "land"), help="with --layout package: portrait or landscape keyboards")
+    parser.add_argument("--keyboard", default=None, help="with --layout package: the keyboard file of the package to draw (py_26, py_9, en_26, symbol, ...; default py_26)")
+    parser.add_argument("--orientation", default=None, choices=("port", "land"), help="with --layout package: portrait or landscape keyboards (default port)")
     parser.add_argument("--format", default="folder", choices=("folder", "bds"), help="with --split: package folders with skin.yaml, or Baidu .bds files")
     parser.add_argument("--element_map", default=None, help="which files make each element (background, icon, label): a name in configs/element_maps/ (e.g. android) or a path to a .yaml map; a package's skin.yaml wins over it")
     parser.add_argument("--resolution", type=int, default=None, help="canvas width, e.g. 512 or 1024 (default: the layout's first)")
@@ -79,6 +79,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error("give either --packages_dir DIR or --package PATH [PATH ...]")
         if args.input is not None or args.dataset_dir is not None:
             parser.error("--input and --dataset_dir are for --split; merge reads --packages_dir or --package")
+    if args.layout == PACKAGE_LAYOUT:
+        if args.split or args.element_map:
+            parser.error("--layout package draws Baidu packages' own keyboards; --split and --element_map are for atlas layouts")
+        args.keyboard, args.orientation = args.keyboard or "py_26", args.orientation or "port"
+    elif args.keyboard or args.orientation:
+        parser.error("--keyboard and --orientation choose a Baidu package's own keyboard: use them with --layout package")
+    if args.format != "folder" and not args.split:
+        parser.error("--format chooses what --split writes; merging reads every package form by itself")
     if args.num_workers < 1:
         parser.error("--num_workers must be at least 1")
     return args
@@ -236,7 +244,7 @@ def render_one(job: tuple[str, str, str, int | None, str, bool]) -> dict:
             return {"package": name, "skipped": str(err)}
         raise
     atomic_save_image(result.image, Path(dataset_dir) / "images" / f"{name}.png")
-    return {"package": name, "row": {"image": f"images/{name}.png", **result.row}, "warnings": result.warnings,
+    return {"package": name, "row": {"image": f"images/{name}.png", **result.row, "resolution": width}, "warnings": result.warnings,
             "demo_edge_f1": result.demo_f1}  # fmt: skip
 
 
@@ -251,7 +259,7 @@ def merge_package_keyboards(args: argparse.Namespace) -> None:
     (dataset_dir / "images").mkdir(parents=True, exist_ok=True)
     remove_leftovers(dataset_dir, subfolders=("images",))
     rows = read_rows(dataset_dir) if (dataset_dir / ROWS_FILE).is_file() else []
-    wanted = {"keyboard": args.keyboard, "orientation": args.orientation}
+    wanted = {"keyboard": args.keyboard, "orientation": args.orientation, "resolution": args.resolution}
     done = {row.get("package") for row in rows if (dataset_dir / str(row.get("image", ""))).is_file()
             and all(row.get(k) == v for k, v in wanted.items())}  # fmt: skip
     todo = [p for p in paths if package_name(p) not in done]
@@ -283,7 +291,7 @@ def merge_package_keyboards(args: argparse.Namespace) -> None:
     total_warnings = sum(map(len, warnings.values()))
     mean_f1 = sum(faithfulness.values()) / len(faithfulness) if faithfulness else None
     atomic_write_json(dataset_dir / "merge_report.json", {
-        "layout": PACKAGE_LAYOUT, **wanted, "resolution": args.resolution, "merged": len(todo) - len(skipped),
+        "layout": PACKAGE_LAYOUT, **wanted, "merged": len(todo) - len(skipped),
         "already_merged": len(paths) - len(todo), "skipped": skipped, "warnings": warnings,
         "demo_edge_f1": faithfulness, "demo_edge_f1_mean": mean_f1,
     })  # fmt: skip

@@ -199,3 +199,26 @@ def test_atlas_merge_with_the_baidu_element_map(skins, tmp_path):
         bar = package.sprite(package.styles()["2"].normal, "").image.convert("RGB").getpixel((8, 8))
     x0, y0, x1, y1 = next(e["box"] for e in row["elements"] if e["id"] == "candidate_bar")
     assert tuple(atlas[(y0 + y1) // 2, (x0 + x1) // 2]) == bar  # the bar's own colour in its box
+
+
+def test_rerun_skips_drawn_packages_and_redraws_at_another_size(skins, tmp_path, capsys):
+    argv = ["--package", str(skins[0]), "--layout", "package", "--output_dir", str(tmp_path / "ds")]
+    merge_elements.main([*argv, "--resolution", "180"])
+    merge_elements.main([*argv, "--resolution", "180"])
+    assert "1 already drawn, 0 to draw" in capsys.readouterr().out
+    merge_elements.main([*argv, "--resolution", "240"])
+    assert Image.open(tmp_path / "ds" / "images" / f"{skins[0].name}.png").size == (240, 160)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--layout", "key_elements", "--keyboard", "py_9"], "use them with --layout package"),
+        (["--layout", "package", "--element_map", "baidu"], "are for atlas layouts"),
+        (["--layout", "package", "--format", "bds"], "--format chooses what --split writes"),
+    ],
+)
+def test_flags_that_do_not_go_together(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        merge_elements.parse_args(["--packages_dir", str(tmp_path), "--output_dir", str(tmp_path / "ds"), *flags])
+    assert message in capsys.readouterr().err
