@@ -8,6 +8,8 @@ import io
 import zipfile
 from pathlib import Path
 
+from PIL import Image
+
 from ..fileio import atomic_write_bytes
 
 _FIRST = ("Info.txt", "demo.png")
@@ -34,3 +36,14 @@ def bds_bytes(files: dict[str, bytes]) -> bytes:
 def write_bds(path: str | Path, files: dict[str, bytes]) -> Path:
     """``files`` (package-relative POSIX paths -> bytes) zipped into ``path``, written atomically."""
     return atomic_write_bytes(path, bds_bytes(files))
+
+
+def info_txt(fields: dict[str, str]) -> bytes:
+    """``Info.txt``: ``key=value`` lines, UTF-8 with a BOM, CRLF line ends."""
+    return "\r\n".join([*(f"{key}={value}" for key, value in fields.items()), ""]).encode("utf-8-sig")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

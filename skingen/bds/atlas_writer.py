@@ -7,7 +7,6 @@ styles keep the source's sprites, and so do styles no element showed; :func:`wri
 
 from __future__ import annotations
 
-import io
 import tempfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from PIL import Image
 from ..element_maps import MANIFEST_NAME
 from ..layout import Layout, split_atlas
 from ..ninepatch import parse_ninepatch
-from .archive import write_bds
+from .archive import info_txt, png_bytes, write_bds
 from .atlas import BdsElementFiles
 from .ini import format_ini
 from .resources import pack_sheet, pressed, til_sections
@@ -58,9 +57,7 @@ def write_atlas_bds(atlas: Image.Image, layout: Layout, elements: list[dict], al
         sheet, rects = pack_sheet([new[s][0] for s in order], 256)
         til = format_ini(til_sections(rects, [new[s][1] for s in order]))
         for sheet_name, picture in ((ATLAS_SHEET, sheet), (f"{ATLAS_SHEET}_hl", pressed(sheet))):
-            buffer = io.BytesIO()
-            picture.save(buffer, format="PNG")
-            files[f"res/{sheet_name}.png"], files[f"res/{sheet_name}.til"] = buffer.getvalue(), til
+            files[f"res/{sheet_name}.png"], files[f"res/{sheet_name}.til"] = png_bytes(picture), til
         css = package.ini("res/default.css")
         sections = []
         for section_name, section in css.sections.items():
@@ -73,5 +70,5 @@ def write_atlas_bds(atlas: Image.Image, layout: Layout, elements: list[dict], al
         files["res/default.css"] = format_ini(sections)
         info = package.info()
         info["Name"] = name
-        files["Info.txt"] = "\r\n".join([*(f"{k}={v}" for k, v in info.items()), ""]).encode("utf-8-sig")
+        files["Info.txt"] = info_txt(info)
     return write_bds(out_path, files), kept

@@ -14,7 +14,6 @@ types what it did. Drawing the written package at the image's width gives the im
 from __future__ import annotations
 
 import argparse
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from ..data import read_rows
 from ..errors import SkingenError
 from ..images import open_rgb
 from ..layout import Layout, load_layout
-from .archive import write_bds
+from .archive import info_txt, png_bytes, write_bds
 from .atlas_writer import write_atlas_bds
 from .ini import IniFile, format_ini
 from .package import BdsPackage, Keyboard
@@ -36,13 +35,20 @@ STOCK_KEYBOARD = ("py_26", "port")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Mapping:
-    """Old design pixels -> the image's pixels (``canvas``) and the new design pixels (``design``)."""
+    """Old design pixels -> the image's pixels (:meth:`canvas`) and the new design pixels (:meth:`rect`, whose
+    (0, 0) is the panel's top-left again: ``zero`` is where it lands on the image)."""
 
     origin: tuple[int, int]
     scale: tuple[float, float]
-    zero: tuple[int, int] = (0, 0)
+    zero: tuple[int, int]
+
+    @classmethod
+    def of(cls, board: Keyboard, size: tuple[int, int]) -> _Mapping:
+        x0, y0, x1, y1 = board.canvas
+        scale = (size[0] / (x1 - x0), size[1] / (y1 - y0))
+        return cls((x0, y0), scale, (round(-x0 * scale[0]), round(-y0 * scale[1])))
 
     def canvas(self, x: float, y: float) -> tuple[int, int]:
         return round((x - self.origin[0]) * self.scale[0]), round((y - self.origin[1]) * self.scale[1])
@@ -86,9 +92,7 @@ class _Sprites:
         til = format_ini(til_sections(rects, [None] * len(rects), use_alpha=0))
         out = {}
         for name, picture in ((self.sheet, sheet), (f"{self.sheet}_hl", pressed(sheet))):
-            buffer = io.BytesIO()
-            picture.save(buffer, format="PNG")
-            out[f"res/{name}.png"], out[f"res/{name}.til"] = buffer.getvalue(), til
+            out[f"res/{name}.png"], out[f"res/{name}.til"] = png_bytes(picture), til
         return out
 
 
@@ -147,9 +151,7 @@ def write_keyboard_bds(image: Image.Image, source: str | Path, keyboard: str, or
     """``image`` (the keyboard as drawn, any size of its aspect) written as a .bds built on ``source``."""
     with BdsPackage(source) as package:
         board = package.keyboard(keyboard, orientation)
-        x0, y0, x1, y1 = board.canvas
-        mapping = _Mapping((x0, y0), (image.width / (x1 - x0), image.height / (y1 - y0)))
-        mapping.zero = mapping.canvas(0, 0)
+        mapping = _Mapping.of(board, image.size)
         styles = package.styles()
         numeric = [int(s) for s in styles if s.isdigit()]
         sheet = f"skingen_{keyboard}_{orientation}"
@@ -169,10 +171,8 @@ def write_keyboard_bds(image: Image.Image, source: str | Path, keyboard: str, or
         files.update(sprites.files())
         info = package.info()
         info["Name"] = name
-        files["Info.txt"] = "\r\n".join([*(f"{k}={v}" for k, v in info.items()), ""]).encode("utf-8-sig")
-        buffer_demo = io.BytesIO()
-        image.convert("RGB").save(buffer_demo, format="PNG")
-        files["demo.png"] = buffer_demo.getvalue()
+        files["Info.txt"] = info_txt(info)
+        files["demo.png"] = png_bytes(image.convert("RGB"))
     return write_bds(out_path, files)
 
 
