@@ -1,5 +1,5 @@
 """Faithfulness of the Baidu .bds reader, as a Markdown table: each synthetic package's 26-key portrait keyboard
-drawn by skingen.bds.render against the package's own demo.png (drawn straight from the generator's geometry,
+drawn by skingen.skins.bds.render against the package's own demo.png (drawn straight from the generator's geometry,
 not through the reader), edge F1 after scaling, per seed (mean and spread over the packages), and as a control
 the same against the demo moved right by 3% of its width (what a misplaced drawing scores); the round trip
 (keyboard image -> .bds -> drawn again) as the share of pixel-exact packages; time to draw one keyboard.
@@ -21,11 +21,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from skingen.bds.package import BdsPackage  # noqa: E402
-from skingen.bds.render import demo_edge_f1, render_keyboard  # noqa: E402
-from skingen.bds.synthetic import write_synthetic_bds  # noqa: E402
-from skingen.bds.writer import write_keyboard_bds  # noqa: E402
-from skingen.glyphs import find_cjk_font  # noqa: E402
+from skingen.prep.glyphs import find_cjk_font  # noqa: E402
+from skingen.skins.bds.package import BdsPackage  # noqa: E402
+from skingen.skins.bds.render import demo_edge_f1, render_keyboard  # noqa: E402
+from skingen.skins.bds.synthetic import write_synthetic_bds  # noqa: E402
+from skingen.skins.bds.writer import write_keyboard_bds  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

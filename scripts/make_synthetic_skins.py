@@ -31,11 +31,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from skingen.bds.synthetic import write_synthetic_bds  # noqa: E402
 from skingen.config import parse_args_with_config  # noqa: E402
 from skingen.errors import SkingenError, run_cli  # noqa: E402
 from skingen.fileio import AtomicDirectory, atomic_write_bytes  # noqa: E402
-from skingen.glyphs import find_cjk_font  # noqa: E402
+from skingen.prep.glyphs import find_cjk_font  # noqa: E402
+from skingen.skins.bds.synthetic import write_synthetic_bds  # noqa: E402
 
 NAV_WORDS = ("前往", "搜索", "设置", "皮肤", "表情", "语音", "翻译", "键盘", "手写", "剪贴板")
 LETTER_ROWS = ("QWERTYUIOP", "ASDFGHJKL", "ZXCVBNM")
@@ -94,7 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="share of skins whose keyboard background is a picture (large shapes of its own) instead of a plain pattern",
     )
     parser.add_argument("--format", default="android", choices=("android", "bds"),
-                        help="android: element-image packages; bds: Baidu IME skins (skingen/bds/synthetic.py), half as .bds zips")
+                        help="android: element-image packages; bds: Baidu IME skins (skingen/skins/bds/synthetic.py), half as .bds zips")
     parser.add_argument("--font", default=None, help="font with Chinese glyphs (default: found via fontconfig)")
     args = parse_args_with_config(parser, argv)
     if args.n < 1:

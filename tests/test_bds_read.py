@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 import merge_elements
-from skingen.bds.ini import parse_ini
-from skingen.bds.package import BdsPackage
-from skingen.bds.render import render_keyboard
-from skingen.bds.synthetic import PORT_SIZE, write_synthetic_bds
 from skingen.errors import SkingenError
+from skingen.skins.bds.ini import parse_ini
+from skingen.skins.bds.package import BdsPackage
+from skingen.skins.bds.render import render_keyboard
+from skingen.skins.bds.synthetic import PORT_SIZE, write_synthetic_bds
 
 
 @pytest.fixture(scope="module")

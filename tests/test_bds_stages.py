@@ -13,7 +13,7 @@ from repo_scripts import load_script
 import evaluate
 import merge_elements
 import render_glyphs
-from skingen.data import read_rows
+from skingen.data.dataset import read_rows
 
 
 @pytest.fixture(scope="module")

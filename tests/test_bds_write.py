@@ -11,9 +11,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 import merge_elements
-from skingen.bds.package import BdsPackage
-from skingen.bds.render import render_keyboard
-from skingen.bds.synthetic import write_synthetic_bds
+from skingen.skins.bds.package import BdsPackage
+from skingen.skins.bds.render import render_keyboard
+from skingen.skins.bds.synthetic import write_synthetic_bds
 
 
 @pytest.fixture(scope="module")
