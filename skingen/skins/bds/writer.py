@@ -30,7 +30,7 @@ from .ini import IniFile, format_ini
 from .package import BdsPackage, Keyboard
 from .resources import pack_sheet, pressed, til_sections
 
-STOCK_PACKAGE = Path(__file__).resolve().parent.parent.parent / "configs" / "bds" / "stock.bds"
+STOCK_PACKAGE = Path(__file__).resolve().parents[3] / "configs" / "bds" / "stock.bds"
 STOCK_KEYBOARD = ("py_26", "port")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
