@@ -296,7 +296,8 @@ def test_short_run_saves_a_controlnet_diffusers_loads_with_logs_grid_and_card(
     assert set(log["held_out"]) == {"0", "2"} and "val_edge_f1" in log["held_out"]["2"]
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert Image.open(out / "validation" / "step-2.png").size == (64 * 2, 64 * 2)  # 2 held-out rows
-    assert "## GRPO fine-tuning" in (out / "README.md").read_text(encoding="utf-8")
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "## GRPO fine-tuning" in card and "by skingen's `train_controlnet_grpo.py`" in card
 
 
 def test_resume_matches_uninterrupted_run(tiny_sd3_dir, dataset, tmp_path, one_torch_thread, fresh_accelerate_state):

@@ -365,4 +365,7 @@ def append_card_section(grpo: GRPORun) -> None:
     checkpoints = list_checkpoints(run.output_dir)
     if checkpoints:
         lines += ["", f"Checkpoints: {', '.join(path.name for _, path in checkpoints)}."]
-    atomic_write_text(card, card.read_text(encoding="utf-8") + "\n".join(lines) + "\n")
+    # The supervised trainers' card names their script; this ControlNet came out of this one.
+    text = card.read_text(encoding="utf-8").replace(f"trained by skingen's `train_controlnet_{args.backbone}.py`",
+                                                    "fine-tuned with GRPO by skingen's `train_controlnet_grpo.py`")
+    atomic_write_text(card, text + "\n".join(lines) + "\n")
