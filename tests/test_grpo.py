@@ -300,6 +300,24 @@ def test_short_run_saves_a_controlnet_diffusers_loads_with_logs_grid_and_card(
     assert "## GRPO fine-tuning" in card and "by skingen's `train_controlnet_grpo.py`" in card
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_denoiser_lora_is_trained_and_saved_for_the_family_pipeline(request, family, dataset, tmp_path, one_torch_thread,
+                                                                    fresh_accelerate_state):
+    import diffusers
+
+    base = request.getfixturevalue(f"tiny_{family}_dir")
+    out = tmp_path / "run"
+    _train(_argv(base, dataset, out, "--max_train_steps", 2, "--denoiser_lora_rank", 4))
+    pipeline_class = getattr(diffusers, {"sd3": "StableDiffusion3ControlNetPipeline", "flux": "FluxControlNetPipeline"}[family])
+    controlnet = getattr(diffusers, CONTROLNET_CLASS[family]).from_pretrained(out)
+    pipeline = pipeline_class.from_pretrained(base, controlnet=controlnet)
+    pipeline.load_lora_weights(out)
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert pipeline.get_list_adapters() and len(lora) > 0
+    # Gaussian init leaves the down projection random and the up one zero; two updates moved the up projection.
+    assert max(value.abs().max().item() for key, value in lora.items() if "lora.up" in key) > 0
+
+
 def test_resume_matches_uninterrupted_run(tiny_sd3_dir, dataset, tmp_path, one_torch_thread, fresh_accelerate_state):
     from accelerate.state import AcceleratorState, GradientState
 
@@ -307,7 +325,8 @@ def test_resume_matches_uninterrupted_run(tiny_sd3_dir, dataset, tmp_path, one_t
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
 
-    common = ["--num_inner_epochs", 2, "--checkpointing_steps", 2]
+    # With a transformer LoRA too: its weights are part of the checkpoint and of the resumed result.
+    common = ["--num_inner_epochs", 2, "--checkpointing_steps", 2, "--denoiser_lora_rank", 2]
     _train(_argv(tiny_sd3_dir, dataset, tmp_path / "straight", "--max_train_steps", 3, *common))
     fresh()
     _train(_argv(tiny_sd3_dir, dataset, tmp_path / "stopped", "--max_train_steps", 2, *common))
@@ -317,6 +336,8 @@ def test_resume_matches_uninterrupted_run(tiny_sd3_dir, dataset, tmp_path, one_t
     assert result.global_step == 3
     straight, stopped = load_file(tmp_path / "straight" / WEIGHTS), load_file(tmp_path / "stopped" / WEIGHTS)
     assert _max_difference(stopped, straight) < 1e-6
+    lora = "pytorch_lora_weights.safetensors"
+    assert _max_difference(load_file(tmp_path / "stopped" / lora), load_file(tmp_path / "straight" / lora)) < 1e-6
     at_two = load_file(tmp_path / "stopped" / "checkpoint-2" / "controlnet" / WEIGHTS)
     assert _max_difference(stopped, at_two) > 1e-7  # step 3 did move the weights
     logs = [json.loads((tmp_path / name / "grpo_log.json").read_text(encoding="utf-8"))["steps"]
@@ -332,11 +353,13 @@ def test_two_processes_match_one_process(request, dataset, tmp_path, one_torch_t
     runs = []
     for family in FAMILIES:
         base = request.getfixturevalue(f"tiny_{family}_dir")
-        _train(_argv(base, dataset, tmp_path / f"{family}-one", "--max_train_steps", 2))
+        # With a transformer LoRA (not wrapped by DDP: its gradients are averaged by hand).
+        steps = ["--max_train_steps", 2, "--denoiser_lora_rank", 2]
+        _train(_argv(base, dataset, tmp_path / f"{family}-one", *steps))
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         runs.append(["train_controlnet_grpo.py",
-                     _argv(base, dataset, tmp_path / f"{family}-two", "--max_train_steps", 2, "--train_batch_size", 1)])
+                     _argv(base, dataset, tmp_path / f"{family}-two", *steps, "--train_batch_size", 1)])
     (tmp_path / "runs.json").write_text(json.dumps(runs), encoding="utf-8")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
@@ -345,10 +368,11 @@ def test_two_processes_match_one_process(request, dataset, tmp_path, one_torch_t
     finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     for family in FAMILIES:
-        a, b = load_file(tmp_path / f"{family}-two" / WEIGHTS), load_file(tmp_path / f"{family}-one" / WEIGHTS)
-        differences = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
-        # Same controls, noise and rewards, gradients summed in another order: only float rounding.
-        assert (differences > 1e-6).float().mean().item() < 1e-3, family
+        for name in (WEIGHTS, "pytorch_lora_weights.safetensors"):
+            a, b = load_file(tmp_path / f"{family}-two" / name), load_file(tmp_path / f"{family}-one" / name)
+            differences = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+            # Same controls, noise and rewards, gradients summed in another order: only float rounding.
+            assert (differences > 1e-6).float().mean().item() < 1e-3, (family, name)
         one = json.loads((tmp_path / f"{family}-one" / "grpo_log.json").read_text(encoding="utf-8"))["steps"]
         two = json.loads((tmp_path / f"{family}-two" / "grpo_log.json").read_text(encoding="utf-8"))["steps"]
         assert two["2"]["reward_edge_f1_mean"] == pytest.approx(one["2"]["reward_edge_f1_mean"], abs=1e-6)

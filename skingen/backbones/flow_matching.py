@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,6 +104,17 @@ class FlowMatchingBackbone(Backbone):
         ``timesteps`` (sigma x num_train_timesteps), for cached prompt entries ``prompts`` and control latents
         ``control`` (:meth:`control_latents`). The training step (:meth:`forward`) and samplers call it."""
         raise NotImplementedError(f"{self.title}: no velocity call")
+
+    def save_denoiser_lora(self, output_dir) -> Path:
+        """The transformer's LoRA (GRPO's ``--denoiser_lora_rank``) as ``OUTPUT_DIR/pytorch_lora_weights.safetensors``
+        in diffusers' format, which the family's pipelines read with ``load_lora_weights``."""
+        import diffusers
+
+        from ..train.lora import diffusers_lora_state, save_lora
+
+        pipeline_class = getattr(diffusers, self.base_pipeline_classes[0])
+        return save_lora(lambda folder: pipeline_class.save_lora_weights(
+            folder, transformer_lora_layers=diffusers_lora_state(self.denoiser), safe_serialization=True), output_dir)
 
     # -- sampling -------------------------------------------------------------------------------------------
 

@@ -76,6 +76,9 @@ def add_grpo_arguments(parser: argparse.ArgumentParser, family: str) -> None:
     group.add_argument("--num_inner_epochs", type=int, default=1,
                        help="Optimizer steps on each set of rollouts (from the second on, the ratio is off-policy "
                             "and clipping acts).")
+    group.add_argument("--denoiser_lora_rank", type=int, default=0,
+                       help="Also train a LoRA of this rank on the frozen transformer's attention (Flow-GRPO trains a "
+                            "rank-32 LoRA of SD3.5's transformer); saved as pytorch_lora_weights.safetensors. 0: off.")
     group.add_argument("--global_std", action="store_true",
                        help="Divide advantages by the std of all rewards of the step instead of each group's.")
     # Rollouts decode sampled latents; the training images' latents are never needed.
@@ -109,6 +112,7 @@ def validate_grpo_arguments(args: argparse.Namespace) -> None:
             "leave at least one step to train on")
     require(args.sample_guidance_scale >= 1, f"--sample_guidance_scale must be at least 1 (1: no guidance), got "
                                              f"{args.sample_guidance_scale}")
+    require(args.denoiser_lora_rank >= 0, f"--denoiser_lora_rank must not be negative (0: off), got {args.denoiser_lora_rank}")
     require(args.num_inner_epochs >= 1, f"--num_inner_epochs must be at least 1, got {args.num_inner_epochs}")
     # Supervised-training flags that have no meaning for reward fine-tuning.
     require(args.gradient_accumulation_steps == 1,

@@ -41,6 +41,7 @@ from ..batches import (
 )
 from ..checkpoints import list_checkpoints, register_controlnet_hooks, save_checkpoint
 from ..loop import Run, _make_optimizer, fill_caches, finish, set_up
+from ..lora import LoraState, add_lora, average_gradients
 from ..options import scaled_step_rules, trackers
 from ..state import TrainingPlan, TrainingState
 from .objective import group_advantages, grpo_loss
@@ -98,6 +99,8 @@ def set_up_grpo(args, accelerator) -> GRPORun:
     # The empty prompt is the negative one of classifier-free guidance in the rollouts.
     fill_caches(run, extra_captions=[""] if args.sample_guidance_scale > 1 else [])
     reference = copy.deepcopy(run.controlnet).requires_grad_(False).eval().to(run.device, run.weight_dtype)
+    if args.denoiser_lora_rank:  # trained with the ControlNet; finish() saves it, as the supervised trainers' LoRA
+        run.lora_parameters = add_lora(run.backbone.denoiser, args.denoiser_lora_rank)
     weights = args.reward_weights
     ocr = get_ocr(args.ocr_backend) if any(name.startswith("ocr") for name in weights) else None
     return GRPORun(run, Rewards(weights, ocr=ocr), reference)
@@ -113,7 +116,9 @@ def prepare(grpo: GRPORun) -> None:
                                                   / (args.train_batch_size * processes))
     plan = TrainingPlan(num_rows=len(run.samples), batch_size=args.train_batch_size, processes=processes,
                         accumulation=1, max_train_steps=max_steps)
-    optimizer = _make_optimizer(args, [{"params": list(run.controlnet.parameters())}], args.learning_rate)
+    optimizer = _make_optimizer(args, [{"params": list(run.controlnet.parameters())},
+                                       *([{"params": run.lora_parameters}] if run.lora_parameters else [])],
+                                args.learning_rate)
     updates = max_steps * args.num_inner_epochs
     lr_scheduler = get_scheduler(  # stepped once per optimizer update, on every process
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * processes,
@@ -121,6 +126,8 @@ def prepare(grpo: GRPORun) -> None:
         step_rules=scaled_step_rules(args.lr_step_rules, processes))
     run.controlnet, run.optimizer, run.lr_scheduler = accelerator.prepare(run.controlnet, optimizer, lr_scheduler)
     register_controlnet_hooks(accelerator)
+    if run.lora_parameters:
+        accelerator.register_for_checkpointing(LoraState(run.backbone.denoiser))
     run.state = TrainingState(seed=run.seed, plan=plan)
     log_path = run.output_dir / LOG_FILE
     if run.resume_path is not None:
@@ -248,7 +255,7 @@ def update(grpo: GRPORun, rollouts: Rollouts) -> dict[str, float]:
                             sigma_cap=sigmas[1], prev_sample=trajectories.latents[:, j + 1])
             ref_mean = None
             if args.beta > 0:
-                with torch.no_grad():
+                with torch.no_grad(), starting_denoiser(run):
                     ref_velocity = velocity_of(grpo, grpo.reference, rollouts.prompts, rollouts.control)(latents, timesteps)
                     ref_mean = sde_step(ref_velocity, latents, sigmas[j], sigmas[j + 1], noise_level=args.noise_level,
                                         sigma_cap=sigmas[1], prev_sample=trajectories.latents[:, j + 1]).mean
@@ -259,12 +266,26 @@ def update(grpo: GRPORun, rollouts: Rollouts) -> dict[str, float]:
         for name, value in (("loss", loss.loss), ("policy_loss", loss.policy), ("kl", loss.kl),
                             ("clip_fraction", loss.clip_fraction), ("approx_kl", loss.approx_kl)):
             totals[name] += value.detach().float().item() / len(trained)
-    accelerator.clip_grad_norm_(controlnet.parameters(), args.max_grad_norm)
+    average_gradients(accelerator, run.lora_parameters)  # the ControlNet's are averaged by DDP
+    accelerator.clip_grad_norm_([*controlnet.parameters(), *run.lora_parameters], args.max_grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=args.set_grads_to_none)
     reduced = accelerator.reduce(torch.tensor(list(totals.values()), device=run.device), reduction="mean")
     return dict(zip(totals, reduced.cpu().tolist()))
+
+
+@contextlib.contextmanager
+def starting_denoiser(run: Run):
+    """The denoiser as GRPO started from: its LoRA (``--denoiser_lora_rank``) switched off meanwhile."""
+    if not run.lora_parameters:
+        yield
+        return
+    run.backbone.denoiser.disable_adapters()
+    try:
+        yield
+    finally:
+        run.backbone.denoiser.enable_adapters()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,7 +377,9 @@ def append_card_section(grpo: GRPORun) -> None:
              f"Fine-tuned from `{args.controlnet_model_name_or_path}` by `train_controlnet_grpo.py` (Flow-GRPO) with "
              f"rewards `{args.reward}`, {args.num_image_per_prompt} images per control, "
              f"{args.train_sampling_steps} SDE sampling steps (noise level {args.noise_level}), clip range "
-             f"{args.clip_range}, KL weight {args.beta}.", ""]
+             f"{args.clip_range}, KL weight {args.beta}"
+             + (f", with a rank-{args.denoiser_lora_rank} transformer LoRA (`pytorch_lora_weights.safetensors`)."
+                if args.denoiser_lora_rank else "."), ""]
     if held:
         first, last = min(held, key=int), max(held, key=int)
         lines += ["| held-out reward | step " + first + " | step " + last + " |", "|---|---|---|"]
