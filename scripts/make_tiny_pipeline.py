@@ -1,8 +1,11 @@
-"""Build a tiny random-weight SDXL, SD3 or FLUX pipeline (+ optional ControlNet) in diffusers format, offline.
+"""Build a tiny random-weight SDXL, SD3, FLUX, Z-Image or Qwen-Image pipeline (+ ControlNet) in diffusers format,
+offline.
 
     python scripts/make_tiny_pipeline.py --backbone sd3 --out models/tiny-sd3 --controlnet
     python scripts/make_tiny_pipeline.py --backbone flux --out models/tiny-flux --controlnet
     python scripts/make_tiny_pipeline.py --backbone sdxl --out models/tiny-sdxl --controlnet
+    python scripts/make_tiny_pipeline.py --backbone zimage --out models/tiny-zimage --controlnet
+    python scripts/make_tiny_pipeline.py --backbone qwenimage --out models/tiny-qwenimage --controlnet
 
 Each folder loads like the real model (stable-diffusion-xl-base-1.0, stable-diffusion-3.5-medium, FLUX.1-dev):
 `--pretrained_model_name_or_path models/tiny-sd3`, `StableDiffusion3Pipeline.from_pretrained(...)`, and the
@@ -48,6 +51,18 @@ PARTS = {
         ("text_encoder_2", "transformers.T5EncoderModel"),
         ("controlnet", "diffusers.FluxControlNetModel"),
     ],
+    "zimage": [
+        ("transformer", "diffusers.ZImageTransformer2DModel"),
+        ("vae", "diffusers.AutoencoderKL"),
+        ("text_encoder", "transformers.Qwen3Model"),
+        ("controlnet", "diffusers.ZImageControlNetModel"),
+    ],
+    "qwenimage": [
+        ("transformer", "diffusers.QwenImageTransformer2DModel"),
+        ("vae", "diffusers.AutoencoderKLQwenImage"),
+        ("text_encoder", "transformers.Qwen2_5_VLForConditionalGeneration"),
+        ("controlnet", "diffusers.QwenImageControlNetModel"),
+    ],
 }
 
 
@@ -63,7 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--preset",
         default="tiny",
         choices=sorted(PRESETS),
-        help="SDXL sizes: tiny for unit tests (64-128 px), small for benchmarks (128-256 px); SD3/FLUX: tiny only",
+        help="SDXL sizes: tiny for unit tests (64-128 px), small for benchmarks (128-256 px); other families: tiny only",
     )
     parser.add_argument("--controlnet", action="store_true", help="also write a matching ControlNet to OUT/controlnet")
     parser.add_argument("--seed", type=int, default=0, help="weights are identical for the same seed")

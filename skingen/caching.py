@@ -194,9 +194,11 @@ class LatentCache:
         *,
         batch_size: int = 8,
         progress: bool = True,
+        encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         """Encode and store each job ``(key, row_id, index)``; ``load_pixels(index)`` gives
-        ``(pixel_values in [-1, 1], original (h, w), crop (top, left))``."""
+        ``(pixel_values in [-1, 1], original (h, w), crop (top, left))``; ``encode(pixels)`` gives the posterior's
+        parameters ``(B, 2C, h, w)`` (default: ``vae.encode``; a video VAE's backbone squeezes its frame axis)."""
         device = next(vae.parameters()).device
         dtype = next(vae.parameters()).dtype
         bar = tqdm(total=len(jobs), desc="Caching VAE latents", disable=not progress)
@@ -204,7 +206,7 @@ class LatentCache:
             chunk = list(jobs[start : start + batch_size])
             loaded = [load_pixels(index) for _, _, index in chunk]
             pixels = torch.stack([p for p, _, _ in loaded]).to(device, dtype)
-            params = vae.encode(pixels).latent_dist.parameters
+            params = encode(pixels) if encode is not None else vae.encode(pixels).latent_dist.parameters
             for (key, row_id, _), (_, original, crop), latent_dist in zip(chunk, loaded, params):
                 _write_entry(
                     self.path(key),

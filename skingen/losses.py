@@ -66,6 +66,9 @@ def _alpha_bar(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
 
 
 def vae_scale_factor(vae) -> int:
+    """Pixels per latent cell of a diffusers VAE, or of a backbone (``skingen.backbones``: any family's VAE)."""
+    if isinstance(getattr(vae, "vae_scale_factor", None), int):
+        return vae.vae_scale_factor
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
@@ -125,7 +128,10 @@ def latent_windows(boxes: torch.Tensor, latent_hw: tuple[int, int], scale: int, 
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode of (scaled) latents -> pixels in [-1, 1], fp32; gradients flow when enabled."""
+    """VAE decode of (scaled) latents -> pixels in [-1, 1], fp32; gradients flow when enabled. ``vae`` may be a
+    backbone, whose own ``decode_latents`` knows its VAE's normalisation (e.g. Qwen-Image's per-channel one)."""
+    if hasattr(vae, "decode_latents"):
+        return vae.decode_latents(latents)
     latents = latents / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
@@ -342,7 +348,8 @@ class TextLoss:
     def __call__(self, *, batch, output, backbone, weight_dtype, step) -> tuple[torch.Tensor, dict]:
         """The trainer's ``ExtraLoss`` call: ``output`` is the step's ``skingen.backbones.base.DenoiserOutput``
         (its ``x0(rows)`` is the one-step clean estimate of any backbone), ``backbone`` gives the VAE."""
-        model_pred, latents, timesteps, vae = output.model_pred, output.latents, output.timesteps, backbone.vae
+        # The backbone decodes: it knows its VAE's latent normalisation and layout.
+        model_pred, latents, timesteps, vae = output.model_pred, output.latents, output.timesteps, backbone
         device = model_pred.device
         self.recognizer.to(device)
         batch_size = model_pred.shape[0]

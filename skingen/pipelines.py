@@ -31,7 +31,7 @@ FLOW_SCHEDULERS = {"flow_euler": "FlowMatchEulerDiscreteScheduler"}
 class Family:
     """The diffusers classes and defaults of one backbone family at inference."""
 
-    name: str  # sdxl | sd3 | flux
+    name: str  # sdxl | sd3 | flux | zimage | qwenimage
     title: str  # for messages and model cards
     base_pipelines: tuple[str, ...]  # model_index.json _class_name values of this family's base models
     controlnet_pipeline: str
@@ -45,6 +45,9 @@ class Family:
     size_multiple: int = 8  # output sides: VAE downsampling x patch or packing size
     cuda_dtype: str = "bf16"  # default dtype on CUDA
     negative_prompt: bool = True  # whether a negative prompt is used (FLUX.1-dev is guidance-distilled)
+    default_negative_prompt: str | None = None  # sent when none is given (Qwen-Image's true CFG needs one)
+    guidance_argument: str = "guidance_scale"  # the pipeline-call keyword the guidance scale goes to
+    control_guidance_window: bool = True  # the pipeline takes control_guidance_start/end
     # Given prompt embeddings, the pipeline needs negative ones too for guidance (SDXL zeroes its own).
     needs_negative_embeds: bool = False
     tags: tuple[str, ...] = ()
@@ -103,6 +106,41 @@ FAMILIES: dict[str, Family] = {
         negative_prompt=False,
         tags=("flux",),  # FLUX.1-dev: FLUX.1 [dev] Non-Commercial License
     ),
+    "zimage": Family(
+        name="zimage",
+        title="Z-Image",
+        base_pipelines=("ZImagePipeline", "ZImageControlNetPipeline"),
+        controlnet_pipeline="ZImageControlNetPipeline",
+        controlnet_model="ZImageControlNetModel",
+        multi_controlnet_model="",  # diffusers has no multi-ControlNet for Z-Image
+        denoiser="transformer",
+        schedulers=FLOW_SCHEDULERS,
+        default_scheduler="flow_euler",
+        default_guidance_scale=5.0,  # the pipeline's default CFG (Z-Image-Turbo: 0)
+        size_multiple=16,  # 8x VAE, 2x2 patches
+        needs_negative_embeds=True,
+        control_guidance_window=False,
+        tags=("z-image",),
+        license="apache-2.0",
+    ),
+    "qwenimage": Family(
+        name="qwenimage",
+        title="Qwen-Image",
+        base_pipelines=("QwenImagePipeline", "QwenImageControlNetPipeline"),
+        controlnet_pipeline="QwenImageControlNetPipeline",
+        controlnet_model="QwenImageControlNetModel",
+        multi_controlnet_model="QwenImageMultiControlNetModel",
+        denoiser="transformer",
+        schedulers=FLOW_SCHEDULERS,
+        default_scheduler="flow_euler",
+        default_guidance_scale=4.0,  # true_cfg_scale, the pipeline's default
+        size_multiple=16,  # 8x VAE, 2x2 packing
+        needs_negative_embeds=True,
+        default_negative_prompt=" ",  # diffusers' Qwen-Image examples
+        guidance_argument="true_cfg_scale",
+        tags=("qwen-image",),
+        license="apache-2.0",
+    ),
 }
 ALL_SCHEDULERS = {**DDPM_SCHEDULERS, **FLOW_SCHEDULERS}
 
@@ -122,7 +160,7 @@ def family_of_pipeline(pretrained_model_name_or_path: str | os.PathLike, *, revi
     if local.is_dir() and not (local / "model_index.json").is_file():
         raise SkingenError(
             f"{local}: not a diffusers pipeline folder (no model_index.json); --pretrained_model_name_or_path takes an "
-            "SDXL, SD3/SD3.5 or FLUX.1 pipeline folder; build a tiny one offline with "
+            "SDXL, SD3/SD3.5, FLUX.1, Z-Image or Qwen-Image pipeline folder; build a tiny one offline with "
             "`python scripts/make_tiny_pipeline.py --backbone sd3 --out DIR`"
         )
     where = f"{local / 'model_index.json'}" if local.exists() else f"{source} (model_index.json)"
@@ -131,7 +169,7 @@ def family_of_pipeline(pretrained_model_name_or_path: str | os.PathLike, *, revi
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise SkingenError(
             f"{where}: could not read the pipeline index ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-            "--pretrained_model_name_or_path must be a diffusers pipeline folder (SDXL, SD3/SD3.5 or FLUX.1) or, "
+            "--pretrained_model_name_or_path must be a diffusers pipeline folder (SDXL, SD3/SD3.5, FLUX.1, Z-Image, Qwen-Image) or, "
             "online, a hub id; build a tiny one with `python scripts/make_tiny_pipeline.py --backbone sd3 --out DIR`"
         ) from None
     class_name = config.get("_class_name")
@@ -146,7 +184,7 @@ def family_of_controlnet(controlnet: Any) -> Family:
     """The family a ControlNet model (or multi-ControlNet wrapper) belongs to, by its diffusers class."""
     names = {type(controlnet).__name__, type(getattr(controlnet, "_orig_mod", controlnet)).__name__}
     for family in FAMILIES.values():
-        if names & {family.controlnet_model, family.multi_controlnet_model}:
+        if names & {family.controlnet_model, family.multi_controlnet_model} - {""}:
             return family
     raise SkingenError(f"{sorted(names)[0]}: not a ControlNet class skingen knows (SDXL, SD3 or FLUX)")
 

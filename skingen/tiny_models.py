@@ -22,7 +22,7 @@ from .errors import SkingenError
 from .fileio import AtomicDirectory
 from .models import EOS_TOKEN, TOKENIZER_MAX_LENGTH, build_clip_tokenizer, build_tiny_sdxl
 
-BACKBONES = ("sdxl", "sd3", "flux")
+BACKBONES = ("sdxl", "sd3", "flux", "zimage", "qwenimage")
 T5_MAX_LENGTH = 512  # model_max_length of the T5 tokenizers shipped with SD3 and FLUX
 
 # Sizes of the tiny SD3/FLUX models: a training step at 64-128 px takes a few tens of milliseconds on one CPU core.
@@ -313,7 +313,7 @@ def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0, controlnet: bool 
 def build_tiny_pipeline(
     backbone: str, out_dir: str | os.PathLike, *, seed: int = 0, controlnet: bool = False, preset: str = "tiny"
 ) -> Path:
-    """Build the tiny pipeline of ``backbone`` (sdxl, sd3 or flux); ``preset`` applies to SDXL (tiny, small)."""
+    """Build the tiny pipeline of ``backbone`` (one of BACKBONES); ``preset`` applies to SDXL (tiny, small)."""
     if backbone == "sdxl":
         return build_tiny_sdxl(out_dir, preset=preset, seed=seed, controlnet=controlnet)
     if preset != "tiny":
@@ -322,6 +322,14 @@ def build_tiny_pipeline(
         return build_tiny_sd3(out_dir, seed=seed, controlnet=controlnet)
     if backbone == "flux":
         return build_tiny_flux(out_dir, seed=seed, controlnet=controlnet)
+    if backbone == "zimage":
+        from .tiny_zimage import build_tiny_zimage
+
+        return build_tiny_zimage(out_dir, seed=seed, controlnet=controlnet)
+    if backbone == "qwenimage":
+        from .tiny_qwenimage import build_tiny_qwenimage
+
+        return build_tiny_qwenimage(out_dir, seed=seed, controlnet=controlnet)
     raise SkingenError(f"--backbone {backbone!r}: unknown backbone; choose one of {', '.join(BACKBONES)}")
 
 

@@ -393,8 +393,7 @@ def set_up(args, accelerator, extra_losses: tuple[ExtraLoss, ...]) -> Run:
         denoiser.enable_npu_flash_attention()
         controlnet.enable_npu_flash_attention()
     if args.gradient_checkpointing:
-        controlnet.enable_gradient_checkpointing()
-        denoiser.enable_gradient_checkpointing()
+        backbone.enable_gradient_checkpointing(controlnet)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -422,7 +421,8 @@ def fill_caches(run: Run) -> None:
     run.loss_samples = _training_samples(run, run.held_out, cache_root) if run.held_out is not None else run.samples
     vae_on_device = not args.cache_latents or bool(run.extra_losses) or backbone.encodes_conditioning
     _place(backbone.vae, run.device if vae_on_device else "cpu", run.vae_dtype)
-    _place(backbone.denoiser, run.device, run.weight_dtype)
+    if not backbone.denoiser_quantized:  # a quantized denoiser is already on its device, in its own dtypes
+        _place(backbone.denoiser, run.device, run.weight_dtype)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -431,14 +431,14 @@ def fill_caches(run: Run) -> None:
 def _training_samples(run: Run, rows, cache_root: Path) -> TrainingSamples:
     """``rows`` as training samples: where each image goes at training size, its latents cached (counted in
     ``run.cache_stats``) under ``--cache_latents``."""
-    args, vae = run.args, run.backbone.vae
+    args = run.args
     placements = row_placements(args, rows)
     resample = interpolation_filter(args.image_interpolation_mode)
     latent_cache = latent_keys = None
     if args.cache_latents:
         images = rows.select_columns(["image"])
         latent_cache, latent_keys, latent_stats = _cache_latents(
-            args, run.accelerator, rows, vae, run.vae_dtype, cache_root, [p.target for p in placements],
+            args, run.accelerator, rows, run.backbone, run.vae_dtype, cache_root, [p.target for p in placements],
             load_pixels=lambda row: training_pixels(images[row]["image"], args.resolution, placements[row], resample))
         for key, value in latent_stats.items():
             run.cache_stats[key] = run.cache_stats.get(key, 0) + value
@@ -446,7 +446,7 @@ def _training_samples(run: Run, rows, cache_root: Path) -> TrainingSamples:
     return TrainingSamples(
         rows, resolution=args.resolution, text_cache=run.text_cache, latent_cache=latent_cache,
         latent_keys=latent_keys,
-        latent_shape=(vae.config.latent_channels, args.resolution // vae_scale, args.resolution // vae_scale),
+        latent_shape=(run.backbone.latent_channels, args.resolution // vae_scale, args.resolution // vae_scale),
         backbone=run.backbone, proportion_empty_prompts=args.proportion_empty_prompts,
         load_pixel_values=any(getattr(loss, "needs_pixel_values", False) for loss in run.extra_losses),
         placements=placements, bucketed=args.enable_bucket, resample=resample,
@@ -718,9 +718,11 @@ def _report_truncated_captions(backbone: Backbone, captions: Sequence[str], acce
                        + " (shorten them, e.g. caption.py --max_writing_texts)")
 
 
-def _cache_latents(args, accelerator, dataset, vae, dtype, cache_root: Path, sizes: Sequence, load_pixels):
+def _cache_latents(args, accelerator, dataset, backbone: Backbone, dtype, cache_root: Path, sizes: Sequence,
+                   load_pixels):
     import datasets
 
+    vae = backbone.vae
     separate_vae = args.pretrained_vae_model_name_or_path is not None
     cache = LatentCache(cache_root, model_fingerprint(
         args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path, {"vae": vae}, dtype=dtype,
@@ -735,7 +737,7 @@ def _cache_latents(args, accelerator, dataset, vae, dtype, cache_root: Path, siz
         _place(vae, accelerator.device, dtype)
         for size in sorted(set(sizes)):  # the VAE encodes one training size at a time (aspect-ratio buckets)
             fill_sharded(accelerator, [i for i in missing if sizes[i] == size], lambda shard: cache.compute(
-                [(keys[i], row_ids[i], i) for i in shard], load_pixels, vae,
+                [(keys[i], row_ids[i], i) for i in shard], load_pixels, vae, encode=backbone.encode_latent_dist,
                 batch_size=args.train_batch_size, progress=accelerator.is_local_main_process))
         if any(not cache.is_cached(key) for key in keys):
             raise SkingenError(f"{cache.folder}: some latents were not written; is the folder shared by all processes?")

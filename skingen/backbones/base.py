@@ -78,6 +78,8 @@ class Backbone(abc.ABC):
     text_subfolders: ClassVar[tuple[str, ...]]  # tokenizers + text encoders, for the cache fingerprint
     default_tracker_project_name: ClassVar[str]
     encodes_conditioning: ClassVar[bool] = False  # the ControlNet sees the conditioning image through the VAE
+    vae_class_name: ClassVar[str] = "AutoencoderKL"
+    denoiser_quantized: bool = False  # the frozen denoiser was loaded quantized (--base_quantization): never cast it
     ddp_find_unused_parameters: ClassVar[bool] = False  # the ControlNet has parameters a step leaves unused
 
     # Set by load(): frozen models, in loading order.
@@ -129,8 +131,9 @@ class Backbone(abc.ABC):
         return {"variant": self.args.variant, "dtype": self.frozen_dtype}
 
     def _load_vae(self):
-        from diffusers import AutoencoderKL
+        import diffusers
 
+        AutoencoderKL = getattr(diffusers, self.vae_class_name)
         separate = self.args.pretrained_vae_model_name_or_path
         if separate is None:
             return self.part("VAE", AutoencoderKL.from_pretrained, "vae", variant=self.args.variant)
@@ -138,9 +141,9 @@ class Backbone(abc.ABC):
         source = str(separate)
         if not Path(source).expanduser().exists() and looks_like_local_path(source):
             raise SkingenError(f"--pretrained_vae_model_name_or_path {source}: folder not found; expected a diffusers "
-                               "AutoencoderKL folder with config.json and diffusion_pytorch_model.safetensors")
+                               f"{self.vae_class_name} folder with config.json and diffusion_pytorch_model.safetensors")
         return load_part("VAE", str(Path(source).expanduser()) if Path(source).expanduser().exists() else source,
-                         AutoencoderKL.from_pretrained, layout_help="expected a diffusers AutoencoderKL folder",
+                         AutoencoderKL.from_pretrained, layout_help=f"expected a diffusers {self.vae_class_name} folder",
                          **self.common)
 
     @classmethod
@@ -230,10 +233,15 @@ class Backbone(abc.ABC):
             parameters = batch["latent_dist"]
         else:
             with torch.no_grad():
-                parameters = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.parameters
+                parameters = self.encode_latent_dist(batch["pixel_values"])
         distribution = DiagonalGaussianDistribution(parameters.float())
         latents = distribution.mean + distribution.std * batch["latent_noise"].float()
         return self.normalize_latents(latents).to(weight_dtype)
+
+    def encode_latent_dist(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's parameters ``(B, 2C, h, w)`` (mean and log-variance) of images in [-1, 1]; what the
+        latent cache stores."""
+        return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
 
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae.config
@@ -260,6 +268,11 @@ class Backbone(abc.ABC):
         controlnet_class = getattr(diffusers, self.controlnet_class_name)
         return load_part("ControlNet", source, controlnet_class.from_pretrained,
                          layout_help=self.controlnet_help(), cache_dir=self.common["cache_dir"])
+
+    def enable_gradient_checkpointing(self, controlnet) -> None:
+        """``--gradient_checkpointing`` on the ControlNet and the frozen denoiser."""
+        controlnet.enable_gradient_checkpointing()
+        self.denoiser.enable_gradient_checkpointing()
 
     @classmethod
     def controlnet_help(cls) -> str:
@@ -350,7 +363,8 @@ def read_model_config(source: str, *, cache_dir: str | None = None) -> dict[str,
     return json.loads(Path(hf_hub_download(source, "config.json", cache_dir=cache_dir)).read_text(encoding="utf-8"))
 
 
-DENOISER_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+DENOISER_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
+                    "ZImageTransformer2DModel", "QwenImageTransformer2DModel")
 
 
 def check_controlnet_source(backbone: type[Backbone], name_or_path, denoiser_config, *, source_of_base: str,
