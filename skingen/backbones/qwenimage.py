@@ -47,6 +47,7 @@ class QwenImageBackbone(FlowMatchingBackbone):
     default_tracker_project_name = "qwenimage_train_controlnet"
     default_max_sequence_length = MAX_SEQUENCE_LENGTH
     vae_class_name = "AutoencoderKLQwenImage"
+    ddp_find_unused_parameters = True  # the last ControlNet block's text stream feeds nothing (as in SD3)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -100,20 +101,21 @@ class QwenImageBackbone(FlowMatchingBackbone):
         frames = pixels.to(self.vae.dtype).unsqueeze(2)  # one frame
         return self.vae.encode(frames).latent_dist.parameters.squeeze(2)
 
-    def _mean_std(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mean_inverse_std(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and 1 / std, multiplied as the pipeline does (bit-identical control latents)."""
         config = self.vae.config
         shape = (1, config.z_dim, 1, 1)
-        mean = torch.tensor(config.latents_mean, device=latents.device, dtype=torch.float32).view(shape)
-        std = torch.tensor(config.latents_std, device=latents.device, dtype=torch.float32).view(shape)
-        return mean, std
+        mean = torch.tensor(config.latents_mean).view(shape).to(latents.device)
+        inverse_std = (1.0 / torch.tensor(config.latents_std).view(shape)).to(latents.device)
+        return mean, inverse_std
 
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, std = self._mean_std(latents)
-        return (latents.float() - mean) / std
+        mean, inverse_std = self._mean_inverse_std(latents)
+        return (latents.float() - mean) * inverse_std
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, std = self._mean_std(latents)
-        latents = (latents.float() * std + mean).unsqueeze(2)
+        mean, inverse_std = self._mean_inverse_std(latents)
+        latents = (latents.float() / inverse_std + mean).unsqueeze(2)
         return self.vae.decode(latents.to(self.vae.dtype)).sample[:, :, 0].float()
 
     @torch.no_grad()

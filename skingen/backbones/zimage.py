@@ -146,6 +146,7 @@ class ZImageBackbone(FlowMatchingBackbone):
         self.denoiser = self.part("transformer", ZImageTransformer2DModel.from_pretrained, "transformer",
                                   variant=self.args.variant, torch_dtype=self.frozen_dtype, **quantized)
         self.denoiser_quantized = bool(quantized)
+        self.control_in_dim = self.denoiser.config.in_channels  # until a ControlNet with a wider input is made
         self.load_scheduler()
 
     def resolution_multiple(self) -> tuple[int, str]:
@@ -194,7 +195,7 @@ class ZImageBackbone(FlowMatchingBackbone):
         model_time = 1.0 - timesteps / self.num_train_timesteps  # the pipeline's (1000 - t) / 1000
         captions = self.caption_features(batch, weight_dtype)
         frames = list(noisy.unsqueeze(2).unbind(0))  # (C, 1, h, w) per sample
-        control = list(self.control_latents(batch, weight_dtype).unsqueeze(2).unbind(0))
+        control = self.control_latents(batch, weight_dtype).unsqueeze(2)  # (B, C, 1, h, w), as the pipeline passes it
         hints = controlnet(frames, model_time, captions, control)
         output = self.denoiser(frames, model_time, captions, return_dict=False,
                                controlnet_block_samples={k: v.to(weight_dtype) for k, v in hints.items()})[0]
@@ -209,10 +210,6 @@ class ZImageBackbone(FlowMatchingBackbone):
                               signal=(1 - sigmas.flatten()) ** 2, weighting=self.loss_weighting(sigmas))
 
     # -- the ControlNet -------------------------------------------------------------------------------------
-
-    @property
-    def control_in_dim(self) -> int:
-        return self._control_in_dim
 
     def new_controlnet(self):
         args, config = self.args, self.denoiser.config
@@ -229,7 +226,7 @@ class ZImageBackbone(FlowMatchingBackbone):
     def create_controlnet(self, controlnet_model_name_or_path):
         controlnet = borrow_transformer_modules(super().create_controlnet(controlnet_model_name_or_path),
                                                 self.denoiser)
-        self._control_in_dim = controlnet.config.control_in_dim
+        self.control_in_dim = controlnet.config.control_in_dim
         return controlnet
 
     def enable_gradient_checkpointing(self, controlnet) -> None:
