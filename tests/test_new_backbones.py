@@ -265,3 +265,19 @@ def test_base_quantization_is_a_clear_error_without_cuda(request, family, datase
     assert exited.value.code == 2
     assert "--base_quantization nf4: quantizing the frozen transformer needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(("family", "preset"), [("zimage", "zimage_glyph_1024"), ("qwenimage", "qwenimage_glyph_1328")])
+def test_preset_parses_through_its_trainer(family, preset, tmp_path):
+    import yaml
+
+    settings = yaml.safe_load((REPO / "configs" / "train" / f"{preset}.yaml").read_text(encoding="utf-8"))
+    assert settings.pop("use_8bit_adam") is True  # bitsandbytes is CUDA-only: checked on a GPU machine, not here
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(settings), encoding="utf-8")
+    args = load_script(f"train_controlnet_{family}.py").parse_args(["--config", str(tmp_path / "preset.yaml")])
+    assert args.train_batch_size * args.gradient_accumulation_steps * 8 == 64  # the public recipes' batch on 8 GPUs
+    assert args.gradient_checkpointing and args.mixed_precision == "bf16"
+    if family == "zimage":
+        assert args.control_layers_places == [0, 5, 10, 15, 20, 25] and args.learning_rate == 2e-5
+    else:
+        assert args.num_layers == 5 and args.learning_rate == 4e-5 and args.resolution == 1328
