@@ -348,8 +348,9 @@ class TextLoss:
     def __call__(self, *, batch, output, backbone, weight_dtype, step) -> tuple[torch.Tensor, dict]:
         """The trainer's ``ExtraLoss`` call: ``output`` is the step's ``skingen.backbones.base.DenoiserOutput``
         (its ``x0(rows)`` is the one-step clean estimate of any backbone), ``backbone`` gives the VAE."""
-        # The backbone decodes: it knows its VAE's latent normalisation and layout.
-        model_pred, latents, timesteps, vae = output.model_pred, output.latents, output.timesteps, backbone
+        # A backbone decodes itself: it knows its VAE's latent normalisation and layout (Qwen-Image's per channel).
+        vae = backbone if hasattr(backbone, "decode_latents") else backbone.vae
+        model_pred, latents, timesteps = output.model_pred, output.latents, output.timesteps
         device = model_pred.device
         self.recognizer.to(device)
         batch_size = model_pred.shape[0]

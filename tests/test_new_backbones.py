@@ -281,3 +281,29 @@ def test_preset_parses_through_its_trainer(family, preset, tmp_path):
         assert args.control_layers_places == [0, 5, 10, 15, 20, 25] and args.learning_rate == 2e-5
     else:
         assert args.num_layers == 5 and args.learning_rate == 4e-5 and args.resolution == 1328
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_measures_every_family_on_cpu(tmp_path):
+    gpu_check = load_script("bench/gpu_check.py")
+    rows = gpu_check.main(["--tiny", "--steps", "1", "--options", "diffusers_example", "gc", "gc_adam8bit_int8",
+                           "--out", str(tmp_path / "gpu.json")])
+    measured = {(row["family"], row["option"]) for row in rows if "skipped" not in row}
+    assert measured == {("sdxl", "diffusers_example")} | {(family, "gc") for family in gpu_check.FAMILIES}
+    assert all(row["loss_finite"] and row["step_s"] > 0 for row in rows if "skipped" not in row)
+    skipped = {(row["family"], row["option"]): row["skipped"] for row in rows if "skipped" in row}
+    assert set(skipped) == {("zimage", "gc_adam8bit_int8"), ("qwenimage", "gc_adam8bit_int8")}
+    assert all("needs CUDA" in reason for reason in skipped.values())
+    assert json.loads((tmp_path / "gpu.json").read_text())["device"] == "CPU"
+
+
+@pytest.mark.slow
+def test_memory_estimate_covers_both_families(capsys):
+    memory_estimate = load_script("bench/memory_estimate.py")
+    memory_estimate.main()
+    table = capsys.readouterr().out
+    for family in ("zimage", "qwenimage"):
+        assert f"| {family} | 1 GPU, 8-bit Adam |" in table
+        totals = {base: float(line.rsplit("|", 2)[1]) for line in table.splitlines()
+                  for base in memory_estimate.FROZEN_BYTES if line.startswith(f"| {family} | {base} (")}
+        assert totals["nf4"] < totals["int8"] == totals["fp8"] < totals["bf16"]  # a quantized base saves memory
