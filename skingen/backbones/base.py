@@ -227,15 +227,13 @@ class Backbone(abc.ABC):
     def clean_latents(self, batch: dict, weight_dtype: torch.dtype) -> torch.Tensor:
         """Normalised latents ``(latent - shift_factor) * scaling_factor``: a sample of the VAE's distribution
         (cached, or encoded now) drawn with the batch's own noise."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
         if "latent_dist" in batch:
             parameters = batch["latent_dist"]
         else:
             with torch.no_grad():
                 parameters = self.encode_latent_dist(batch["pixel_values"])
-        distribution = DiagonalGaussianDistribution(parameters.float())
-        latents = distribution.mean + distribution.std * batch["latent_noise"].float()
+        mean, std = posterior_mean_std(parameters)
+        latents = mean + std * batch["latent_noise"].float()
         return self.normalize_latents(latents).to(weight_dtype)
 
     def encode_latent_dist(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -310,6 +308,13 @@ class Backbone(abc.ABC):
         config = self.vae.config
         latents = latents.float() / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
         return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+
+
+def posterior_mean_std(parameters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation (fp32) of a VAE's diagonal Gaussian from its parameters ``(B, 2C, ...)`` (mean,
+    log-variance), as diffusers' ``DiagonalGaussianDistribution`` reads them."""
+    mean, logvar = parameters.float().chunk(2, dim=1)
+    return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
 
 # ---------------------------------------------------------------------------------------------------------------

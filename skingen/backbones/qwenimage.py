@@ -29,7 +29,7 @@ import torch
 
 from ..errors import SkingenError
 from . import large_transformer
-from .base import DenoiserOutput, config_mismatches
+from .base import DenoiserOutput, config_mismatches, posterior_mean_std
 from .flow_matching import FlowMatchingBackbone
 from .flux import pack_latents, unpack_latents
 
@@ -123,11 +123,11 @@ class QwenImageBackbone(FlowMatchingBackbone):
                         ) -> torch.Tensor:
         """As ``QwenImageControlNetPipeline``: 5-D VAE encode, per-channel normalisation (not yet packed). The mode,
         as skingen's inference makes the pipeline use; with ``generator``, the pipeline's own posterior draw."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
         pixels = batch["conditioning_pixel_values"] * 2.0 - 1.0
-        distribution = DiagonalGaussianDistribution(self.encode_latent_dist(pixels))
-        latents = distribution.mode() if generator is None else distribution.sample(generator)
+        mean, std = posterior_mean_std(self.encode_latent_dist(pixels))
+        # The pipeline's draw (diffusers' DiagonalGaussianDistribution.sample): mean + std * randn(generator).
+        latents = mean if generator is None else mean + std * torch.randn(mean.shape, generator=generator,
+                                                                            device=mean.device, dtype=mean.dtype)
         return self.normalize_latents(latents).to(weight_dtype)
 
     # -- text -----------------------------------------------------------------------------------------------
