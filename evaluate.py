@@ -16,12 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-from skingen import rows
 from skingen.config import parse_args_with_config
-from skingen.data import enforce_rows, find_dataset_files, scan_folder
+from skingen.data import rows
+from skingen.data.dataset import enforce_rows, find_dataset_files, scan_folder
 from skingen.errors import SkingenError, run_cli
-from skingen.fileio import atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temp_files
-from skingen.metrics import (
+from skingen.evaluate.metrics import (
     ClipScorer,
     EvalPair,
     PerceptualDistance,
@@ -32,8 +31,9 @@ from skingen.metrics import (
     metrics_markdown,
     summarize,
 )
-from skingen.metrics import diversity as measure_diversity
-from skingen.ocr import BACKENDS, get_ocr
+from skingen.evaluate.metrics import diversity as measure_diversity
+from skingen.fileio import atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temp_files
+from skingen.prep.ocr import BACKENDS, get_ocr
 
 RESULTS_FILE = "results.jsonl"
 METRICS_FILE = "metrics.json"
@@ -173,7 +173,7 @@ def _find_generated(images_dir: Path, relative: str) -> Path | None:
 def load_dataset_pairs(dataset_dir: str, images_dir: str) -> list[EvalPair]:
     """Pairs from a dataset (controls, prompts, boxes, texts) and a folder of generated images named like its images.
 
-    The dataset's rows are checked by the rows' rules (:mod:`skingen.rows`), as training checks them."""
+    The dataset's rows are checked by the rows' rules (:mod:`skingen.data.rows`), as training checks them."""
     generated_dir = Path(images_dir)
     if not generated_dir.is_dir():
         raise SkingenError(f"--images_dir {generated_dir}: folder not found")

@@ -21,9 +21,11 @@ import argparse
 import functools
 from pathlib import Path
 
-from skingen import data, generation, pipelines
+from skingen.backbones import pipelines
 from skingen.config import parse_args_with_config
+from skingen.data import dataset as data
 from skingen.errors import SkingenError, run_cli
+from skingen.generate import jobs as generation
 
 
 class ControlImageGroup(argparse.Action):

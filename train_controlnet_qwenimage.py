@@ -19,8 +19,8 @@ import argparse
 from collections.abc import Sequence
 
 from skingen.errors import run_cli
-from skingen.text_loss_options import build_text_loss, parse_args_with_text_loss
-from skingen.training import build_arg_parser, train
+from skingen.train.loop import build_arg_parser, train
+from skingen.train.text_loss_options import build_text_loss, parse_args_with_text_loss
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

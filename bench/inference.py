@@ -23,8 +23,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from skingen import generation  # noqa: E402
-from skingen.models import PRESETS, SDXLComponents, build_clip_tokenizer, build_tiny_sdxl  # noqa: E402
+from skingen.backbones.sdxl import SDXLComponents  # noqa: E402
+from skingen.generate import jobs as generation  # noqa: E402
+from skingen.testing.tiny_sdxl import PRESETS, build_clip_tokenizer, build_tiny_sdxl  # noqa: E402
 
 # stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json
 SDXL_SCHEDULER_CONFIG = {

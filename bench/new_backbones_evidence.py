@@ -9,7 +9,7 @@ family's trainer script; then
 
 - the held-out flow-matching loss at fixed noise (the trainer's ``--validation_loss_timesteps`` on the
   ``validation`` split, the same noise before and after) of the trained ControlNet against the untrained one;
-- edge F1 (skingen.metrics.edge_f1) between images generated for the held-out controls by diffusers' own
+- edge F1 (skingen.evaluate.metrics.edge_f1) between images generated for the held-out controls by diffusers' own
   ControlNet pipeline (``from_pretrained`` of the base and of the trained folder) and those controls, against the
   untrained ControlNet with the same seeds.
 
@@ -66,7 +66,7 @@ def make_layouts(root: Path, seed: int, rows: int, held_out: int) -> None:
 
 
 def train(family: str, base: Path, data: Path, out: Path, seed: int, steps: int) -> dict[int, dict[str, float]]:
-    from skingen.training import train as run_training
+    from skingen.train.loop import train as run_training
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from repo_scripts import load_script
@@ -85,8 +85,8 @@ def train(family: str, base: Path, data: Path, out: Path, seed: int, steps: int)
 def generated_edge_f1(family: str, base: Path, controlnet_dir: Path, data: Path, seed: int) -> float:
     import diffusers
 
-    from skingen import pipelines
-    from skingen.metrics import edge_f1
+    from skingen.backbones import pipelines
+    from skingen.evaluate.metrics import edge_f1
 
     family_spec = pipelines.family_named(family)
     controlnet = getattr(diffusers, family_spec.controlnet_model).from_pretrained(controlnet_dir)
@@ -103,7 +103,7 @@ def generated_edge_f1(family: str, base: Path, controlnet_dir: Path, data: Path,
 
 
 def run_seed(family: str, seed: int, steps: int, work: Path) -> dict:
-    from skingen.tiny_models import build_tiny_pipeline
+    from skingen.testing.tiny_models import build_tiny_pipeline
 
     base, data = work / f"{family}-{seed}-base", work / f"{family}-{seed}-data"
     build_tiny_pipeline(family, base, seed=seed, controlnet=True)

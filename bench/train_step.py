@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark the ControlNet training step: step time, samples/s and peak memory, with and without caching.
 
-Runs the real trainer (``skingen.training.train``) on a randomly initialised model and a synthetic dataset,
+Runs the real trainer (``skingen.train.loop.train``) on a randomly initialised model and a synthetic dataset,
 once with the text-embedding + latent caches and once encoding images with the VAE at every step, each in a
 fresh subprocess so its peak memory is its own. Step time is the median time between optimizer steps after
 the warm-up steps; "1st step s" is the time from the start to the end of the first step (loading, caching and
@@ -71,7 +71,7 @@ def build_sdxl_shaped(out_dir: Path) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from skingen.models import build_clip_tokenizer
+    from skingen.testing.tiny_sdxl import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer()
     ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -125,7 +125,7 @@ def measure(options: argparse.Namespace, model_dir: Path, data_dir: Path, cache_
     """Train ``warmup + steps`` steps and time them (run in a fresh process for an honest peak memory)."""
     import torch
 
-    from skingen.training import build_arg_parser, parse_training_args, train
+    from skingen.train.loop import build_arg_parser, parse_training_args, train
 
     work = Path(tempfile.mkdtemp(prefix="run-", dir=options.work_dir))
     argv = [
@@ -205,8 +205,8 @@ def main(argv=None) -> None:
         work = Path(options.work_dir)
         extra_loss = None
         if options.only == "text":
-            from skingen.losses import TextLoss
-            from skingen.recognizer import load_recognizer
+            from skingen.train.recognizer import load_recognizer
+            from skingen.train.text_loss import TextLoss
 
             extra_loss = TextLoss(load_recognizer(), loss_type=options.text_loss, weight=0.05,
                                   max_timestep=options.text_loss_max_timestep)
@@ -225,7 +225,7 @@ def main(argv=None) -> None:
         if options.sdxl_shaped:
             build_sdxl_shaped(work / "model")
         else:
-            from skingen.models import build_tiny_sdxl
+            from skingen.testing.tiny_sdxl import build_tiny_sdxl
 
             build_tiny_sdxl(work / "model", preset=options.preset)
     if not (work / "data").is_dir():

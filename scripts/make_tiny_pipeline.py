@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from skingen.config import parse_args_with_config  # noqa: E402
 from skingen.errors import run_cli  # noqa: E402
-from skingen.models import PRESETS, count_parameters  # noqa: E402
-from skingen.tiny_models import BACKBONES, build_tiny_pipeline  # noqa: E402
+from skingen.testing.tiny_models import BACKBONES, build_tiny_pipeline  # noqa: E402
+from skingen.testing.tiny_sdxl import PRESETS, count_parameters  # noqa: E402
 
 # Model folders of each pipeline and the class that loads them (the ControlNet's only with --controlnet).
 PARTS = {

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
     """A diffusers-format tiny SDXL pipeline with a matching ControlNet in ``<dir>/controlnet``."""
-    from skingen.models import build_tiny_sdxl
+    from skingen.testing.tiny_sdxl import build_tiny_sdxl
 
     out = tmp_path_factory.mktemp("tiny_sdxl")
     build_tiny_sdxl(out, preset="tiny", seed=0, controlnet=True)
@@ -26,7 +26,7 @@ def tiny_sdxl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory):
     """A diffusers-format tiny SD3.5-shaped pipeline with a matching SD3ControlNetModel in ``<dir>/controlnet``."""
-    from skingen.tiny_models import build_tiny_sd3
+    from skingen.testing.tiny_models import build_tiny_sd3
 
     out = tmp_path_factory.mktemp("tiny_sd3")
     build_tiny_sd3(out, seed=0, controlnet=True)
@@ -36,7 +36,7 @@ def tiny_sd3_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory):
     """A diffusers-format tiny FLUX.1-dev-shaped pipeline with a matching FluxControlNetModel in ``<dir>/controlnet``."""
-    from skingen.tiny_models import build_tiny_flux
+    from skingen.testing.tiny_models import build_tiny_flux
 
     out = tmp_path_factory.mktemp("tiny_flux")
     build_tiny_flux(out, seed=0, controlnet=True)
@@ -46,7 +46,7 @@ def tiny_flux_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_zimage_dir(tmp_path_factory):
     """A diffusers-format tiny Z-Image pipeline with a matching ZImageControlNetModel in ``<dir>/controlnet``."""
-    from skingen.tiny_zimage import build_tiny_zimage
+    from skingen.testing.tiny_zimage import build_tiny_zimage
 
     out = tmp_path_factory.mktemp("tiny_zimage")
     build_tiny_zimage(out, seed=0, controlnet=True)
@@ -56,7 +56,7 @@ def tiny_zimage_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwenimage_dir(tmp_path_factory):
     """A diffusers-format tiny Qwen-Image pipeline with a matching QwenImageControlNetModel in ``<dir>/controlnet``."""
-    from skingen.tiny_qwenimage import build_tiny_qwenimage
+    from skingen.testing.tiny_qwenimage import build_tiny_qwenimage
 
     out = tmp_path_factory.mktemp("tiny_qwenimage")
     build_tiny_qwenimage(out, seed=0, controlnet=True)
@@ -65,7 +65,7 @@ def tiny_qwenimage_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cjk_font():
-    from skingen.glyphs import find_cjk_font
+    from skingen.prep.glyphs import find_cjk_font
 
     return find_cjk_font()
 

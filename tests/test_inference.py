@@ -10,9 +10,9 @@ import torch
 from PIL import Image, ImageDraw
 
 import inference
-from skingen import generation
 from skingen.errors import SkingenError
 from skingen.fileio import read_jsonl
+from skingen.generate import jobs as generation
 
 SIZE = 64
 STEPS = "2"

@@ -12,9 +12,10 @@ import torch
 from PIL import Image, ImageDraw
 
 import inference
-from skingen import generation, pipelines
+from skingen.backbones import pipelines
 from skingen.errors import SkingenError
 from skingen.fileio import read_jsonl
+from skingen.generate import jobs as generation
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BACKBONES = ("sd3", "flux")

@@ -15,13 +15,8 @@ from test_recognizer import render_line
 
 from skingen.backbones.sdxl import ddpm_output
 from skingen.errors import SkingenError
-from skingen.losses import (
-    TextLoss,
-    crop_rotated_boxes,
-    decode_latent_regions,
-    predict_x0,
-)
-from skingen.recognizer import ctc_greedy_decode, encode_texts, load_recognizer, normalize_for_recognizer
+from skingen.train.recognizer import ctc_greedy_decode, encode_texts, load_recognizer, normalize_for_recognizer
+from skingen.train.text_loss import TextLoss, crop_rotated_boxes, decode_latent_regions, predict_x0
 
 # One text line, 96 x 48 px, in a 96 x 128 image (a 12 x 16 latent of the tiny VAE).
 LINE_BOX = [[16.0, 24.0], [112.0, 24.0], [112.0, 72.0], [16.0, 72.0]]
@@ -95,7 +90,7 @@ def test_rotated_box_crop_is_read_correctly(recognizer, text, angle):
 
 
 def test_crops_padded_to_the_batch_width_read_as_at_full_width(recognizer):
-    from skingen.losses import _Crops
+    from skingen.train.text_loss import _Crops
 
     words = ["前往", "删除键", "Hello 123", "中文输入法"]
     lines = [render_line(word, size=24, fg=(20, 20, 40), bg=(200, 220, 240), pad=3) for word in words]
@@ -253,7 +248,7 @@ def test_unusable_boxes_are_counted_per_reason_and_reported_in_a_warning(recogni
     inputs = {"batch": batch, "model_pred": torch.randn(1, 4, 12, 16),
               "noisy_latents": scheduler.add_noise(latents, noise, timesteps), "latents": latents,
               "timesteps": timesteps, "noise": noise, "scheduler": scheduler, "vae": vae}
-    with caplog.at_level("WARNING", logger="skingen.losses"):
+    with caplog.at_level("WARNING", logger="skingen.train.text_loss"):
         _, logs = call_loss(loss_fn, **inputs)
         _, _ = call_loss(loss_fn, **inputs)
     assert logs["boxes_used"] == 1

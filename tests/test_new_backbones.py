@@ -66,7 +66,7 @@ def _argv(base, dataset, out, *extra) -> list[str]:
 
 
 def _train(family, argv, **kwargs):
-    from skingen.training import train
+    from skingen.train.loop import train
 
     script = load_script(f"train_controlnet_{family}.py")
     args = script.parse_args(argv)
@@ -133,7 +133,7 @@ def test_cached_prompt_encoding_equals_the_pipelines(request, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_control_latents_equal_the_pipelines(request, family):
     from skingen.backbones.flux import pack_latents
-    from skingen.training_data import image_to_tensor
+    from skingen.train.batches import image_to_tensor
 
     pipeline = _controlnet_pipeline(request, family)
     backbone = _backbone(request, family)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_recognizer import FONT_PATH
 
 from skingen.errors import SkingenError, run_cli
-from skingen.training import build_arg_parser, parse_training_args, train
+from skingen.train.loop import build_arg_parser, parse_training_args, train
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SkingenError
-from ..loss_weighting import LossOptions
+from ..train.loss_weighting import LossOptions
 
 # ---------------------------------------------------------------------------------------------------------------
 # What a training step produces

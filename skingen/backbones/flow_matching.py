@@ -16,7 +16,7 @@ import copy
 import torch
 
 from ..errors import SkingenError
-from ..loss_weighting import offset_noise, perturbed_noise
+from ..train.loss_weighting import offset_noise, perturbed_noise
 from .base import Backbone
 
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")

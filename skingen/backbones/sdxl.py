@@ -18,8 +18,14 @@ from typing import Any
 import torch
 
 from ..errors import SkingenError
-from ..lora import diffusers_lora_state, save_lora
-from ..loss_weighting import TIMESTEP_BIAS_STRATEGIES, TimestepBias, min_snr_weights, offset_noise, perturbed_noise
+from ..train.lora import diffusers_lora_state, save_lora
+from ..train.loss_weighting import (
+    TIMESTEP_BIAS_STRATEGIES,
+    TimestepBias,
+    min_snr_weights,
+    offset_noise,
+    perturbed_noise,
+)
 from .base import Backbone, DenoiserOutput, check_controlnet_source, config_mismatches, load_part, resolve_model_source
 
 
