@@ -24,7 +24,6 @@ Options that need CUDA libraries are reported as skipped on a CPU. Prints a mark
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence

@@ -1,6 +1,6 @@
 """Does a Z-Image / Qwen-Image ControlNet trained by skingen learn its controls? Tiny pipelines, 3 seeds, CPU.
 
-    python bench/new_backbones_evidence.py --out bench_results/new_backbones.json      # ~10 min per family on 2 cores
+    OMP_NUM_THREADS=1 python bench/new_backbones_evidence.py --out new_backbones.json   # ~15 min on one CPU core
 
 Per family and seed: a tiny random-weight pipeline (scripts/make_tiny_pipeline.py's builder, that seed), a layout
 dataset drawn from the seed (filled key rectangles on a background; the control is their outlines, as a Canny
@@ -127,7 +127,7 @@ def summary(rows: Sequence[dict]) -> str:
         if not runs:
             continue
 
-        def ms(key):
+        def ms(key, runs=runs):
             values = [r[key] for r in runs]
             return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
 
@@ -142,7 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", default=None, help="write the per-seed values as JSON here")
     return parser.parse_args(argv)
 
