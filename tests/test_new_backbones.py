@@ -307,3 +307,24 @@ def test_memory_estimate_covers_both_families(capsys):
         totals = {base: float(line.rsplit("|", 2)[1]) for line in table.splitlines()
                   for base in memory_estimate.FROZEN_BYTES if line.startswith(f"| {family} | {base} (")}
         assert totals["nf4"] < totals["int8"] == totals["fp8"] < totals["bf16"]  # a quantized base saves memory
+
+
+@pytest.mark.parametrize(("family", "controlnet", "message"), [
+    ("zimage", "tiny_qwenimage_dir/controlnet", "a QwenImageControlNetModel, but the base model .* is Z-Image"),
+    ("qwenimage", "tiny_zimage_dir/controlnet", "a ZImageControlNetModel, but the base model .* is Qwen-Image"),
+    ("qwenimage", "tiny_qwenimage_dir/transformer", "holds a QwenImageTransformer2DModel .*, not a ControlNet"),
+])
+def test_controlnet_of_another_architecture_is_refused_before_caching(request, family, controlnet, message, dataset,
+                                                                       tmp_path, capsys):
+    import re
+
+    from skingen.errors import run_cli
+
+    fixture, _, sub = controlnet.partition("/")
+    out = tmp_path / "out"
+    argv = _argv(_base(request, family), dataset, out, "--controlnet_model_name_or_path",
+                 request.getfixturevalue(fixture) / sub)
+    with pytest.raises(SystemExit):
+        run_cli(load_script(f"train_controlnet_{family}.py").main, argv)
+    assert re.search(message, capsys.readouterr().err)
+    assert not (out / "cache").exists()  # nothing was cached
