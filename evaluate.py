@@ -32,10 +32,10 @@ from skingen.evaluate.metrics import (
     summarize,
 )
 from skingen.evaluate.metrics import diversity as measure_diversity
-from skingen.fileio import atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temp_files
+from skingen.fileio import atomic_write_json, atomic_write_text, remove_stale_temp_files
+from skingen.generate.results import RESULTS_FILE, read_results
 from skingen.prep.ocr import BACKENDS, get_ocr
 
-RESULTS_FILE = "results.jsonl"
 METRICS_FILE = "metrics.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -122,14 +122,10 @@ def load_results_pairs(results_dir: str) -> list[EvalPair]:
     are in; without it, the conditioning image's size). Boxes and texts follow the dataset rows' rules."""
     folder = Path(results_dir)
     listing = folder / RESULTS_FILE
-    if not listing.is_file():
-        raise SkingenError(
-            f"{listing}: not found; --results_dir must be an inference.py output folder holding {RESULTS_FILE}"
-        )
+    records = read_results(folder)
     outputs = rows.FolderImages(folder)
     pairs = []
-    for lineno, row in read_jsonl(listing):
-        where = f"{listing}:{lineno}"
+    for where, row in records:
         try:
             output = outputs.locate(row.get("output"), "output")
         except rows.FieldProblem as err:

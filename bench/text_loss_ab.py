@@ -228,7 +228,7 @@ def train_arm(pipeline_dir: Path, train_dir: Path, output_dir: Path, *, seed: in
     ]
     script_args = script.parse_args(argv)
     started = time.perf_counter()
-    result = train(script_args, extra_loss=script.build_text_loss(script_args))
+    result = train(script_args)
     _reset_accelerate_state()
     return {"train_seconds": time.perf_counter() - started, "curve": result.validation_losses}
 
@@ -236,13 +236,8 @@ def train_arm(pipeline_dir: Path, train_dir: Path, output_dir: Path, *, seed: in
 def sample_heldout(pipeline_dir: Path, controlnet_dir: Path, heldout_dir: Path, images_dir: Path,
                    args: argparse.Namespace) -> float:
     """Sample every held-out control once (seed = row index, the same in every arm); returns the seconds taken."""
-    from skingen.generate.jobs import (
-        GenerationRow,
-        ImageJob,
-        SamplingSettings,
-        generate_batch,
-        load_controlnet_pipeline,
-    )
+    from skingen.generate.jobs import GenerationRow, ImageJob, SamplingSettings
+    from skingen.generate.pipeline import generate_batch, load_controlnet_pipeline
 
     started = time.perf_counter()
     pipeline = load_controlnet_pipeline(pipeline_dir, [controlnet_dir])  # the family's sampler: UniPC for SDXL

@@ -16,8 +16,8 @@ Trainer options (``--options ema snr_gamma ...``, or ``--options all``) are each
 latents, and compared with the plain cached run: the step-time overhead of each option.
 
 Peak memory: CUDA ``torch.cuda.max_memory_allocated`` over the measured steps; CPU the process's peak
-resident set size (``resource`` max RSS, setup included). An extra loss (e.g. the OCR text loss) plugs in
-through :func:`measure`'s ``extra_loss``, exactly as it does into ``train``.
+resident set size (``resource`` max RSS, setup included). An extra loss (e.g. the OCR text loss, ``--text_loss``)
+is turned on by its trainer flags, through :func:`measure`'s ``extra_argv``, exactly as a user turns it on.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def write_dataset(out_dir: Path, rows: int, resolution: int, boxes_per_row: int 
     return out_dir
 
 
-def measure(options: argparse.Namespace, model_dir: Path, data_dir: Path, cache_latents: bool, extra_loss=None,
+def measure(options: argparse.Namespace, model_dir: Path, data_dir: Path, cache_latents: bool,
             extra_argv: list[str] | None = None) -> dict:
     """Train ``warmup + steps`` steps and time them (run in a fresh process for an honest peak memory)."""
     import torch
@@ -152,7 +152,7 @@ def measure(options: argparse.Namespace, model_dir: Path, data_dir: Path, cache_
             torch.cuda.reset_peak_memory_stats()
 
     start = time.perf_counter()
-    train(args, extra_loss=extra_loss, on_step=on_step)
+    train(args, on_step=on_step)
     step_times = [b - a for a, b in zip(times[options.warmup - 1 :], times[options.warmup :])] if options.warmup else \
         [b - a for a, b in zip(times, times[1:])]
     step_s = statistics.median(step_times)
@@ -203,15 +203,12 @@ def main(argv=None) -> None:
         torch.set_num_threads(options.threads)
     if options.only is not None:  # child process: one measurement, JSON on the last line
         work = Path(options.work_dir)
-        extra_loss = None
-        if options.only == "text":
-            from skingen.train.recognizer import load_recognizer
-            from skingen.train.text_loss import TextLoss
-
-            extra_loss = TextLoss(load_recognizer(), loss_type=options.text_loss, weight=0.05,
-                                  max_timestep=options.text_loss_max_timestep)
-        print(json.dumps(measure(options, work / "model", work / "data", options.only != "uncached", extra_loss,
-                                 OPTIONS.get(options.only))))
+        flags = OPTIONS.get(options.only, [])
+        if options.only == "text":  # the trainer's own text-loss flags, as a user turns it on
+            flags = ["--text_loss_type", options.text_loss, "--text_loss_weight", "0.05",
+                     "--text_loss_max_timestep", str(options.text_loss_max_timestep)]
+        print(json.dumps(measure(options, work / "model", work / "data", options.only != "uncached",
+                                 extra_argv=flags)))
         return
     if "all" in options.options:
         options.options = tuple(OPTIONS)

@@ -1,11 +1,8 @@
-"""Build a tiny random-weight SDXL, SD3, FLUX, Z-Image or Qwen-Image pipeline (+ ControlNet) in diffusers format,
-offline.
+"""Build a tiny random-weight SDXL, SD3 or FLUX pipeline (+ optional ControlNet) in diffusers format, offline.
 
     python scripts/make_tiny_pipeline.py --backbone sd3 --out models/tiny-sd3 --controlnet
     python scripts/make_tiny_pipeline.py --backbone flux --out models/tiny-flux --controlnet
     python scripts/make_tiny_pipeline.py --backbone sdxl --out models/tiny-sdxl --controlnet
-    python scripts/make_tiny_pipeline.py --backbone zimage --out models/tiny-zimage --controlnet
-    python scripts/make_tiny_pipeline.py --backbone qwenimage --out models/tiny-qwenimage --controlnet
 
 Each folder loads like the real model (stable-diffusion-xl-base-1.0, stable-diffusion-3.5-medium, FLUX.1-dev):
 `--pretrained_model_name_or_path models/tiny-sd3`, `StableDiffusion3Pipeline.from_pretrained(...)`, and the
@@ -22,48 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from skingen.backbones import backbone_class  # noqa: E402
 from skingen.config import parse_args_with_config  # noqa: E402
 from skingen.errors import run_cli  # noqa: E402
 from skingen.testing.tiny_models import BACKBONES, build_tiny_pipeline  # noqa: E402
 from skingen.testing.tiny_sdxl import PRESETS, count_parameters  # noqa: E402
-
-# Model folders of each pipeline and the class that loads them (the ControlNet's only with --controlnet).
-PARTS = {
-    "sdxl": [
-        ("unet", "diffusers.UNet2DConditionModel"),
-        ("vae", "diffusers.AutoencoderKL"),
-        ("text_encoder", "transformers.CLIPTextModel"),
-        ("text_encoder_2", "transformers.CLIPTextModelWithProjection"),
-        ("controlnet", "diffusers.ControlNetModel"),
-    ],
-    "sd3": [
-        ("transformer", "diffusers.SD3Transformer2DModel"),
-        ("vae", "diffusers.AutoencoderKL"),
-        ("text_encoder", "transformers.CLIPTextModelWithProjection"),
-        ("text_encoder_2", "transformers.CLIPTextModelWithProjection"),
-        ("text_encoder_3", "transformers.T5EncoderModel"),
-        ("controlnet", "diffusers.SD3ControlNetModel"),
-    ],
-    "flux": [
-        ("transformer", "diffusers.FluxTransformer2DModel"),
-        ("vae", "diffusers.AutoencoderKL"),
-        ("text_encoder", "transformers.CLIPTextModel"),
-        ("text_encoder_2", "transformers.T5EncoderModel"),
-        ("controlnet", "diffusers.FluxControlNetModel"),
-    ],
-    "zimage": [
-        ("transformer", "diffusers.ZImageTransformer2DModel"),
-        ("vae", "diffusers.AutoencoderKL"),
-        ("text_encoder", "transformers.Qwen3Model"),
-        ("controlnet", "diffusers.ZImageControlNetModel"),
-    ],
-    "qwenimage": [
-        ("transformer", "diffusers.QwenImageTransformer2DModel"),
-        ("vae", "diffusers.AutoencoderKLQwenImage"),
-        ("text_encoder", "transformers.Qwen2_5_VLForConditionalGeneration"),
-        ("controlnet", "diffusers.QwenImageControlNetModel"),
-    ],
-}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -78,7 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--preset",
         default="tiny",
         choices=sorted(PRESETS),
-        help="SDXL sizes: tiny for unit tests (64-128 px), small for benchmarks (128-256 px); other families: tiny only",
+        help="SDXL sizes: tiny for unit tests (64-128 px), small for benchmarks (128-256 px); SD3/FLUX: tiny only",
     )
     parser.add_argument("--controlnet", action="store_true", help="also write a matching ControlNet to OUT/controlnet")
     parser.add_argument("--seed", type=int, default=0, help="weights are identical for the same seed")
@@ -91,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     out = build_tiny_pipeline(args.backbone, args.out, seed=args.seed, controlnet=args.controlnet, preset=args.preset)
     print(f"wrote a {args.preset} {args.backbone.upper()} pipeline (seed {args.seed}) to {out}")
-    for name, class_path in PARTS[args.backbone]:
+    for name, class_path in backbone_class(args.backbone).model_parts():
         if name == "controlnet" and not args.controlnet:
             continue
         module, cls = class_path.rsplit(".", 1)

@@ -15,8 +15,9 @@ from PIL import Image
 import caption
 from skingen.data.dataset import read_checked_rows, read_rows, write_rows
 from skingen.data.rows import CAPTION
+from skingen.data.writing import texts_from_caption
 from skingen.errors import SkingenError
-from skingen.prep.captioning import PROGRESS_FILE, TemplateCaptioner, caption_rows, compose_caption, texts_from_caption
+from skingen.prep.captioning import PROGRESS_FILE, TemplateCaptioner, caption_rows, compose_caption
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a keyboard skin of"

@@ -70,7 +70,7 @@ def _train(family, argv, **kwargs):
 
     script = load_script(f"train_controlnet_{family}.py")
     args = script.parse_args(argv)
-    return train(args, extra_loss=script.build_text_loss(args), **kwargs)
+    return train(args, **kwargs)
 
 
 def _backbone(request, family, *extra):

@@ -59,7 +59,7 @@ _argv = tiny_training_argv
 def _train_with_text_loss(argv):
     args = script.parse_args(argv)
     logs = []
-    train(args, extra_loss=script.build_text_loss(args), on_step=lambda step, values: logs.append(values))
+    train(args, on_step=lambda step, values: logs.append(values))
     return logs
 
 

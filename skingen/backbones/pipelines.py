@@ -1,8 +1,8 @@
 """The inference pipeline of each backbone family (SDXL, SD3/SD3.5, FLUX.1), chosen from the model folder.
 
 A diffusers pipeline folder names its class in ``model_index.json`` (``_class_name``); that decides which
-ControlNet pipeline, ControlNet class, multi-ControlNet wrapper and samplers apply. Everything here is names of
-diffusers classes and per-family defaults, so adding a family is one more ``Family`` entry (docs/architecture.md).
+ControlNet pipeline, ControlNet class, multi-ControlNet wrapper and samplers apply. A :class:`Family` is a view of
+one Backbone class's attributes (the backbone owns its family), so adding a family adds nothing here.
 """
 
 from __future__ import annotations
@@ -14,135 +14,58 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SkingenError
-
-# Samplers of the DDPM-trained SDXL (names users know from SDXL front-ends -> diffusers classes).
-DDPM_SCHEDULERS = {
-    "unipc": "UniPCMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-}
-# Samplers of the flow-matching families (their pipelines pass flow sigmas and FLUX's resolution shift ``mu``).
-FLOW_SCHEDULERS = {"flow_euler": "FlowMatchEulerDiscreteScheduler"}
+from . import FAMILIES as REGISTRY
+from . import backbone_class
+from .flow_matching import FLOW_SCHEDULERS
 
 
 @dataclass(frozen=True)
 class Family:
-    """The diffusers classes and defaults of one backbone family at inference."""
+    """The diffusers classes and defaults of one backbone family at inference: a view of its Backbone class."""
 
-    name: str  # sdxl | sd3 | flux | zimage | qwenimage
+    name: str  # sdxl | sd3 | flux
     title: str  # for messages and model cards
     base_pipelines: tuple[str, ...]  # model_index.json _class_name values of this family's base models
     controlnet_pipeline: str
     controlnet_model: str
     multi_controlnet_model: str
+    vae_model: str
     denoiser: str  # the pipeline attribute holding the frozen denoiser
     schedulers: dict[str, str] = field(default_factory=dict)
     default_scheduler: str = ""
     default_guidance_scale: float = 5.0
-    control_image_argument: str = "control_image"  # the pipeline-call keyword of the control image(s)
-    size_multiple: int = 8  # output sides: VAE downsampling x patch or packing size
-    cuda_dtype: str = "bf16"  # default dtype on CUDA
-    negative_prompt: bool = True  # whether a negative prompt is used (FLUX.1-dev is guidance-distilled)
-    default_negative_prompt: str | None = None  # sent when none is given (Qwen-Image's true CFG needs one)
-    guidance_argument: str = "guidance_scale"  # the pipeline-call keyword the guidance scale goes to
-    control_guidance_window: bool = True  # the pipeline takes control_guidance_start/end
-    # Given prompt embeddings, the pipeline needs negative ones too for guidance (SDXL zeroes its own).
+    guidance_argument: str = "guidance_scale"
+    control_image_argument: str = "control_image"
+    control_guidance_arguments: tuple[str, ...] = ()
+    size_multiple: int = 8
+    cuda_dtype: str = "bf16"
+    negative_prompt: bool = True
     needs_negative_embeds: bool = False
     tags: tuple[str, ...] = ()
-    license: str = "other"  # model-card licence of ControlNets trained on the base model
+    license: str = "other"
+    pipeline_kwargs: dict = field(default_factory=dict)  # extra from_pretrained arguments of the pipeline
+    encodes_control: bool = False  # the pipeline encodes control images with the VAE
+    default_negative_prompt: str | None = None  # sent when none is given (Qwen-Image's true CFG needs one)
+
+    @classmethod
+    def of(cls, backbone) -> Family:
+        return cls(
+            name=backbone.family, title=backbone.title, base_pipelines=backbone.base_pipeline_classes,
+            controlnet_pipeline=backbone.pipeline_class_name, controlnet_model=backbone.controlnet_class_name,
+            multi_controlnet_model=backbone.multi_controlnet_class_name, vae_model=backbone.vae_class_name,
+            denoiser=backbone.denoiser_subfolder, schedulers=backbone.schedulers,
+            default_scheduler=backbone.default_scheduler, default_guidance_scale=backbone.default_guidance_scale,
+            guidance_argument=backbone.guidance_argument, control_image_argument=backbone.control_image_argument,
+            control_guidance_arguments=backbone.control_guidance_arguments, size_multiple=backbone.size_multiple,
+            cuda_dtype=backbone.cuda_dtype, negative_prompt=backbone.negative_prompt,
+            needs_negative_embeds=backbone.needs_negative_embeds, tags=backbone.tags, license=backbone.license,
+            pipeline_kwargs=dict(backbone.pipeline_kwargs), encodes_control=backbone.encodes_conditioning,
+            default_negative_prompt=backbone.default_negative_prompt,
+        )
 
 
-FAMILIES: dict[str, Family] = {
-    "sdxl": Family(
-        name="sdxl",
-        title="SDXL",
-        base_pipelines=(
-            "StableDiffusionXLPipeline",
-            "StableDiffusionXLControlNetPipeline",
-            "StableDiffusionXLImg2ImgPipeline",
-        ),
-        controlnet_pipeline="StableDiffusionXLControlNetPipeline",
-        controlnet_model="ControlNetModel",
-        multi_controlnet_model="MultiControlNetModel",
-        denoiser="unet",
-        schedulers=DDPM_SCHEDULERS,
-        default_scheduler="unipc",
-        default_guidance_scale=5.0,
-        control_image_argument="image",
-        size_multiple=8,
-        cuda_dtype="fp16",
-        tags=("stable-diffusion-xl",),
-        license="openrail++",
-    ),
-    "sd3": Family(
-        name="sd3",
-        title="SD3",
-        base_pipelines=("StableDiffusion3Pipeline", "StableDiffusion3ControlNetPipeline"),
-        controlnet_pipeline="StableDiffusion3ControlNetPipeline",
-        controlnet_model="SD3ControlNetModel",
-        multi_controlnet_model="SD3MultiControlNetModel",
-        denoiser="transformer",
-        schedulers=FLOW_SCHEDULERS,
-        default_scheduler="flow_euler",
-        default_guidance_scale=5.0,
-        size_multiple=16,  # 8x VAE, 2x2 patches
-        needs_negative_embeds=True,
-        tags=("sd3", "sd3.5"),  # SD3.5: Stability AI Community License
-    ),
-    "flux": Family(
-        name="flux",
-        title="FLUX.1",
-        base_pipelines=("FluxPipeline", "FluxControlNetPipeline"),
-        controlnet_pipeline="FluxControlNetPipeline",
-        controlnet_model="FluxControlNetModel",
-        multi_controlnet_model="FluxMultiControlNetModel",
-        denoiser="transformer",
-        schedulers=FLOW_SCHEDULERS,
-        default_scheduler="flow_euler",
-        default_guidance_scale=3.5,  # FLUX.1-dev's distilled guidance (an input of the transformer, not CFG)
-        size_multiple=16,  # 8x VAE, 2x2 packing
-        negative_prompt=False,
-        tags=("flux",),  # FLUX.1-dev: FLUX.1 [dev] Non-Commercial License
-    ),
-    "zimage": Family(
-        name="zimage",
-        title="Z-Image",
-        base_pipelines=("ZImagePipeline", "ZImageControlNetPipeline"),
-        controlnet_pipeline="ZImageControlNetPipeline",
-        controlnet_model="ZImageControlNetModel",
-        multi_controlnet_model="",  # diffusers has no multi-ControlNet for Z-Image
-        denoiser="transformer",
-        schedulers=FLOW_SCHEDULERS,
-        default_scheduler="flow_euler",
-        default_guidance_scale=5.0,  # the pipeline's default CFG (Z-Image-Turbo: 0)
-        size_multiple=16,  # 8x VAE, 2x2 patches
-        needs_negative_embeds=True,
-        control_guidance_window=False,
-        tags=("z-image",),
-        license="apache-2.0",
-    ),
-    "qwenimage": Family(
-        name="qwenimage",
-        title="Qwen-Image",
-        base_pipelines=("QwenImagePipeline", "QwenImageControlNetPipeline"),
-        controlnet_pipeline="QwenImageControlNetPipeline",
-        controlnet_model="QwenImageControlNetModel",
-        multi_controlnet_model="QwenImageMultiControlNetModel",
-        denoiser="transformer",
-        schedulers=FLOW_SCHEDULERS,
-        default_scheduler="flow_euler",
-        default_guidance_scale=4.0,  # true_cfg_scale, the pipeline's default
-        size_multiple=16,  # 8x VAE, 2x2 packing
-        needs_negative_embeds=True,
-        default_negative_prompt=" ",  # diffusers' Qwen-Image examples
-        guidance_argument="true_cfg_scale",
-        tags=("qwen-image",),
-        license="apache-2.0",
-    ),
-}
-ALL_SCHEDULERS = {**DDPM_SCHEDULERS, **FLOW_SCHEDULERS}
+FAMILIES: dict[str, Family] = {name: Family.of(backbone_class(name)) for name in REGISTRY}
+ALL_SCHEDULERS = {name: cls for family in FAMILIES.values() for name, cls in family.schedulers.items()}
 
 
 def family_named(name: str) -> Family:

@@ -29,11 +29,46 @@ import torch
 
 from ..errors import SkingenError
 from . import large_transformer
-from .base import DenoiserOutput, config_mismatches, posterior_mean_std
+from .base import DenoiserOutput, VaeLatents, config_mismatches, posterior_mean_std
 from .flow_matching import FlowMatchingBackbone
 from .flux import pack_latents, unpack_latents
 
 MAX_SEQUENCE_LENGTH = 1024  # QwenImagePipeline's tokenizer_max_length, and its check_inputs' limit
+
+
+class QwenImageLatents(VaeLatents):
+    """``AutoencoderKLQwenImage`` (a video VAE): one frame in ``(B, C, 1, H, W)``, squeezed again, so the caches,
+    losses and loop see ``(B, C, h, w)``; per-channel normalisation ``(z - latents_mean) * (1 / latents_std)``,
+    multiplied by the reciprocal as the pipeline does (bit-identical control latents)."""
+
+    @property
+    def scale_factor(self) -> int:
+        return 2 ** len(self.vae.config.temperal_downsample)
+
+    @property
+    def channels(self) -> int:
+        return self.vae.config.z_dim
+
+    @torch.no_grad()
+    def encode_parameters(self, pixels: torch.Tensor) -> torch.Tensor:
+        frames = pixels.to(self.vae.device, self.vae.dtype).unsqueeze(2)
+        return self.vae.encode(frames).latent_dist.parameters.squeeze(2)
+
+    def _mean_inverse_std(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.vae.config
+        shape = (1, config.z_dim, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(shape).to(latents.device)
+        inverse_std = (1.0 / torch.tensor(config.latents_std).view(shape)).to(latents.device)
+        return mean, inverse_std
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, inverse_std = self._mean_inverse_std(latents)
+        return (latents.float() - mean) * inverse_std
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, inverse_std = self._mean_inverse_std(latents)
+        frames = (latents.float() / inverse_std + mean).unsqueeze(2)
+        return self.vae.decode(frames.to(self.vae.dtype)).sample[:, :, 0].float()
 
 
 class QwenImageBackbone(FlowMatchingBackbone):
@@ -47,7 +82,19 @@ class QwenImageBackbone(FlowMatchingBackbone):
     default_tracker_project_name = "qwenimage_train_controlnet"
     default_max_sequence_length = MAX_SEQUENCE_LENGTH
     vae_class_name = "AutoencoderKLQwenImage"
+    latent_space_class = QwenImageLatents
     ddp_find_unused_parameters = True  # the last ControlNet block's text stream feeds nothing (as in SD3)
+    denoiser_class_name = "QwenImageTransformer2DModel"
+    multi_controlnet_class_name = "QwenImageMultiControlNetModel"
+    text_encoder_classes = (("text_encoder", "transformers.Qwen2_5_VLForConditionalGeneration"),)
+    tiny_builder = "build_tiny_qwenimage"
+    default_guidance_scale = 4.0  # true_cfg_scale, the pipeline's default
+    guidance_argument = "true_cfg_scale"
+    default_negative_prompt = " "  # diffusers' Qwen-Image examples; without one the pipeline does no CFG
+    size_multiple = 16  # 8x VAE, 2x2 packing
+    needs_negative_embeds = True
+    tags = ("qwen-image",)
+    license = "apache-2.0"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -84,39 +131,8 @@ class QwenImageBackbone(FlowMatchingBackbone):
         self.denoiser_quantized = bool(quantized)
         self.load_scheduler()
 
-    # -- the VAE: 5-D input, per-channel normalisation ----------------------------------------------------
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** len(self.vae.config.temperal_downsample)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.vae.config.z_dim
-
     def resolution_multiple(self) -> tuple[int, str]:
         return self.vae_scale_factor * 2, f"VAE /{self.vae_scale_factor}, then 2x2 latent packing"
-
-    def encode_latent_dist(self, pixels: torch.Tensor) -> torch.Tensor:
-        frames = pixels.to(self.vae.dtype).unsqueeze(2)  # one frame
-        return self.vae.encode(frames).latent_dist.parameters.squeeze(2)
-
-    def _mean_inverse_std(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and 1 / std, multiplied as the pipeline does (bit-identical control latents)."""
-        config = self.vae.config
-        shape = (1, config.z_dim, 1, 1)
-        mean = torch.tensor(config.latents_mean).view(shape).to(latents.device)
-        inverse_std = (1.0 / torch.tensor(config.latents_std).view(shape)).to(latents.device)
-        return mean, inverse_std
-
-    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, inverse_std = self._mean_inverse_std(latents)
-        return (latents.float() - mean) * inverse_std
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, inverse_std = self._mean_inverse_std(latents)
-        latents = (latents.float() / inverse_std + mean).unsqueeze(2)
-        return self.vae.decode(latents.to(self.vae.dtype)).sample[:, :, 0].float()
 
     @torch.no_grad()
     def control_latents(self, batch: dict, weight_dtype: torch.dtype, generator: torch.Generator | None = None
@@ -124,7 +140,7 @@ class QwenImageBackbone(FlowMatchingBackbone):
         """As ``QwenImageControlNetPipeline``: 5-D VAE encode, per-channel normalisation (not yet packed). The mode,
         as skingen's inference makes the pipeline use; with ``generator``, the pipeline's own posterior draw."""
         pixels = batch["conditioning_pixel_values"] * 2.0 - 1.0
-        mean, std = posterior_mean_std(self.encode_latent_dist(pixels))
+        mean, std = posterior_mean_std(self.latent_space.encode_parameters(pixels))
         # The pipeline's draw (diffusers' DiagonalGaussianDistribution.sample): mean + std * randn(generator).
         latents = mean if generator is None else mean + std * torch.randn(mean.shape, generator=generator,
                                                                             device=mean.device, dtype=mean.dtype)

@@ -111,6 +111,16 @@ class ZImageBackbone(FlowMatchingBackbone):
     text_subfolders = ("tokenizer", "text_encoder")
     default_tracker_project_name = "zimage_train_controlnet"
     default_max_sequence_length = 512  # the pipeline's default
+    denoiser_class_name = "ZImageTransformer2DModel"
+    multi_controlnet_class_name = ""  # diffusers has no multi-ControlNet for Z-Image
+    text_encoder_classes = (("text_encoder", "transformers.Qwen3Model"),)
+    tiny_builder = "build_tiny_zimage"
+    default_guidance_scale = 5.0  # the pipeline's CFG default (Z-Image-Turbo samples with 0)
+    control_guidance_arguments = ()  # ZImageControlNetPipeline applies the ControlNet at every step
+    size_multiple = 16  # 8x VAE, 2x2 patches
+    needs_negative_embeds = True
+    tags = ("z-image",)
+    license = "apache-2.0"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

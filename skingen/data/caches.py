@@ -190,23 +190,19 @@ class LatentCache:
         self,
         jobs: Sequence[tuple[str, str, int]],
         load_pixels: Callable[[int], tuple[torch.Tensor, tuple[int, int], tuple[int, int]]],
-        vae,
+        encode: Callable[[torch.Tensor], torch.Tensor],
         *,
         batch_size: int = 8,
         progress: bool = True,
-        encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         """Encode and store each job ``(key, row_id, index)``; ``load_pixels(index)`` gives
-        ``(pixel_values in [-1, 1], original (h, w), crop (top, left))``; ``encode(pixels)`` gives the posterior's
-        parameters ``(B, 2C, h, w)`` (default: ``vae.encode``; a video VAE's backbone squeezes its frame axis)."""
-        device = next(vae.parameters()).device
-        dtype = next(vae.parameters()).dtype
+        ``(pixel_values in [-1, 1], original (h, w), crop (top, left))``, ``encode(pixels)`` the latent
+        distribution's parameters (the backbone's ``latent_space.encode_parameters``)."""
         bar = tqdm(total=len(jobs), desc="Caching VAE latents", disable=not progress)
         for start in range(0, len(jobs), batch_size):
             chunk = list(jobs[start : start + batch_size])
             loaded = [load_pixels(index) for _, _, index in chunk]
-            pixels = torch.stack([p for p, _, _ in loaded]).to(device, dtype)
-            params = encode(pixels) if encode is not None else vae.encode(pixels).latent_dist.parameters
+            params = encode(torch.stack([p for p, _, _ in loaded]))
             for (key, row_id, _), (_, original, crop), latent_dist in zip(chunk, loaded, params):
                 _write_entry(
                     self.path(key),

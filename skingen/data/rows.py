@@ -10,7 +10,7 @@ through :func:`check_row`, so a row that trains also evaluates. A stage names th
 - ``box``: a list of 4-point quads ``[[x, y] x4]`` of finite numbers, each with a non-zero area, inside the
   image (a small tolerance for OCR quads touching the border);
 - ``texts``: strings aligned with ``box``; when absent they come from ``writing "..."`` in the caption
-  (:func:`skingen.prep.captioning.texts_from_caption`);
+  (:func:`skingen.data.writing.texts_from_caption`);
 - ``seed``: a non-negative integer when present.
 
 Problems come back all at once (:class:`BadRow`), one message per problem, each prefixed with the row's
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SkingenError
-from ..prep.captioning import texts_from_caption
 from .images import UnreadableImage, header_size
+from .writing import texts_from_caption
 
 # OCR quads of text touching the border can stick out by a pixel or two.
 BOX_TOLERANCE_PX = 2.0

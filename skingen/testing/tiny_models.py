@@ -11,6 +11,7 @@ encoder with a small Unigram tokenizer saved as ``T5TokenizerFast`` (T5's layout
 
 from __future__ import annotations
 
+import importlib
 import os
 import string
 from pathlib import Path
@@ -18,11 +19,12 @@ from typing import Any
 
 import torch
 
+from ..backbones import FAMILIES, backbone_class
 from ..errors import SkingenError
 from ..fileio import AtomicDirectory
 from .tiny_sdxl import EOS_TOKEN, TOKENIZER_MAX_LENGTH, build_clip_tokenizer, build_tiny_sdxl
 
-BACKBONES = ("sdxl", "sd3", "flux", "zimage", "qwenimage")
+BACKBONES = tuple(FAMILIES)  # every registered family has a tiny builder here (its Backbone.tiny_builder)
 T5_MAX_LENGTH = 512  # model_max_length of the T5 tokenizers shipped with SD3 and FLUX
 
 # Sizes of the tiny SD3/FLUX models: a training step at 64-128 px takes a few tens of milliseconds on one CPU core.
@@ -314,23 +316,16 @@ def build_tiny_pipeline(
     backbone: str, out_dir: str | os.PathLike, *, seed: int = 0, controlnet: bool = False, preset: str = "tiny"
 ) -> Path:
     """Build the tiny pipeline of ``backbone`` (one of BACKBONES); ``preset`` applies to SDXL (tiny, small)."""
-    if backbone == "sdxl":
+    if backbone not in BACKBONES:
+        raise SkingenError(f"--backbone {backbone!r}: unknown backbone; choose one of {', '.join(BACKBONES)}")
+    name = backbone_class(backbone).tiny_builder
+    # A family's builder lives here or in its own module, skingen/testing/tiny_<family>.py.
+    builder = globals().get(name) or getattr(importlib.import_module(f"{__package__}.tiny_{backbone}"), name)
+    if builder is build_tiny_sdxl:
         return build_tiny_sdxl(out_dir, preset=preset, seed=seed, controlnet=controlnet)
     if preset != "tiny":
         raise SkingenError(f"--preset {preset}: the {backbone} pipeline has only the 'tiny' preset")
-    if backbone == "sd3":
-        return build_tiny_sd3(out_dir, seed=seed, controlnet=controlnet)
-    if backbone == "flux":
-        return build_tiny_flux(out_dir, seed=seed, controlnet=controlnet)
-    if backbone == "zimage":
-        from .tiny_zimage import build_tiny_zimage
-
-        return build_tiny_zimage(out_dir, seed=seed, controlnet=controlnet)
-    if backbone == "qwenimage":
-        from .tiny_qwenimage import build_tiny_qwenimage
-
-        return build_tiny_qwenimage(out_dir, seed=seed, controlnet=controlnet)
-    raise SkingenError(f"--backbone {backbone!r}: unknown backbone; choose one of {', '.join(BACKBONES)}")
+    return builder(out_dir, seed=seed, controlnet=controlnet)
 
 
 def fit_latent_shift(pipeline_dir: str | os.PathLike, images) -> dict[str, float]:

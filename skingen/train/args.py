@@ -14,9 +14,10 @@ from pathlib import Path
 from ..backbones import backbone_class
 from ..config import parse_args_with_config
 from ..data.dataset import ON_BAD_SAMPLE
-from ..errors import SkingenError
+from ..errors import require
 from .edge_loss import add_edge_loss_arguments, build_edge_loss
 from .options import add_option_args, check_option_args, lr_scheduler_names, tracker_names
+from .text_loss_options import add_text_loss_arguments, check_text_loss_arguments
 
 LR_SCHEDULERS = lr_scheduler_names()  # every name diffusers.optimization.get_scheduler takes
 REPORT_TO = tracker_names()  # every tracker accelerate knows, "all" and "none"
@@ -157,6 +158,7 @@ def build_arg_parser(description: str | None = None, backbone: str = "sdxl") -> 
     log.add_argument("--hub_token", type=str, default=None)
 
     add_option_args(parser)
+    add_text_loss_arguments(parser)
     add_edge_loss_arguments(parser)
     family.add_arguments(parser)
     parser.set_defaults(backbone=backbone, tracker_project_name=family.default_tracker_project_name)
@@ -176,71 +178,67 @@ def parse_training_args(parser: argparse.ArgumentParser, argv: Sequence[str] | N
     return args
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise SkingenError(message)
-
-
 def validate_training_args(args: argparse.Namespace) -> None:
     """Flag combinations that cannot work, and optional packages a flag needs, before anything is loaded."""
-    _require(args.pretrained_model_name_or_path is not None,
+    require(args.pretrained_model_name_or_path is not None,
              "--pretrained_model_name_or_path is required (the base pipeline), on the command line or in --config")
     backbone_class(args.backbone).validate_arguments(args)
     if args.controlnet_conditioning_init != "diffusers":
-        _require(args.controlnet_model_name_or_path is None,
+        require(args.controlnet_model_name_or_path is None,
                  "--controlnet_conditioning_init initialises a new ControlNet; it would overwrite the conditioning "
                  "encoder of --controlnet_model_name_or_path: drop one of them")
-        _require(not backbone_class(args.backbone).encodes_conditioning,
+        require(not backbone_class(args.backbone).encodes_conditioning,
                  f"--controlnet_conditioning_init: a {args.backbone} ControlNet reads its control through the VAE "
                  "and has no conditioning encoder to initialise; drop the flag")
-    _require((args.train_data_dir is None) != (args.dataset_name is None),
+    require((args.train_data_dir is None) != (args.dataset_name is None),
              "give exactly one of --train_data_dir (a local dataset folder) or --dataset_name (a hub dataset)")
-    _require(0.0 <= args.proportion_empty_prompts <= 1.0,
+    require(0.0 <= args.proportion_empty_prompts <= 1.0,
              f"--proportion_empty_prompts must be between 0 and 1, got {args.proportion_empty_prompts}")
-    _require(args.resolution > 0 and args.resolution % 8 == 0,
+    require(args.resolution > 0 and args.resolution % 8 == 0,
              f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps", "num_validation_images", "validation_inference_steps", "max_nonfinite_steps",
                  "validation_rows", "validation_loss_rows"):
-        _require(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
+        require(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("max_train_steps", "checkpoints_total_limit"):
         value = getattr(args, name)
-        _require(value is None or value >= 1, f"--{name} must be at least 1, got {value}")
-    _require(args.learning_rate >= 0, f"--learning_rate must not be negative, got {args.learning_rate}")
-    _require(args.lr_warmup_steps >= 0, f"--lr_warmup_steps must not be negative, got {args.lr_warmup_steps}")
-    _require(args.dataloader_num_workers >= 0, "--dataloader_num_workers must not be negative")
+        require(value is None or value >= 1, f"--{name} must be at least 1, got {value}")
+    require(args.learning_rate >= 0, f"--learning_rate must not be negative, got {args.learning_rate}")
+    require(args.lr_warmup_steps >= 0, f"--lr_warmup_steps must not be negative, got {args.lr_warmup_steps}")
+    require(args.dataloader_num_workers >= 0, "--dataloader_num_workers must not be negative")
+    check_text_loss_arguments(args)
     build_edge_loss(args)  # its flags' checks
-    _require(all(t >= 0 for t in args.validation_loss_timesteps or ()),
+    require(all(t >= 0 for t in args.validation_loss_timesteps or ()),
              f"--validation_loss_timesteps must not be negative, got {args.validation_loss_timesteps}")
 
     prompts, images = args.validation_prompt, args.validation_image
-    _require((prompts is None) == (images is None),
+    require((prompts is None) == (images is None),
              "--validation_prompt and --validation_image go together: give both (or neither)")
     if prompts is not None:
-        _require(len(images) in (1, len(prompts)) or len(prompts) == 1,
+        require(len(images) in (1, len(prompts)) or len(prompts) == 1,
                  f"got {len(prompts)} --validation_prompt and {len(images)} --validation_image; give one image for "
                  "all prompts, one prompt for all images, or the same number of each")
         for path in (part for entry in images for part in entry.split(",")):  # a,b: one per conditioning column
-            _require(Path(path).is_file(), f"--validation_image {path}: file not found")
-        _require(args.validation_split is None, "--validation_split is used only without --validation_prompt/--validation_image")
+            require(Path(path).is_file(), f"--validation_image {path}: file not found")
+        require(args.validation_split is None, "--validation_split is used only without --validation_prompt/--validation_image")
     if args.validation_split is not None:
-        _require(args.train_data_dir is not None, "--validation_split needs --train_data_dir (a local dataset folder)")
+        require(args.train_data_dir is not None, "--validation_split needs --train_data_dir (a local dataset folder)")
 
     if args.use_8bit_adam:
-        _require(importlib.util.find_spec("bitsandbytes") is not None,
+        require(importlib.util.find_spec("bitsandbytes") is not None,
                  "--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA GPUs only)")
     if args.enable_xformers_memory_efficient_attention:
-        _require(importlib.util.find_spec("xformers") is not None,
+        require(importlib.util.find_spec("xformers") is not None,
                  "--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
                  "(or drop the flag: PyTorch's SDPA attention is the default and as memory-efficient)")
     check_option_args(args)
-    _require(not (args.hub_token and any(name.strip() in ("wandb", "all") for name in args.report_to.split(","))),
+    require(not (args.hub_token and any(name.strip() in ("wandb", "all") for name in args.report_to.split(","))),
              "--hub_token with --report_to wandb would expose the token in the run's logged config; log in with "
              "`huggingface-cli login` instead of passing --hub_token")
     if args.push_to_hub:
         from huggingface_hub import constants
 
-        _require(not constants.HF_HUB_OFFLINE,
+        require(not constants.HF_HUB_OFFLINE,
                  "--push_to_hub: the Hugging Face Hub is offline here (HF_HUB_OFFLINE is set); drop --push_to_hub "
                  "and upload OUTPUT_DIR later with `huggingface-cli upload`")
 

@@ -25,21 +25,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import itertools
 import logging
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ..backbones import backbone_class
-from ..backbones.base import Backbone, DenoiserOutput
-from ..data.caches import LatentCache, TextEmbeddingCache, fill_sharded, image_signature, model_fingerprint
+from ..backbones.base import Backbone
 from ..data.dataset import decoded_row
 from ..errors import SkingenError
 from .args import build_arg_parser, parse_training_args, validate_training_args  # noqa: F401 (the trainers' API)
@@ -48,12 +46,11 @@ from .batches import (
     TrainingSamples,
     batch_to_device,
     collate_samples,
-    latent_cache_tag,
     load_training_rows,
     row_placements,
-    sample_seed,
     training_pixels,
 )
+from .caching import cache_latents, cache_text_embeddings, main_process_value, place_model, report_truncated_captions
 from .checkpoints import (
     list_checkpoints,
     read_training_state,
@@ -64,11 +61,13 @@ from .checkpoints import (
     save_controlnet_weights,
 )
 from .conditioning import kaiming_conditioning_encoder, match_conditioning_channels
-from .edge_loss import build_edge_loss
 from .ema import WeightsEMA
+from .extra_losses import ExtraLoss, build_extra_losses
 from .lora import LoraState, add_lora, average_gradients
 from .loss_weighting import LossOptions
 from .options import conditioning_columns, conditioning_dropout, interpolation_filter, scaled_step_rules, trackers
+from .state import LossWindow, TrainingPlan, TrainingState
+from .step import compute_losses, fixed_timestep_losses
 from .validation import load_validation_pairs, log_validation, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -76,23 +75,6 @@ logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The loop
-
-
-class ExtraLoss(Protocol):
-    """An extra loss added to the diffusion loss (the OCR text loss, the edge loss; a run may have several).
-
-    ``__call__`` gets the batch, the step's :class:`~skingen.backbones.base.DenoiserOutput` (prediction, target,
-    clean latents, noise level, ``x0(rows)``: the one-step clean estimate for any backbone, ``signal``: alpha_bar
-    or its flow-matching equivalent) and the backbone (``backbone.decode_latents``, ``backbone.vae``,
-    ``backbone.vae_scale_factor``). It returns ``(loss, logs)``: a scalar tensor that is added as is (apply your
-    own weight; make it a per-sample mean so multi-process training averages it correctly) and a dict of floats to
-    log. Set ``needs_pixel_values = True`` to get ``batch["pixel_values"]`` even when latents are cached.
-    """
-
-    name: str
-
-    def __call__(self, *, batch: dict, output: DenoiserOutput, backbone: Backbone, weight_dtype: torch.dtype,
-                 step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
 @dataclass
@@ -107,112 +89,6 @@ class TrainingResult:
     is_main_process: bool
 
 
-@dataclass(frozen=True)
-class TrainingPlan:
-    """How the seeded data stream is cut into steps: global batches of ``global_batch_size`` rows, an optimizer
-    step every ``accumulation`` of them."""
-
-    num_rows: int
-    batch_size: int  # per process
-    processes: int
-    accumulation: int
-    max_train_steps: int
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.processes
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(self.num_rows / self.global_batch_size)
-
-
-@dataclass
-class LossWindow:
-    """Named loss sums over the micro-batches of one optimizer step, each already divided by processes x
-    accumulation (so the sums are the step's means), and whether every micro-batch was finite."""
-
-    names: tuple[str, ...]
-    sums: dict[str, float] = field(default_factory=dict)
-    finite: bool = True
-    extra_logs: dict[str, float] = field(default_factory=dict)
-
-    def add(self, accelerator, parts: dict[str, torch.Tensor | None], scale: float) -> bool:
-        """Add one micro-batch's ``parts`` (``loss``, the total that is trained on, first); returns whether its loss
-        was finite on every process. One collective tells every process whether any process saw a non-finite loss,
-        so all skip together."""
-        loss = parts["loss"]
-        zero = torch.zeros((), device=loss.device)
-        values = [(~torch.isfinite(loss.detach())).float()]
-        values += [parts[name].detach().float() if parts.get(name) is not None else zero for name in self.names]
-        reduced = accelerator.reduce(torch.stack(values), reduction="sum").cpu().double()
-        finite = reduced[0].item() == 0
-        self.finite = self.finite and finite
-        for name, value in zip(self.names, reduced[1:].tolist()):
-            self.sums[name] = self.sums.get(name, 0.0) + value * scale
-        return finite
-
-    def logs(self) -> dict[str, float]:
-        return {**{name: self.sums.get(name, 0.0) for name in self.names}, **self.extra_logs}
-
-    def reset(self) -> None:
-        self.sums, self.finite, self.extra_logs = {}, True, {}
-
-
-@dataclass
-class TrainingState:
-    """The counters of a run and what a checkpoint stores (written by :meth:`checkpoint`, read by :meth:`resume`).
-
-    The position in the seeded data order is ``global_step * accumulation`` global batches (``micro_step``);
-    the epoch follows from it.
-    """
-
-    seed: int
-    plan: TrainingPlan
-    global_step: int = 0
-    nonfinite_steps: int = 0
-    nonfinite_in_a_row: int = 0
-
-    @property
-    def micro_step(self) -> int:
-        return self.global_step * self.plan.accumulation
-
-    @property
-    def epoch(self) -> int:
-        return self.micro_step // self.plan.batches_per_epoch
-
-    @property
-    def finished(self) -> bool:
-        return self.global_step >= self.plan.max_train_steps
-
-    def record_step(self, finite: bool) -> None:
-        self.global_step += 1
-        if finite:
-            self.nonfinite_in_a_row = 0
-        else:
-            self.nonfinite_steps += 1
-            self.nonfinite_in_a_row += 1
-
-    def checkpoint(self) -> dict[str, Any]:
-        return {
-            "global_step": self.global_step, "seed": self.seed, "nonfinite_steps": self.nonfinite_steps,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row, "epoch": self.epoch, "micro_step": self.micro_step,
-            "global_batch_size": self.plan.global_batch_size, "num_rows": self.plan.num_rows,
-            "max_train_steps": self.plan.max_train_steps,
-        }
-
-    def resume(self, saved: dict[str, Any], path: Path) -> None:
-        """Continue from a checkpoint's state (diffusers' own checkpoints carry only the step)."""
-        if (saved.get("global_batch_size"), saved.get("num_rows")) not in ((None, None),
-                                                                          (self.plan.global_batch_size, self.plan.num_rows)):
-            logger.warning(f"{path}: saved with global batch {saved.get('global_batch_size')} over "
-                           f"{saved.get('num_rows')} rows, now {self.plan.global_batch_size} over {self.plan.num_rows}; "
-                           "the data order will differ from an uninterrupted run")
-        self.global_step = int(saved.get("global_step", 0))
-        self.nonfinite_steps = int(saved.get("nonfinite_steps", 0))
-        self.nonfinite_in_a_row = int(saved.get("nonfinite_in_a_row", 0))
-
-
 def resolve_seed(args, saved: dict[str, Any], accelerator) -> int:
     """``--seed``, else the resumed checkpoint's seed, else a random one (the same on every process)."""
     if args.seed is not None and saved.get("seed") not in (None, args.seed):
@@ -220,15 +96,16 @@ def resolve_seed(args, saved: dict[str, Any], accelerator) -> int:
                        "will see other noise and data order than the interrupted one would have")
     seed = args.seed if args.seed is not None else saved.get("seed")
     if seed is None:
-        seed = _main_process_value(accelerator, lambda: secrets.randbelow(2**31))
+        seed = main_process_value(accelerator, lambda: secrets.randbelow(2**31))
     return int(seed)
 
 
 def train(args: argparse.Namespace, extra_loss: ExtraLoss | None = None, *,
           on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainingResult:
-    """Train a ControlNet as ``args`` (from :func:`build_arg_parser`) say, with ``extra_loss`` (e.g. the text loss)
-    and the edge loss of ``--edge_loss_weight`` added to the diffusion loss; ``on_step(step, logs)`` runs after each
-    optimizer step on every process."""
+    """Train a ControlNet as ``args`` (from :func:`build_arg_parser`) say, with the extra losses the flags turn on
+    (:func:`~skingen.train.extra_losses.build_extra_losses`: text loss, edge loss) added to the diffusion loss, after
+    ``extra_loss`` when a caller measures one of its own (benchmarks, tests); ``on_step(step, logs)`` runs after
+    each optimizer step on every process."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
@@ -243,7 +120,7 @@ def train(args: argparse.Namespace, extra_loss: ExtraLoss | None = None, *,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else None,
     )
     try:
-        extra_losses = tuple(loss for loss in (extra_loss, build_edge_loss(args)) if loss is not None)
+        extra_losses = (*([extra_loss] if extra_loss is not None else []), *build_extra_losses(args))
         run = set_up(args, accelerator, extra_losses)
         fill_caches(run)
         prepare_optimization(run)
@@ -372,7 +249,7 @@ def set_up(args, accelerator, extra_losses: tuple[ExtraLoss, ...]) -> Run:
         raise SkingenError(f"--validation_loss_timesteps {args.validation_loss_timesteps}: the scheduler has timesteps "
                            f"0..{num_train_timesteps - 1}")
     # Trainable weights stay fp32 even under mixed precision (an fp16 ControlNet is upcast).
-    controlnet = _place(backbone.create_controlnet(args.controlnet_model_name_or_path), "cpu", torch.float32)
+    controlnet = place_model(backbone.create_controlnet(args.controlnet_model_name_or_path), "cpu", torch.float32)
     if not backbone.encodes_conditioning:  # SD3/FLUX ControlNets read one image through the VAE
         new = args.controlnet_model_name_or_path is None
         controlnet = match_conditioning_channels(controlnet, len(conditioning_columns(args)), new=new)
@@ -408,16 +285,16 @@ def fill_caches(run: Run) -> None:
     captions = set(run.dataset["text"]) | (set(run.held_out["text"]) if run.held_out is not None else set())
     # "" also serves validation as the negative prompt.
     captions |= {pair.prompt for pair in run.pairs} | ({""} if args.proportion_empty_prompts > 0 or run.pairs else set())
-    _report_truncated_captions(backbone, sorted(set(run.dataset["text"])), accelerator)
-    run.text_cache, run.cache_stats = _cache_text_embeddings(args, accelerator, backbone, captions, run.weight_dtype,
+    report_truncated_captions(backbone, sorted(set(run.dataset["text"])), accelerator)
+    run.text_cache, run.cache_stats = cache_text_embeddings(args, accelerator, backbone, captions, run.weight_dtype,
                                                              cache_root)
     backbone.drop_text_encoders()  # no longer needed anywhere
     run.samples = _training_samples(run, run.dataset, cache_root)
     run.loss_samples = _training_samples(run, run.held_out, cache_root) if run.held_out is not None else run.samples
     vae_on_device = not args.cache_latents or bool(run.extra_losses) or backbone.encodes_conditioning
-    _place(backbone.vae, run.device if vae_on_device else "cpu", run.vae_dtype)
+    place_model(backbone.vae, run.device if vae_on_device else "cpu", run.vae_dtype)
     if not backbone.denoiser_quantized:  # a quantized denoiser is already on its device, in its own dtypes
-        _place(backbone.denoiser, run.device, run.weight_dtype)
+        place_model(backbone.denoiser, run.device, run.weight_dtype)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -432,7 +309,7 @@ def _training_samples(run: Run, rows, cache_root: Path) -> TrainingSamples:
     latent_cache = latent_keys = None
     if args.cache_latents:
         images, wheres = rows.select_columns(["image"]), rows["where"]
-        latent_cache, latent_keys, latent_stats = _cache_latents(
+        latent_cache, latent_keys, latent_stats = cache_latents(
             args, run.accelerator, rows, run.backbone, run.vae_dtype, cache_root, [p.target for p in placements],
             load_pixels=lambda row: training_pixels(decoded_row(images, row, wheres[row])["image"], args.resolution,
                                                     placements[row], resample))
@@ -610,59 +487,6 @@ def finish(run: Run) -> TrainingResult:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The training step
-
-
-@dataclass
-class StepLosses:
-    loss: torch.Tensor
-    loss_diffusion: torch.Tensor
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # loss_<name> of each extra loss, weighted
-    extra_logs: dict[str, float] = field(default_factory=dict)
-
-
-def fixed_timestep_losses(samples: TrainingSamples, *, rows: Sequence[int], timesteps: Sequence[int], seed: int,
-                          batch_size: int, device, controlnet, backbone: Backbone, weight_dtype: torch.dtype,
-                          extra_losses: Sequence[ExtraLoss], step: int) -> dict[str, float]:
-    """The losses of ``rows`` at each of ``timesteps``, with each row's noise fixed by ``seed`` (the same at every
-    call), no caption dropout and no gradients: ``val_loss_diffusion``, ``val_loss_<extra>`` and ``val_<log>`` for
-    the extra loss's logs, each a mean over the (row, timestep) pairs that produced it."""
-    pairs = [(row, timestep) for row in rows for timestep in timesteps]
-    # A batch holds one training size (rows of different aspect-ratio buckets do not stack).
-    pairs.sort(key=lambda pair: samples.target_size(pair[0]))
-    chunks = [group[start:start + batch_size]
-              for _, grouped in itertools.groupby(pairs, key=lambda pair: samples.target_size(pair[0]))
-              for group in [list(grouped)] for start in range(0, len(group), batch_size)]
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    with torch.no_grad():
-        for chunk in chunks:
-            batch = collate_samples([samples.sample(row, sample_seed(seed, -2, row), fixed_timestep=timestep)
-                                     for row, timestep in chunk])
-            losses = compute_losses(batch_to_device(batch, device), controlnet=controlnet, backbone=backbone,
-                                    weight_dtype=weight_dtype, extra_losses=extra_losses, step=step)
-            values = {"loss_diffusion": losses.loss_diffusion.item(), **losses.extra_logs,
-                      **{name: value.item() for name, value in losses.extras.items()}}
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
-                counts[key] = counts.get(key, 0) + len(chunk)
-    return {f"val_{key}": sums[key] / counts[key] for key in sums}
-
-
-def compute_losses(batch: dict, *, controlnet, backbone: Backbone, weight_dtype: torch.dtype,
-                   extra_losses: Sequence[ExtraLoss], step: int) -> StepLosses:
-    """One forward pass: the backbone's ControlNet + frozen denoiser and its diffusion loss, plus the extra losses."""
-    output = backbone.forward(batch, controlnet, weight_dtype)
-    loss_diffusion = output.diffusion_loss()
-    extras, extra_logs = {}, {}
-    for extra_loss in extra_losses:
-        extras[f"loss_{extra_loss.name}"], logs = extra_loss(batch=batch, output=output, backbone=backbone,
-                                                            weight_dtype=weight_dtype, step=step)
-        extra_logs.update(logs)
-    return StepLosses(loss_diffusion + sum(extras.values()), loss_diffusion, extras, extra_logs)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Helpers of the loop
 
 
@@ -671,76 +495,15 @@ def _setup_logging(accelerator) -> None:
     import transformers
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
+    # The loop's stages speak once, from the main process (the loop, its state and its cache filling).
+    for name in (__name__, f"{__package__}.state", f"{__package__}.caching"):
+        logging.getLogger(name).setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
     library_level = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
     transformers.utils.logging.set_verbosity(library_level)
     diffusers.utils.logging.set_verbosity(library_level)
     # Loading bars of every weight file (transformers >= 5 shows one per model) are library noise, not stages.
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
-
-
-def _main_process_value(accelerator, compute: Callable[[], Any]) -> Any:
-    """``compute()`` on the main process, the same value on every process."""
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([compute() if accelerator.is_main_process else None])[0]
-
-
-def _cache_text_embeddings(args, accelerator, backbone: Backbone, captions: set[str], dtype, cache_root: Path):
-    encoders = backbone.text_encoders
-    cache = TextEmbeddingCache(cache_root, model_fingerprint(
-        args.pretrained_model_name_or_path,
-        {name: encoder for name, encoder in zip(backbone.text_subfolders[len(encoders):], encoders)},
-        dtype=dtype, revision=args.revision, variant=args.variant, subfolders=backbone.text_subfolders,
-        settings=backbone.text_settings(),
-    ))
-    missing = _main_process_value(accelerator, lambda: cache.missing(captions))
-    if missing:
-        for encoder in encoders:
-            _place(encoder, accelerator.device, dtype)
-        fill_sharded(accelerator, missing, lambda shard: cache.compute(
-            shard, backbone.encode_prompts, progress=accelerator.is_local_main_process))
-        if cache.missing(captions):
-            raise SkingenError(f"{cache.folder}: some text embeddings were not written; is the folder shared by all processes?")
-    return cache, {"text_embeddings_computed": len(missing), "text_embeddings_reused": len(captions) - len(missing)}
-
-
-def _report_truncated_captions(backbone: Backbone, captions: Sequence[str], accelerator) -> None:
-    """One warning line (and a log entry) when captions are longer than a text encoder reads."""
-    if not accelerator.is_main_process:
-        return
-    counts = {name: count for name, count in backbone.count_truncated(captions).items() if count}
-    if counts:
-        logger.warning(f"{max(counts.values())} of {len(captions)} distinct captions are longer than the text "
-                       "encoders read and are cut: " + ", ".join(f"{n} over {name}" for name, n in counts.items())
-                       + " (shorten them, e.g. caption.py --max_writing_texts)")
-
-
-def _cache_latents(args, accelerator, dataset, backbone: Backbone, dtype, cache_root: Path, sizes: Sequence,
-                   load_pixels):
-    import datasets
-
-    vae = backbone.vae
-    separate_vae = args.pretrained_vae_model_name_or_path is not None
-    cache = LatentCache(cache_root, model_fingerprint(
-        args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path, {"vae": vae}, dtype=dtype,
-        revision=args.revision, variant=None if separate_vae else args.variant,
-        subfolders=() if separate_vae else ("vae",),
-    ), latent_cache_tag(args))
-    refs = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))["image"]
-    row_ids = list(dataset["row_id"])
-    keys = [LatentCache.key(row_id, image_signature(ref)) for row_id, ref in zip(row_ids, refs)]
-    missing = _main_process_value(accelerator, lambda: [i for i, key in enumerate(keys) if not cache.is_cached(key)])
-    if missing:
-        _place(vae, accelerator.device, dtype)
-        for size in sorted(set(sizes)):  # the VAE encodes one training size at a time (aspect-ratio buckets)
-            fill_sharded(accelerator, [i for i in missing if sizes[i] == size], lambda shard: cache.compute(
-                [(keys[i], row_ids[i], i) for i in shard], load_pixels, vae, encode=backbone.encode_latent_dist,
-                batch_size=args.train_batch_size, progress=accelerator.is_local_main_process))
-        if any(not cache.is_cached(key) for key in keys):
-            raise SkingenError(f"{cache.folder}: some latents were not written; is the folder shared by all processes?")
-    return cache, keys, {"latents_computed": len(missing), "latents_reused": len(keys) - len(missing)}
 
 
 def _in_save_dtype(controlnet, args):
@@ -763,14 +526,6 @@ def _check_option_states(checkpoint: Path, flags: list[str]) -> None:
             f"has {len(flags)} ({', '.join(flags) or 'neither --use_ema nor --unet_lora_rank'}); resume with the "
             "options it was saved with"
         )
-
-
-def _place(model, device, dtype: torch.dtype | None = None):
-    """Move a model, casting only when the dtype changes (diffusers warns on every cast, even a no-op one)."""
-    model.to(device)
-    if dtype is not None and model.dtype != dtype:
-        model.to(dtype=dtype)
-    return model
 
 
 def _make_optimizer(args, params, learning_rate: float):

@@ -14,7 +14,7 @@ import importlib.util
 
 from PIL import Image
 
-from ..errors import SkingenError
+from ..errors import SkingenError, require
 
 # torchvision.transforms.InterpolationMode's names (what diffusers' --image_interpolation_mode accepts), as the
 # PIL filters torchvision itself uses for PIL images; no torchvision needed.
@@ -97,15 +97,10 @@ def add_option_args(parser: argparse.ArgumentParser) -> None:
                                    "black for a sample (one value for all columns, or one per column).")
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise SkingenError(message)
-
-
 def check_option_args(args: argparse.Namespace) -> None:
     """Reject option values and combinations that cannot work; find optional packages a flag needs."""
     if args.lr_scheduler == "piecewise_constant":
-        _require(args.lr_step_rules is not None,
+        require(args.lr_step_rules is not None,
                  "--lr_scheduler piecewise_constant needs --lr_step_rules, e.g. '1:100,0.1:200,0.01'")
     if args.lr_step_rules is not None:
         *pairs, last = args.lr_step_rules.split(",")
@@ -119,28 +114,28 @@ def check_option_args(args: argparse.Namespace) -> None:
     if args.enable_npu_flash_attention:
         from diffusers.utils import is_torch_npu_available
 
-        _require(is_torch_npu_available(),
+        require(is_torch_npu_available(),
                  "--enable_npu_flash_attention needs an Ascend NPU and torch_npu; none is available here. Drop the "
                  "flag (PyTorch's SDPA attention is the default on GPUs and CPUs)")
-    _require(0.0 < args.ema_decay <= 1.0, f"--ema_decay must be in (0, 1], got {args.ema_decay}")
-    _require(args.ema_update_after_step >= 0,
+    require(0.0 < args.ema_decay <= 1.0, f"--ema_decay must be in (0, 1], got {args.ema_decay}")
+    require(args.ema_update_after_step >= 0,
              f"--ema_update_after_step must not be negative, got {args.ema_update_after_step}")
-    _require(args.snr_gamma is None or args.snr_gamma > 0, f"--snr_gamma must be positive, got {args.snr_gamma}")
-    _require(args.noise_offset >= 0, f"--noise_offset must not be negative, got {args.noise_offset}")
-    _require(args.input_perturbation >= 0, f"--input_perturbation must not be negative, got {args.input_perturbation}")
-    _require(args.unet_lora_rank >= 0, f"--unet_lora_rank must not be negative (0: off), got {args.unet_lora_rank}")
+    require(args.snr_gamma is None or args.snr_gamma > 0, f"--snr_gamma must be positive, got {args.snr_gamma}")
+    require(args.noise_offset >= 0, f"--noise_offset must not be negative, got {args.noise_offset}")
+    require(args.input_perturbation >= 0, f"--input_perturbation must not be negative, got {args.input_perturbation}")
+    require(args.unet_lora_rank >= 0, f"--unet_lora_rank must not be negative (0: off), got {args.unet_lora_rank}")
     if args.unet_lora_rank:
-        _require(importlib.util.find_spec("peft") is not None, "--unet_lora_rank needs peft: pip install peft")
+        require(importlib.util.find_spec("peft") is not None, "--unet_lora_rank needs peft: pip install peft")
     if args.enable_bucket:
-        _require(0 < args.min_bucket_reso <= args.max_bucket_reso,
+        require(0 < args.min_bucket_reso <= args.max_bucket_reso,
                  f"--min_bucket_reso {args.min_bucket_reso} must be positive and at most --max_bucket_reso "
                  f"{args.max_bucket_reso}")
-        _require(args.bucket_reso_steps > 0 and args.bucket_reso_steps % 8 == 0,
+        require(args.bucket_reso_steps > 0 and args.bucket_reso_steps % 8 == 0,
                  f"--bucket_reso_steps must be a positive multiple of 8, got {args.bucket_reso_steps}")
-        _require(args.min_bucket_reso <= args.resolution <= args.max_bucket_reso,
+        require(args.min_bucket_reso <= args.resolution <= args.max_bucket_reso,
                  f"--resolution {args.resolution} must lie between --min_bucket_reso {args.min_bucket_reso} and "
                  f"--max_bucket_reso {args.max_bucket_reso}: the buckets hold about --resolution squared pixels")
-        _require(args.crops_coords_top_left_h is None and args.crops_coords_top_left_w is None,
+        require(args.crops_coords_top_left_h is None and args.crops_coords_top_left_w is None,
                  "--crops_coords_top_left_h/_w fix one crop for every image; with --enable_bucket each image keeps "
                  "its own crop in SDXL's time ids, so drop them")
     columns = conditioning_columns(args)
@@ -148,15 +143,15 @@ def check_option_args(args: argparse.Namespace) -> None:
     if probabilities is not None:
         if not isinstance(probabilities, list):
             probabilities = args.conditioning_dropout_prob = [probabilities]  # one value from a --config file
-        _require(len(probabilities) in (1, len(columns)),
+        require(len(probabilities) in (1, len(columns)),
                  f"got {len(probabilities)} --conditioning_dropout_prob values for {len(columns)} conditioning "
                  "column(s); give one value for all columns or one per --conditioning_image_column")
-        _require(all(0.0 <= p <= 1.0 for p in probabilities),
+        require(all(0.0 <= p <= 1.0 for p in probabilities),
                  f"--conditioning_dropout_prob values must be between 0 and 1, got {probabilities}")
-    _require(len(set(columns)) == len(columns),
+    require(len(set(columns)) == len(columns),
              f"--conditioning_image_column names a column twice: {columns}")
     for entry in getattr(args, "validation_image", None) or ():
-        _require(len(entry.split(",")) == len(columns),
+        require(len(entry.split(",")) == len(columns),
                  f"--validation_image {entry}: give one image per --conditioning_image_column ({len(columns)}), "
                  "comma-separated in column order, e.g. template.png,canny.png")
 

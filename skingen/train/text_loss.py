@@ -37,41 +37,6 @@ SKIP_REASONS = ("outside", "too_small", "unknown_text")  # why a box could not b
 logger = logging.getLogger(__name__)
 
 
-def predict_x0(
-    noisy_latents: torch.Tensor, model_pred: torch.Tensor, timesteps: torch.Tensor, noise_scheduler
-) -> torch.Tensor:
-    """One-step estimate of the clean latents from the model's prediction at ``timesteps`` (fp32).
-
-    epsilon: ``x0 = (x_t - sqrt(1 - a) * eps) / sqrt(a)``; v_prediction: ``x0 = sqrt(a) * x_t - sqrt(1 - a) * v``;
-    sample: the prediction itself. ``a`` is alpha_bar_t of the scheduler.
-    """
-    prediction_type = noise_scheduler.config.prediction_type
-    alpha_bar = _alpha_bar(noise_scheduler, timesteps).view(-1, *([1] * (noisy_latents.dim() - 1)))
-    x_t, pred = noisy_latents.float(), model_pred.float()
-    if prediction_type == "epsilon":
-        return (x_t - (1 - alpha_bar).sqrt() * pred) / alpha_bar.sqrt()
-    if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * pred
-    if prediction_type == "sample":
-        return pred
-    raise SkingenError(
-        f"noise scheduler prediction_type {prediction_type!r} is not supported by the text loss; "
-        "use 'epsilon', 'v_prediction' or 'sample'"
-    )
-
-
-def _alpha_bar(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)
-    return alphas_cumprod[timesteps.long()]
-
-
-def vae_scale_factor(vae) -> int:
-    """Pixels per latent cell of a diffusers VAE, or of a backbone (``skingen.backbones``: any family's VAE)."""
-    if isinstance(getattr(vae, "vae_scale_factor", None), int):
-        return vae.vae_scale_factor
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 @dataclass
 class DecodedTile:
     """A decoded latent tile around one or more text boxes of one batch row."""
@@ -127,36 +92,25 @@ def latent_windows(boxes: torch.Tensor, latent_hw: tuple[int, int], scale: int, 
     return _merge_windows(windows)
 
 
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode of (scaled) latents -> pixels in [-1, 1], fp32; gradients flow when enabled. ``vae`` may be a
-    backbone, whose own ``decode_latents`` knows its VAE's normalisation (e.g. Qwen-Image's per-channel one)."""
-    if hasattr(vae, "decode_latents"):
-        return vae.decode_latents(latents)
-    latents = latents / vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift:
-        latents = latents + shift
-    return vae.decode(latents.to(vae.dtype)).sample.float()
-
-
 def decode_latent_regions(
-    vae, latents_x0: torch.Tensor, boxes: list[torch.Tensor], margin: int = 4
+    latent_space, latents_x0: torch.Tensor, boxes: list[torch.Tensor], margin: int = 4
 ) -> list[DecodedTile]:
     """Decode only the latent tiles around the text boxes (with gradients), so 1024 px training stays affordable.
 
     ``boxes[i]`` holds row i's quads ``(N, 4, 2)`` in image pixels; ``margin`` is the context around each box
     in latent cells. Returns the tiles with the boxes' coordinates relative to each tile. The decoder's
     GroupNorm and attention see only the tile, so a tile is close to (not equal to) that region of a full
-    decode; the margin keeps the boxes away from the tile borders.
+    decode; the margin keeps the boxes away from the tile borders. ``latent_space`` is the backbone's
+    (:class:`skingen.backbones.base.VaeLatents`).
     """
-    scale = vae_scale_factor(vae)
+    scale = latent_space.scale_factor
     tiles = []
     for row, row_boxes in enumerate(boxes):
         if row_boxes is None or len(row_boxes) == 0:
             continue
         row_boxes = torch.as_tensor(row_boxes, dtype=torch.float32)
         for (y0, y1, x0, x1), indices in latent_windows(row_boxes, tuple(latents_x0.shape[-2:]), scale, margin):
-            image = decode_latents(vae, latents_x0[row : row + 1, :, y0:y1, x0:x1])[0]
+            image = latent_space.decode(latents_x0[row : row + 1, :, y0:y1, x0:x1])[0]
             origin = row_boxes.new_tensor([x0 * scale, y0 * scale])
             tiles.append(
                 DecodedTile(
@@ -347,14 +301,13 @@ class TextLoss:
 
     def __call__(self, *, batch, output, backbone, weight_dtype, step) -> tuple[torch.Tensor, dict]:
         """The trainer's ``ExtraLoss`` call: ``output`` is the step's ``skingen.backbones.base.DenoiserOutput``
-        (its ``x0(rows)`` is the one-step clean estimate of any backbone), ``backbone`` gives the VAE."""
-        # A backbone decodes itself: it knows its VAE's latent normalisation and layout (Qwen-Image's per channel).
-        vae = backbone if hasattr(backbone, "decode_latents") else backbone.vae
+        (its ``x0(rows)`` is the one-step clean estimate of any backbone), ``backbone`` its latent space."""
         model_pred, latents, timesteps = output.model_pred, output.latents, output.timesteps
+        latent_space = backbone.latent_space
         device = model_pred.device
         self.recognizer.to(device)
         batch_size = model_pred.shape[0]
-        scale = vae_scale_factor(vae)
+        scale = latent_space.scale_factor
         image_hw = (latents.shape[-2] * scale, latents.shape[-1] * scale)
         row_weight = self.row_weights(timesteps, output.signal)
         # Connected to the graph, so a step without text still gives every trained parameter a (zero) gradient.
@@ -383,7 +336,7 @@ class TextLoss:
 
         index = torch.tensor(rows, device=device)
         x0 = output.x0(index)
-        crops = self._crops(vae, x0, latents[index], batch, rows, row_boxes, row_texts)
+        crops = self._crops(latent_space, x0, latents[index], batch, rows, row_boxes, row_texts)
         per_crop, parts = self._per_crop_loss(crops)
 
         crop_rows = torch.tensor(crops.rows, device=device)
@@ -393,11 +346,11 @@ class TextLoss:
         logs.update(parts)
         return loss, logs
 
-    def _crops(self, vae, x0, clean_latents, batch, rows, row_boxes, row_texts) -> _Crops:
+    def _crops(self, latent_space, x0, clean_latents, batch, rows, row_boxes, row_texts) -> _Crops:
         crops = _Crops()
         need_reference = self.loss_type in ("perceptual", "both")
         pixel_values = batch.get("pixel_values") if need_reference else None
-        for tile in decode_latent_regions(vae, x0, row_boxes, margin=self.tile_margin):
+        for tile in decode_latent_regions(latent_space, x0, row_boxes, margin=self.tile_margin):
             generated, widths = crop_rotated_boxes(tile.image, tile.boxes)
             crops.generated.append(generated)
             crops.widths.extend(widths)
@@ -412,7 +365,7 @@ class TextLoss:
                     reference_boxes = row_boxes[tile.row][tile.box_indices]
                 else:
                     y0, y1, x0_, x1 = tile.latent_window
-                    reference_image = decode_latents(vae, clean_latents[tile.row : tile.row + 1, :, y0:y1, x0_:x1])[0]
+                    reference_image = latent_space.decode(clean_latents[tile.row : tile.row + 1, :, y0:y1, x0_:x1])[0]
                     reference_boxes = tile.boxes
                 crops.reference.append(crop_rotated_boxes(reference_image, reference_boxes)[0])
         return crops

@@ -1,28 +1,26 @@
 """The OCR text-loss flags of every trainer script, and the loss they build (``skingen.train.text_loss.TextLoss``).
 
-``train_controlnet_sdxl_ctc.py`` turns the loss on by default (``--text_loss_weight 0.01``); the SD3 and FLUX
-trainers take the same flags with the loss off unless ``--text_loss_weight`` is given, so diffusers' command lines
-run unchanged. Weight 0 measures the loss (logged) without adding it.
+Every trainer takes the flags with the loss off unless ``--text_loss_weight`` is given, so diffusers' command lines
+run unchanged; ``train_controlnet_sdxl_ctc.py`` is the SDXL trainer with ``--text_loss_weight 0.01`` by default. Weight 0 measures the loss (logged) without adding it.
 ``--text_loss_max_timestep`` is on the scheduler's 0..1000 scale: DDPM steps for SDXL, sigma x 1000 for SD3/FLUX.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 
 from ..errors import SkingenError
 from .text_loss import TEXT_LOSS_TYPES, TIMESTEP_WEIGHTINGS, TextLoss
 
 
-def add_text_loss_arguments(parser: argparse.ArgumentParser, default_weight: float | None = 0.05) -> None:
+def add_text_loss_arguments(parser: argparse.ArgumentParser) -> None:
     text = parser.add_argument_group("text loss")
     text.add_argument("--text_loss_type", choices=TEXT_LOSS_TYPES, default="ctc",
                       help="ctc: recognizer CTC against the box texts; perceptual: MSE of recognizer neck features "
                            "between generated and ground-truth crops (AnyText); both: their sum.")
-    text.add_argument("--text_loss_weight", type=float, default=default_weight,
+    text.add_argument("--text_loss_weight", type=float, default=None,
                       help="Multiplier of the text loss added to the diffusion loss (0: measured and logged, not "
-                           "added)" + ("; without the flag there is no text loss." if default_weight is None else "."))
+                           "added); unset: no text loss (train_controlnet_sdxl_ctc.py: 0.01).")
     text.add_argument("--text_loss_max_timestep", type=int, default=200,
                       help="Apply the text loss only where the noise level is at most this (of 1000: the DDPM step, or "
                            "sigma x 1000 for flow matching); the one-step x0 estimate is unreadable at high noise. "
@@ -40,17 +38,6 @@ def add_text_loss_arguments(parser: argparse.ArgumentParser, default_weight: flo
     text.add_argument("--recognizer_char_dict", type=str, default=None,
                       help="The recognizer's character dictionary (PaddleOCR rec_char_dict_path), needed when the "
                            "ONNX file carries no 'character' metadata.")
-
-
-def parse_args_with_text_loss(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-                              default_weight: float | None) -> argparse.Namespace:
-    """A trainer's flags plus the text-loss flags, parsed (``--config`` honoured) and checked."""
-    from .loop import parse_training_args
-
-    add_text_loss_arguments(parser, default_weight=default_weight)
-    args = parse_training_args(parser, argv)
-    check_text_loss_arguments(args)
-    return args
 
 
 def check_text_loss_arguments(args: argparse.Namespace) -> None:
