@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reward fine-tuning of a trained ControlNet with GRPO (Flow-GRPO) for the flow-matching families (SD3/SD3.5,
-FLUX.1): images sampled with an SDE sampler, scored with evaluate.py's metrics, advantages within each control's
+FLUX.1, Z-Image, Qwen-Image): images sampled with an SDE sampler, scored with evaluate.py's metrics, advantages within each control's
 group, clipped policy ratio per denoising step and a KL penalty to the starting ControlNet.
 
     accelerate launch train_controlnet_grpo.py --pretrained_model_name_or_path SD35_DIR \
@@ -8,9 +8,9 @@ group, clipped policy ratio per denoising step and a KL penalty to the starting 
         --reward edge_f1=1,ocr_ned=1 --num_image_per_prompt 8 --train_sampling_steps 10 \
         --validation_split validation --validation_inference_steps 28 --resolution 512
 
-The family comes from the base folder's model_index.json (--backbone for a hub id). Writes the ControlNet as the
-supervised trainers do (OUT/diffusion_pytorch_model.safetensors), OUT/grpo_log.json (rewards per step, held-out
-rewards) and TensorBoard logs. docs/grpo.md: when to use it, its cost and what it was measured to do.
+The family comes from the base folder's model_index.json (--backbone for a hub id); --denoiser_lora_rank also trains
+a transformer LoRA. Writes the ControlNet as the supervised trainers do (OUT/diffusion_pytorch_model.safetensors),
+OUT/grpo_log.json (rewards per step, held-out rewards) and TensorBoard logs. docs/grpo.md: when to use it, its cost and what it was measured to do.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ from skingen.errors import run_cli  # noqa: E402
 from skingen.fileio import atomic_save_image, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+# Prompt tokens per caption (fill50k's captions fit 32; Qwen-Image's prompt template alone takes 34).
+SEQUENCE_LENGTH = {"sd3": 32, "flux": 32, "zimage": 64, "qwenimage": 64}
 # GRPO on the tiny pipelines. Reward edge F1 only: the tiny random base cannot render readable text, so an OCR reward
 # would be 0 for every image and move nothing. Sizes cut to fit a 2-core CPU: 2 controls x 4 images per step, 4 SDE
 # steps while training and 8 ODE steps for the held-out rewards (Flow-GRPO: 10 and 40). Clip range and KL weight are
@@ -41,7 +43,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 GRPO_FLAGS = ["--train_batch_size", "2", "--num_image_per_prompt", "4", "--train_sampling_steps", "4",
               "--timestep_fraction", "1.0", "--noise_level", "0.7", "--clip_range", "1e-4", "--adv_clip_max", "5",
               "--beta", "0.04", "--num_inner_epochs", "2", "--reward", "edge_f1=1", "--ocr_backend", "none",
-              "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_sequence_length", "32",
+              "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
               "--validation_split", "validation", "--validation_inference_steps", "8", "--num_validation_images", "2",
               "--report_to", "tensorboard"]
 
@@ -95,7 +97,7 @@ def supervised(args, family: str, seed: int, base: Path, data: Path, out: Path) 
         run([f"train_controlnet_{family}.py", "--pretrained_model_name_or_path", str(base), "--train_data_dir",
              str(data), "--output_dir", str(folder), "--resolution", str(args.resolution), "--train_batch_size", "4",
              "--max_train_steps", str(args.supervised_steps), "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
-             "--max_sequence_length", "32", "--seed", str(seed), "--report_to", "none",
+             "--max_sequence_length", str(SEQUENCE_LENGTH[family]), "--seed", str(seed), "--report_to", "none",
              "--checkpointing_steps", str(args.supervised_steps)], folder.parent / "supervised.log")
     return folder
 
@@ -104,6 +106,7 @@ def grpo(args, family: str, seed: int, base: Path, data: Path, start: Path, out:
     folder = out / f"{family}_seed{seed}" / "grpo"
     if not (folder / WEIGHTS).is_file():
         run(["train_controlnet_grpo.py", *GRPO_FLAGS, "--learning_rate", str(args.learning_rate),
+             "--max_sequence_length", str(SEQUENCE_LENGTH[family]),
              "--pretrained_model_name_or_path", str(base), "--controlnet_model_name_or_path", str(start),
              "--train_data_dir", str(data), "--output_dir", str(folder), "--resolution", str(args.resolution),
              "--max_train_steps", str(args.grpo_steps), "--validation_steps", str(args.grpo_steps),

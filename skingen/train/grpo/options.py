@@ -37,7 +37,7 @@ def family_from_argv(argv) -> str:
         family = family_of_pipeline(known.pretrained_model_name_or_path)
     if family is None:
         raise SkingenError("which model family? give a local --pretrained_model_name_or_path folder (its "
-                           "model_index.json says) or --backbone sd3|flux for a hub id")
+                           "model_index.json says) or --backbone sd3|flux|zimage|qwenimage for a hub id")
     if not issubclass(backbone_class(family), FlowMatchingBackbone):
         raise SkingenError(f"--backbone {family}: GRPO here needs a flow-matching family (its SDE sampler turns the "
                            "flow ODE into an SDE); SDXL is not supported")
