@@ -10,7 +10,8 @@ group, clipped policy ratio per denoising step and a KL penalty to the starting 
 
 The family comes from the base folder's model_index.json (--backbone for a hub id); --denoiser_lora_rank also trains
 a transformer LoRA. Writes the ControlNet as the supervised trainers do (OUT/diffusion_pytorch_model.safetensors),
-OUT/grpo_log.json (rewards per step, held-out rewards) and TensorBoard logs. docs/grpo.md: when to use it, its cost and what it was measured to do.
+OUT/grpo_log.json (rewards per step, held-out rewards) and TensorBoard logs. docs/grpo.md: when to use it, its
+cost and what it was measured to do.
 """
 
 from __future__ import annotations
