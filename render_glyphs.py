@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from skingen import data, rows, sharding
 from skingen.config import parse_args_with_config

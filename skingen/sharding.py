@@ -17,6 +17,7 @@ a Slurm job array (``--num_shards`` / ``--shard_index``), and the worker pool be
 
 from __future__ import annotations
 
+import atexit
 import json
 import multiprocessing
 import os
@@ -70,10 +71,14 @@ class ProcessGroup:
         self.state = None
         self.rank, self.size, self.device = 0, 1, None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
             from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
 
-            self.state = PartialState()
+            # On CPUs (`accelerate launch --cpu`, or no GPU at all) the processes talk over gloo.
+            self.state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
             self.rank, self.size, self.device = self.state.process_index, self.state.num_processes, self.state.device
+            atexit.register(_close_process_group)  # a process leaving gloo's group open aborts at exit
 
     @property
     def is_main(self) -> bool:
@@ -103,6 +108,13 @@ class ProcessGroup:
         if error is not None:
             raise SkingenError(error)
         return result
+
+
+def _close_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _attempt(work: Callable[[], Any]) -> tuple[Any, str | None]:
@@ -255,7 +267,7 @@ class Shard:
                 batch = batches[step] if step < len(batches) else []
                 done, error = 0, None
                 if batch:
-                    entries, error = _attempt(lambda: work([item for _, item in batch]))
+                    entries, error = _attempt(lambda items=[item for _, item in batch]: work(items))
                     if error is None:
                         self.parts.write(batch[0][0], entries)
                         done = len(batch)

@@ -1,0 +1,130 @@
+"""The sharded stages (skingen.sharding) launched on 2 processes give the bytes of a 1-process run, resume
+after a kill without doing a row twice, stop every process with the same error line, and --num_workers 2
+gives the output of 1 worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from repo_scripts import REPO, load_script
+from textimages import draw_texts
+
+from skingen import data
+from skingen.fileio import atomic_write_json
+from skingen.layout import load_layout
+
+SIZE = 256
+LAYOUT_YAML = """
+name: test_bar_and_keys
+canvas: [256, 256]
+resolutions: [256]
+background: [255, 255, 255]
+elements:
+  - {id: candidate_bar, box: [0, 0, 256, 48], patterns: ["bar*.png"]}
+  - {id: key_a, box: [8, 150, 120, 200], patterns: ["key_a*.png"]}
+  - {id: key_b, box: [136, 150, 248, 200], patterns: ["key_b*.png"]}
+"""
+WORDS = ["前往", "搜索", "设置", "Hello", "OK", "返回"]
+LAUNCH_ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def make_dataset(root: Path, count: int) -> Path:
+    """``count`` skins of the test layout, each with a word or two, as merge_elements.py leaves a folder."""
+    (root / "images").mkdir(parents=True)
+    layout_path = root.parent / f"{root.name}_layout.yaml"
+    layout_path.write_text(LAYOUT_YAML, encoding="utf-8")
+    atomic_write_json(root / "layout.json", load_layout(layout_path, resolution=SIZE).to_dict())
+    rows = []
+    for i in range(count):
+        rng = np.random.default_rng(i)
+        image = Image.new("RGB", (SIZE, SIZE), tuple(int(v) for v in rng.integers(40, 120, 3)))
+        draw = ImageDraw.Draw(image)
+        draw.rectangle((0, 0, 255, 47), fill=(30, 60, 110))
+        for box in ((8, 150, 119, 199), (136, 150, 247, 199)):
+            draw.rounded_rectangle(box, 8, fill=(235, 235, 240))
+        texts = [((20, 160), WORDS[i % len(WORDS)], (20, 20, 20))] + ([((150, 10), WORDS[(i + 1) % len(WORDS)], (250, 220, 0))] if i % 2 else [])
+        draw_texts(image, texts, font_size=22)
+        image.save(root / "images" / f"skin_{i}.png")
+        rows.append({"image": f"images/skin_{i}.png", "package": f"skin_{i}", "text": "", "layout": "test_bar_and_keys"})
+    data.write_rows(root, rows)
+    return root
+
+
+def launch(runs: list, tmp_path: Path, processes: int = 2, name: str = "runs") -> subprocess.CompletedProcess:
+    """Run ``[script, argv(, options)]`` entries in ``processes`` processes started by torch.distributed.run."""
+    runs_file = tmp_path / f"{name}.json"
+    runs_file.write_text(json.dumps(runs), encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               str(REPO / "tests" / "two_process_runs.py"), str(runs_file)]  # fmt: skip
+    return subprocess.run(command, env={**os.environ, **LAUNCH_ENV}, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+def launch_script(script: str, argv: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """The script itself under torch.distributed.run (its run_cli prints the error lines)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               str(REPO / script), *argv]  # fmt: skip
+    return subprocess.run(command, env={**os.environ, **LAUNCH_ENV}, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path (the layout file beside it excluded)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def copy_tree(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    shutil.copy(source.parent / f"{source.name}_layout.yaml", target.parent / f"{target.name}_layout.yaml")
+    return target
+
+
+def written_keys(count_dir: Path) -> list[str]:
+    """Every row key the processes wrote to parts (a key twice: a row done twice)."""
+    return [key for path in sorted(count_dir.glob("rank*.json")) for part in json.loads(path.read_text()) for key in part]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# render_glyphs.py
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A 7-row dataset, and the same folder after a 1-process canny run and glyph run (in another column)."""
+    tmp = tmp_path_factory.mktemp("prep")
+    fresh = make_dataset(tmp / "fresh", 7)
+    one = copy_tree(fresh, tmp / "one")
+    render = load_script("render_glyphs.py")
+    render.main(["--dataset_dir", str(one), "--mode", "glyph", "--batch_size", "2"])
+    render.main(["--dataset_dir", str(one), "--mode", "canny", "--output_column", "conditioning_image_canny",
+                 "--batch_size", "2"])  # fmt: skip
+    return fresh, one
+
+
+def render_runs(folder: Path, *extra: str) -> list:
+    return [
+        ["render_glyphs.py", ["--dataset_dir", str(folder), "--mode", "glyph", "--batch_size", "2", *extra]],
+        ["render_glyphs.py", ["--dataset_dir", str(folder), "--mode", "canny", "--output_column",
+                              "conditioning_image_canny", "--batch_size", "2", *extra]],
+    ]  # fmt: skip
+
+
+def test_render_glyphs_two_processes_write_the_bytes_of_one(prepared, tmp_path):
+    fresh, one = prepared
+    two = copy_tree(fresh, tmp_path / "two")
+    finished = launch(render_runs(two), tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert file_bytes(two) == file_bytes(one)
+    assert not (two / ".parts").exists()
+    rows = data.read_rows(two)
+    assert sum(len(row["texts"]) for row in rows) >= len(rows)  # the OCR found the words: the test shows something
+    assert "process 1 of 2:" in finished.stderr  # each process says what it wrote
