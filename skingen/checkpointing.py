@@ -13,6 +13,7 @@ checkpoints untouched and never a half-written one under a final name. Layout (a
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -115,19 +116,37 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
             if accelerator.is_main_process:
                 atomic_write_json(Path(tmp) / STATE_FILE, state)
             accelerator.wait_for_everyone()
-    except RuntimeError as err:
-        # torch.save reports a failed write (e.g. no space left) as a RuntimeError of its stream writer.
-        if "write" not in str(err).lower():
+    except Exception as err:
+        reason = write_failure(err)
+        if reason is None:
             raise
-        reason = str(err).strip().splitlines()[-1]
         raise SkingenError(
-            f"{final}: the checkpoint could not be written ({reason}); the previous checkpoints are kept. Free some "
+            f"{final}: the checkpoint could not be written: {reason}; previous checkpoints are kept. Free some "
             "space or choose another --output_dir, then rerun with --resume_from_checkpoint latest"
         ) from None
     if accelerator.is_main_process:
         prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def write_failure(err: Exception) -> str | None:
+    """What a failed write of a checkpoint's files says, or None for an error that is not a failed write.
+
+    The writers report a full disk in three forms: an ``OSError`` (ENOSPC), torch.save's stream writer as a
+    ``RuntimeError`` ("file write failed"), and the safetensors writer as a ``SafetensorError`` ("No space left on
+    device", "StorageFull")."""
+    from safetensors import SafetensorError
+
+    text = str(err)
+    if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in text \
+            or "StorageFull" in text:
+        return "no space left on device"
+    if isinstance(err, OSError):
+        return err.strerror or text
+    if isinstance(err, SafetensorError) or (isinstance(err, RuntimeError) and "write" in text.lower()):
+        return text.strip().splitlines()[-1] if text.strip() else type(err).__name__
+    return None
 
 
 def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
@@ -191,10 +210,19 @@ def save_controlnet_weights(controlnet, output_dir: str | os.PathLike) -> Path:
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".final-weights.", dir=output_dir) as tmp:
-        controlnet.save_pretrained(tmp, safe_serialization=True)
-        for path in sorted(Path(tmp).iterdir(), key=lambda p: p.name == "config.json"):
-            fsync_path(path)
-            os.replace(path, output_dir / path.name)
-        fsync_path(output_dir)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".final-weights.", dir=output_dir) as tmp:
+            controlnet.save_pretrained(tmp, safe_serialization=True)
+            for path in sorted(Path(tmp).iterdir(), key=lambda p: p.name == "config.json"):
+                fsync_path(path)
+                os.replace(path, output_dir / path.name)
+            fsync_path(output_dir)
+    except Exception as err:
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        raise SkingenError(
+            f"{output_dir}: the ControlNet weights could not be written: {reason}; the checkpoints and any earlier "
+            "weights there are kept. Free some space, then rerun with --resume_from_checkpoint latest"
+        ) from None
     return output_dir

@@ -51,6 +51,30 @@ LAYOUT_HELP = (
 )
 
 
+class ImageDecodeError(SkingenError):
+    """An image of a loaded dataset that no longer decodes (truncated after its row was checked)."""
+
+    def __init__(self, path: str | None, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path or 'an image of the dataset'}: does not decode ({reason}); {DECODE_FIX}")
+
+
+DECODE_FIX = "`python dataset_tool.py validate DIR` decodes every image and lists the broken ones"
+
+
+def decoded_row(view: datasets.Dataset, index: int, where: str) -> dict:
+    """Row ``index`` of ``view`` with its images decoded; an image that no longer decodes is an error naming the
+    row (``where``: ``file:line``) and the image, relative to the rows file's folder when it lies inside it."""
+    try:
+        return view[index]
+    except ImageDecodeError as err:
+        shown = err.path
+        rows_folder = Path(where.rsplit(":", 1)[0]).parent
+        if shown and rows_folder in Path(shown).parents:
+            shown = Path(shown).relative_to(rows_folder).as_posix()
+        raise SkingenError(f"{where}: {shown}: does not decode ({err.reason}); {DECODE_FIX}") from None
+
+
 class RGBImage(datasets.Image):
     """A ``datasets.Image`` feature that decodes to RGB through :func:`skingen.images.to_rgb`.
 
@@ -63,11 +87,7 @@ class RGBImage(datasets.Image):
         try:
             return to_rgb(super().decode_example(value, token_per_repo_id=token_per_repo_id))
         except IMAGE_READ_ERRORS as err:
-            path = value.get("path") if isinstance(value, dict) else None
-            raise SkingenError(
-                f"{path or 'an image of the dataset'}: does not decode ({err}); "
-                "`python dataset_tool.py validate DIR` decodes every image and lists the broken ones"
-            ) from None
+            raise ImageDecodeError(value.get("path") if isinstance(value, dict) else None, str(err)) from None
 
 
 def row_features() -> datasets.Features:
@@ -79,6 +99,7 @@ def row_features() -> datasets.Features:
             "box": datasets.List(datasets.List(datasets.List(datasets.Value("float32")))),
             "texts": datasets.List(datasets.Value("string")),
             "row_id": datasets.Value("string"),
+            "where": datasets.Value("string"),  # file:line of the row (hub rows: "<dataset> row N")
         }
     )
 
@@ -96,6 +117,7 @@ class DatasetFiles:
     split: str
     rows_file: Path  # train.jsonl / validation.jsonl, or an ImageFolder metadata.jsonl
     base: Path  # the folder the rows' image paths are relative to
+    confined: bool = True  # image paths must stay inside ``base`` (False: a rows file the user named, as diffusers)
 
 
 def find_dataset_files(dataset_dir: str | os.PathLike, split: str = "train") -> DatasetFiles:
@@ -104,8 +126,13 @@ def find_dataset_files(dataset_dir: str | os.PathLike, split: str = "train") -> 
         raise SkingenError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
     path = Path(dataset_dir).expanduser()
     if path.is_file() and path.suffix == ".jsonl":
+        # A rows file named on the command line is the user's own: read it as diffusers does (absolute paths, or
+        # relative to the file's folder); rows found inside a dataset folder keep the folder rules.
+        if split != "train":
+            raise SkingenError(f"{path}: a rows file holds one split, so split {split!r} cannot be read from it; "
+                               f"put {split}.jsonl beside train.jsonl in a dataset folder and pass the folder")
         form = "imagefolder" if path.name == "metadata.jsonl" else "jsonl"
-        return DatasetFiles(root=path.parent, form=form, split=split, rows_file=path, base=path.parent)
+        return DatasetFiles(root=path.parent, form=form, split=split, rows_file=path, base=path.parent, confined=False)
     if not path.is_dir():
         raise SkingenError(f"{path}: dataset folder not found; {LAYOUT_HELP}")
     own = path / f"{split}.jsonl"
@@ -219,7 +246,7 @@ def scan_folder(
     """Check every row of one split of a dataset folder for a stage (``spec``; stops after ``max_samples`` good
     rows). A row without an image path (where the stage allows it) is named ``<file stem>_<line>``."""
     keys = role_keys(files.form, image_column, conditioning_image_column, caption_column)
-    images = FolderImages(files.base)
+    images = FolderImages(files.base, confined=files.confined)
     base_rel = files.base.relative_to(files.root).as_posix() if files.base != files.root else ""
     result = ScanResult(source=str(files.rows_file))
     seen: dict[str, str] = {}
@@ -344,6 +371,7 @@ def _meta_columns(good: list[Row]) -> dict[str, list]:
         "box": [row.box for row in good],
         "texts": [row.texts for row in good],
         "row_id": [row.row_id for row in good],
+        "where": [row.where for row in good],
     }
 
 
@@ -459,7 +487,7 @@ def normalize_dataset(
         kept = kept.select(good_indices).flatten_indices()
     images = _rename_images(kept, image_key, cond_key)
     meta_features = datasets.Features(
-        {k: v for k, v in row_features().items() if k in ("text", "box", "texts", "row_id")}
+        {k: v for k, v in row_features().items() if k in ("text", "box", "texts", "row_id", "where")}
     )
     meta = datasets.Dataset.from_dict(_meta_columns(scan.good), features=meta_features)
     combined = datasets.concatenate_datasets([images, meta], axis=1)

@@ -141,27 +141,32 @@ def _is_unsafe_relative(path: str) -> bool:
 
 
 class FolderImages:
-    """Image paths relative to a dataset folder; a file opened once (a shared template) is not opened again."""
+    """Image paths relative to a dataset folder; a file opened once (a shared template) is not opened again.
 
-    def __init__(self, base: str | os.PathLike):
+    ``confined=False`` reads a rows file the user named on the command line as diffusers' trainers do
+    (``--jsonl_for_train``): absolute paths, or paths relative to the file's folder, wherever they lead. The
+    file's own row id is then the path as written (normalised)."""
+
+    def __init__(self, base: str | os.PathLike, confined: bool = True):
         self.base = Path(base)
         self.real_base = self.base.resolve()
+        self.confined = confined
         self._sizes: dict[Path, tuple[int, int]] = {}
 
     def locate(self, value: Any, key: str) -> ImageRef:
         if not isinstance(value, str) or not value.strip():
             shown = "missing" if value is None else f"a {type(value).__name__} ({_short(value)})"
             raise FieldProblem("bad path", f"{key!r} must be an image path relative to the dataset folder, got {shown}")
-        if _is_unsafe_relative(value):
+        if self.confined and _is_unsafe_relative(value):
             raise FieldProblem(
                 "path outside dataset",
                 f"{key!r} path {value!r} leaves the dataset folder (absolute or '..'); "
                 f"make it relative to {self.base} and keep the file inside it",
             )
-        rel = posixpath.normpath(value.replace("\\", "/"))
-        absolute = self.base / rel
+        rel = posixpath.normpath(os.path.expanduser(value).replace("\\", "/"))
+        absolute = self.base / rel  # an absolute rel replaces the base
         real = absolute.resolve()
-        if real != self.real_base and self.real_base not in real.parents:
+        if self.confined and real != self.real_base and self.real_base not in real.parents:
             raise FieldProblem(
                 "path outside dataset",
                 f"{key!r} file {value!r} is a symlink to {real}, outside the dataset folder {self.real_base}; "

@@ -50,6 +50,7 @@ from .checkpointing import (
     save_controlnet_weights,
 )
 from .conditioning import kaiming_conditioning_encoder, match_conditioning_channels
+from .data import decoded_row
 from .edge_loss import build_edge_loss
 from .ema import WeightsEMA
 from .errors import SkingenError
@@ -436,10 +437,11 @@ def _training_samples(run: Run, rows, cache_root: Path) -> TrainingSamples:
     resample = interpolation_filter(args.image_interpolation_mode)
     latent_cache = latent_keys = None
     if args.cache_latents:
-        images = rows.select_columns(["image"])
+        images, wheres = rows.select_columns(["image"]), rows["where"]
         latent_cache, latent_keys, latent_stats = _cache_latents(
             args, run.accelerator, rows, vae, run.vae_dtype, cache_root, [p.target for p in placements],
-            load_pixels=lambda row: training_pixels(images[row]["image"], args.resolution, placements[row], resample))
+            load_pixels=lambda row: training_pixels(decoded_row(images, row, wheres[row])["image"], args.resolution,
+                                                    placements[row], resample))
         for key, value in latent_stats.items():
             run.cache_stats[key] = run.cache_stats.get(key, 0) + value
     vae_scale = run.backbone.vae_scale_factor
@@ -679,6 +681,9 @@ def _setup_logging(accelerator) -> None:
     library_level = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
     transformers.utils.logging.set_verbosity(library_level)
     diffusers.utils.logging.set_verbosity(library_level)
+    # Loading bars of every weight file (transformers >= 5 shows one per model) are library noise, not stages.
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def _main_process_value(accelerator, compute: Callable[[], Any]) -> Any:

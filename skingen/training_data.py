@@ -23,7 +23,7 @@ import datasets
 
 from .buckets import Placement, bucket_placement, bucket_sizes, nearest_bucket, square_placement
 from .caching import LatentCache, TextEmbeddingCache
-from .data import load_skin_dataset
+from .data import decoded_row, load_skin_dataset
 from .errors import SkingenError
 from .loss_weighting import LossOptions
 from .training_options import conditioning_columns
@@ -86,7 +86,9 @@ def image_sizes(dataset: datasets.Dataset) -> list[tuple[int, int]]:
                 rotated = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)  # shown turned by 90 degrees
                 sizes.append((height, width) if rotated else (width, height))
         except (OSError, TypeError, ValueError):
-            sizes.append(dataset[row]["image"].size)  # stored in a form only the decoder reads
+            # Stored in a form only the decoder reads (or a file that no longer decodes: its row is named).
+            where = dataset.select_columns(["where"])[row]["where"]
+            sizes.append(decoded_row(dataset.select_columns(["image"]), row, where)["image"].size)
     return sizes
 
 
@@ -288,6 +290,7 @@ class TrainingSamples(torch.utils.data.Dataset):
         self.boxes = list(dataset["box"])
         self.texts = list(dataset["texts"])
         self.row_ids = list(dataset["row_id"])
+        self.wheres = list(dataset["where"])
         self.resolution = resolution
         self.text_cache = text_cache
         self.latent_cache, self.latent_keys = latent_cache, latent_keys
@@ -349,10 +352,10 @@ class TrainingSamples(torch.utils.data.Dataset):
             sample["latent_dist"], original, crop = self.latent_cache.load(self.latent_keys[row])
         if self.load_pixel_values:
             sample["pixel_values"], original, crop = training_pixels(
-                self.images[row]["image"], self.resolution, placement, self.resample)
+                decoded_row(self.images, row, self.wheres[row])["image"], self.resolution, placement, self.resample)
         if placement is not None:
             original, crop = placement.original, placement.crop
-        controls = self.conditioning_images[row]
+        controls = decoded_row(self.conditioning_images, row, self.wheres[row])
         sample["conditioning_pixel_values"] = torch.cat([
             torch.zeros((3, *target)) if drop else image_to_tensor(self._place(controls[key], target), normalize=False)
             for key, drop in zip(self.conditioning_keys, conditioning_dropped)

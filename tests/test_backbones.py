@@ -223,6 +223,28 @@ def test_long_captions_are_counted_in_one_warning(tiny_sd3_dir, caplog):
     assert len(warnings) == 1 and warnings[0].startswith("2 of 3 distinct captions are longer")
 
 
+def test_flux_jsonl_for_train_with_absolute_paths_trains_as_the_dataset_folder(tiny_flux_dir, dataset, tmp_path):
+    """diffusers' README_flux form: --jsonl_for_train names the user's own jsonl, whose image paths are absolute
+    (or relative to the file's folder, here the second half): it trains on the same rows as the dataset folder."""
+    rows = [json.loads(line) for line in (dataset / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    elsewhere = tmp_path / "lists"
+    elsewhere.mkdir()
+    for i, row in enumerate(rows):
+        for key in ("image", "conditioning_image"):
+            row[key] = str(dataset / row[key]) if i < 2 else os.path.relpath(dataset / row[key], elsewhere)
+    rows_file = elsewhere / "train_1m.jsonl"
+    rows_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    folder_run = _train("flux", _argv(tiny_flux_dir, dataset, tmp_path / "folder", "--max_train_steps", 1))
+    argv = _argv(tiny_flux_dir, dataset, tmp_path / "file", "--max_train_steps", 1)
+    argv[argv.index("--train_data_dir"):argv.index("--train_data_dir") + 2] = ["--jsonl_for_train", str(rows_file)]
+    file_run = _train("flux", argv)
+    assert file_run.global_step == folder_run.global_step == 1
+    assert _max_difference(_weights(tmp_path / "file"), _weights(tmp_path / "folder")) == 0
+    with pytest.raises(SkingenError, match="not a .jsonl file"):
+        _script("flux").parse_args(_argv(tiny_flux_dir, dataset, tmp_path, family="flux")[:2] + [
+            "--jsonl_for_train", str(dataset), "--output_dir", str(tmp_path)])
+
+
 def test_diffusers_command_lines_parse(dataset, tmp_path):
     sd3 = _script("sd3").parse_args([
         "--pretrained_model_name_or_path", "stabilityai/stable-diffusion-3.5-medium", "--train_data_dir", str(dataset),
@@ -241,7 +263,8 @@ def test_diffusers_command_lines_parse(dataset, tmp_path):
         "--max_train_steps", "15000", "--num_double_layers", "4", "--num_single_layers", "0", "--guidance_scale", "3.5",
         "--use_adafactor", "--save_weight_dtype", "bf16", "--enable_model_cpu_offload", "--weighting_scheme", "none",
         "--report_to", "none", "--image_interpolation_mode", "lanczos"])
-    assert flux.train_data_dir == str(dataset) and flux.backbone == "flux" and flux.max_sequence_length == 512
+    assert flux.train_data_dir == str(dataset / "train.jsonl") and flux.backbone == "flux"
+    assert flux.max_sequence_length == 512
     assert (flux.num_single_layers, flux.guidance_scale, flux.save_weight_dtype) == (0, 3.5, "bf16")
     with pytest.raises(SkingenError, match="--snr_gamma is min-SNR weighting of DDPM timesteps"):
         _script("flux").parse_args(_argv("some/model", dataset, tmp_path, "--snr_gamma", 5))

@@ -454,6 +454,22 @@ def test_a_checkpoint_save_that_runs_out_of_space_keeps_the_previous_one(tmp_pat
     assert digest(tmp_path / "checkpoint-1") == saved
     assert resolve_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-1"
 
+    # The safetensors writer reports a full disk in its own error type: the same message, nothing lost.
+    from safetensors import SafetensorError
+
+    def safetensors_disk_full(output_dir, **kwargs):
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(accelerator, "save_state", safetensors_disk_full)
+    with pytest.raises(SkingenError) as info:
+        save_checkpoint(accelerator, tmp_path, 2, {"global_step": 2}, total_limit=None)
+    assert f"{tmp_path / 'checkpoint-2'}: the checkpoint could not be written: no space left on device; previous " \
+        "checkpoints are kept" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+    assert digest(tmp_path / "checkpoint-1") == saved
+
     # The data of a published checkpoint reached the disk before its rename.
     synced = []
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
@@ -468,12 +484,10 @@ def test_a_checkpoint_save_that_runs_out_of_space_keeps_the_previous_one(tmp_pat
 
 
 def test_resuming_is_refused_without_safe_loading(tmp_path, monkeypatch):
-    import accelerate.utils
-
     from skingen.checkpointing import resolve_resume_checkpoint
 
     (tmp_path / "checkpoint-5" / "controlnet").mkdir(parents=True)
-    monkeypatch.setattr(accelerate.utils, "is_weights_only_available", lambda: False)
+    monkeypatch.setattr(torch, "__version__", "2.3.1+cpu")
     with pytest.raises(SkingenError, match=r"cannot load checkpoints safely \(weights_only needs torch >= 2.4\)"):
         resolve_resume_checkpoint(tmp_path, "latest")
     with pytest.raises(SkingenError, match="weights_only"):
@@ -544,3 +558,67 @@ def test_training_output_folder_that_cannot_be_made(tiny_sdxl_dir, tmp_path, cap
     assert code == 2 and "Traceback" not in err
     assert f"error: {tmp_path / 'a_file' / 'run'}: Not a directory; a part of this path is a file" in err, err
     assert digest(root) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer, end to end from its command line
+
+
+def train_sdxl(base: Path, dataset: Path, out: Path, capsys, *extra) -> tuple[int, str, str]:
+    script = load_script("train_controlnet_sdxl.py")
+    argv = ["--pretrained_model_name_or_path", base, "--train_data_dir", dataset, "--output_dir", out,
+            "--resolution", 32, "--train_batch_size", 1, "--seed", 0, "--report_to", "none", *extra]
+    try:
+        run_cli(script.main, [str(a) for a in argv])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out_text, err = capsys.readouterr()
+    return code, out_text, err
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state", "one_torch_thread")
+def test_training_names_the_row_of_an_image_that_does_not_decode_while_caching_latents(tiny_sdxl_dir, tmp_path,
+                                                                                        capsys):
+    root = make_dataset(tmp_path / "ds", n=3)
+    truncated_png(root / "images" / "1.png")  # its header reads, so the rows check passes; the pixels do not
+    before = digest(root)
+    code, _, err = train_sdxl(tiny_sdxl_dir, root, tmp_path / "out", capsys, "--max_train_steps", 1,
+                              "--cache_latents")
+    assert code == 2 and "Traceback" not in err, err
+    assert f"error: {root / 'train.jsonl'}:2: images/1.png: does not decode (" in err
+    assert "dataset_tool.py validate" in err and sum(line.startswith("error:") for line in err.splitlines()) == 1
+    assert digest(root) == before
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state", "one_torch_thread")
+def test_a_full_disk_in_the_safetensors_writer_ends_in_one_error_and_the_run_resumes(tiny_sdxl_dir, tmp_path,
+                                                                                     capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    root = make_dataset(tmp_path / "ds", n=2)
+    out = tmp_path / "out"
+    code, _, err = train_sdxl(tiny_sdxl_dir, root, out, capsys, "--max_train_steps", 1, "--checkpointing_steps", 1)
+    assert code == 0, err
+    saved = digest(out / "checkpoint-1")
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    code, _, err = train_sdxl(tiny_sdxl_dir, root, out, capsys, "--max_train_steps", 2, "--checkpointing_steps", 1,
+                              "--resume_from_checkpoint", "latest")
+    assert code == 2 and "Traceback" not in err, err
+    assert f"error: {out / 'checkpoint-2'}: the checkpoint could not be written: no space left on device; " \
+        "previous checkpoints are kept" in err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))) == \
+        ["checkpoint-1"]
+    assert digest(out / "checkpoint-1") == saved
+
+    monkeypatch.undo()
+    code, _, err = train_sdxl(tiny_sdxl_dir, root, out, capsys, "--max_train_steps", 2, "--checkpointing_steps", 1,
+                              "--resume_from_checkpoint", "latest")
+    assert code == 0, err
+    assert (out / "checkpoint-2").is_dir() and (out / "diffusion_pytorch_model.safetensors").is_file()

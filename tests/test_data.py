@@ -70,7 +70,7 @@ def test_jsonl_form_loads_with_normalised_columns(tmp_path):
     ]
     root = make_jsonl_dataset(tmp_path / "ds", rows, n=2)
     ds = load_skin_dataset(root)
-    assert ds.column_names == ["image", "conditioning_image", "text", "box", "texts", "row_id"]
+    assert ds.column_names == ["image", "conditioning_image", "text", "box", "texts", "row_id", "where"]
     assert isinstance(ds.features["image"], datasets.Image)
     assert isinstance(ds.features["conditioning_image"], datasets.Image)
     assert len(ds) == 2
@@ -228,7 +228,7 @@ def test_in_memory_hub_dataset_is_normalised():
     ds = normalize_dataset(
         _hub_style_dataset(), image_column="target", conditioning_image_column="control", caption_column="caption"
     )
-    assert ds.column_names == ["image", "conditioning_image", "text", "box", "texts", "row_id"]
+    assert ds.column_names == ["image", "conditioning_image", "text", "box", "texts", "row_id", "where"]
     assert isinstance(ds.features["image"], RGBImage)
     assert ds[0]["image"].getpixel((0, 0)) == (0, 0, 255)
     assert ds[1]["image"].getpixel((0, 0)) == (255, 255, 255)

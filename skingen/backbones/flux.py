@@ -76,8 +76,9 @@ class FluxBackbone(FlowMatchingBackbone):
                            help="Dtype of the saved ControlNet weights.")
         group.add_argument("--use_adafactor", action="store_true", help="Adafactor instead of AdamW (as diffusers).")
         group.add_argument("--jsonl_for_train", type=str, default=None,
-                           help="diffusers' form of --train_data_dir: the dataset folder's train.jsonl (or "
-                                "metadata.jsonl); the folder is read as --train_data_dir.")
+                           help="diffusers' form of --train_data_dir: a jsonl of rows (image, conditioning_image, "
+                                "text; --image_column etc. rename them) whose image paths are absolute or relative "
+                                "to the file's folder.")
         group.add_argument("--enable_model_cpu_offload", action="store_true",
                            help="Accepted for diffusers' command lines (validation keeps the models where training "
                                 "has them).")
@@ -96,11 +97,10 @@ class FluxBackbone(FlowMatchingBackbone):
         path = Path(args.jsonl_for_train).expanduser()
         if args.train_data_dir is not None or args.dataset_name is not None:
             raise SkingenError("give --jsonl_for_train or --train_data_dir/--dataset_name, not both")
-        if path.name not in ("train.jsonl", "metadata.jsonl") or not path.is_file():
-            raise SkingenError(f"--jsonl_for_train {path}: expected a dataset folder's train.jsonl or metadata.jsonl "
-                               "(rows with image, conditioning_image and text paths relative to that folder); or "
-                               "pass the folder as --train_data_dir")
-        args.train_data_dir = str(path.parent)
+        if not path.is_file() or path.suffix != ".jsonl":
+            raise SkingenError(f"--jsonl_for_train {path}: not a .jsonl file; give a jsonl of rows (image, "
+                               "conditioning_image, text) or pass a dataset folder as --train_data_dir")
+        args.train_data_dir = str(path)
 
     def load(self) -> None:
         from diffusers import FluxTransformer2DModel
