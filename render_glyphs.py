@@ -264,10 +264,10 @@ def render_per_image(args, dataset_dir: Path, checked: list[rows.Row], base: Ima
             save_rows(dataset_dir, checked)
         return sharding.sum_notes(entries.values())
 
-    renderer = (ControlRenderer, (args, dataset_dir, base, font))
-    with sharding.WorkerPool(args.num_workers if todo else 1, *renderer) as pool:
+    workers = args.num_workers if todo else 1
+    with sharding.WorkerPool(workers, render_row, ControlRenderer, (args, dataset_dir, base, font)) as pool:
         try:
-            shard.run(todo, lambda batch: pool.map(render_row, batch), batch_size=args.batch_size,
+            shard.run(todo, pool.map, batch_size=args.batch_size,
                       desc=f"{args.mode} images")
         except KeyboardInterrupt:
             shard.merge_on_interrupt(merge)

@@ -331,40 +331,43 @@ def sum_notes(entries: Iterable[Entry]) -> dict[str, int]:
 # --num_workers: a process pool for CPU-bound work
 
 
-_WORKER_STATE: Any = None
+_WORKER: tuple[Callable, Any] | None = None  # in a worker process: (function, state)
 
 
-def _initialize_worker(factory: Callable[..., Any], factory_args: tuple) -> None:
-    global _WORKER_STATE
-    _WORKER_STATE = factory(*factory_args)
+def _initialize_worker(function: Callable, factory: Callable[..., Any], factory_args: tuple) -> None:
+    global _WORKER
+    _WORKER = (function, factory(*factory_args))
 
 
-def _call_worker(call: tuple[Callable, Any]) -> tuple[Any, str | None]:
-    function, item = call
-    return _attempt(lambda: function(_WORKER_STATE, item))
+def _call_worker(item: Any) -> tuple[Any, str | None]:
+    function, state = _WORKER
+    return _attempt(lambda: function(state, item))
 
 
 class WorkerPool:
     """``num_workers`` processes, each holding one ``factory(*factory_args)`` (e.g. an OCR engine, built once per
-    worker); ``map(function, items)`` calls ``function(state, item)`` and returns the results in item order, so
-    the output is the same as one worker's. One worker runs in this process, with no pool."""
+    worker); ``map(items)`` calls ``function(state, item)`` and returns the results in item order, so the output
+    is the same as one worker's. One worker runs in this process, with no pool. The workers are forked, so the
+    function and the factory's arguments are inherited, never pickled (a script loaded as a module works too)."""
 
-    def __init__(self, num_workers: int, factory: Callable[..., Any], factory_args: tuple = ()):
+    def __init__(self, num_workers: int, function: Callable[[Any, Any], Any], factory: Callable[..., Any],
+                 factory_args: tuple = ()):  # fmt: skip
         if num_workers < 1:
             raise SkingenError(f"--num_workers must be at least 1, got {num_workers}")
-        self.pool, self.state, self.factory = None, None, (factory, factory_args)
+        self.pool, self.state = None, None
+        self.function, self.factory = function, (factory, factory_args)
         if num_workers > 1:
             self.pool = multiprocessing.get_context("fork").Pool(
-                num_workers, initializer=_initialize_worker, initargs=(factory, factory_args)
+                num_workers, initializer=_initialize_worker, initargs=(function, factory, factory_args)
             )
 
-    def map(self, function: Callable[[Any, Any], Any], items: Sequence) -> list:
+    def map(self, items: Sequence) -> list:
         if self.pool is None:
             if self.state is None:  # built when first needed: a run with nothing to do loads no OCR engine
                 self.state = self.factory[0](*self.factory[1])
-            return [function(self.state, item) for item in items]
+            return [self.function(self.state, item) for item in items]
         results = []
-        for result, error in self.pool.imap(_call_worker, [(function, item) for item in items]):
+        for result, error in self.pool.imap(_call_worker, items):
             if error is not None:
                 raise SkingenError(error)
             results.append(result)

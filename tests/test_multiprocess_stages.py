@@ -128,3 +128,81 @@ def test_render_glyphs_two_processes_write_the_bytes_of_one(prepared, tmp_path):
     rows = data.read_rows(two)
     assert sum(len(row["texts"]) for row in rows) >= len(rows)  # the OCR found the words: the test shows something
     assert "process 1 of 2:" in finished.stderr  # each process says what it wrote
+
+
+def test_render_glyphs_killed_run_resumes_without_redoing_a_row(prepared, tmp_path):
+    fresh, one = prepared
+    two = copy_tree(fresh, tmp_path / "two")
+    glyph_run = render_runs(two)[0]
+    killed = launch([[*glyph_run, {"count_dir": str(tmp_path / "killed"), "exit_after_parts": 1}]], tmp_path)
+    assert killed.returncode != 0
+    done_before = written_keys(tmp_path / "killed")
+    assert 2 <= len(done_before) < 7 and (two / ".parts").is_dir()
+
+    resumed = launch([[*glyph_run, {"count_dir": str(tmp_path / "resumed")}], render_runs(two)[1]], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    done_after = written_keys(tmp_path / "resumed")
+    assert sorted(done_before + done_after) == sorted(f"images/skin_{i}.png" for i in range(7))  # each row once
+    assert file_bytes(two) == file_bytes(one)
+
+
+def test_render_glyphs_num_workers_two_equals_one(prepared, tmp_path):
+    fresh, one = prepared
+    two = copy_tree(fresh, tmp_path / "workers")
+    render = load_script("render_glyphs.py")
+    for run in render_runs(two, "--num_workers", "2"):
+        render.main(run[1])
+    assert file_bytes(two) == file_bytes(one)
+
+
+def break_image(folder: Path, index: int) -> str:
+    """Cut row ``index``'s image after its header: the row check passes, decoding it fails mid-run."""
+    path = folder / "images" / f"skin_{index}.png"
+    path.write_bytes(path.read_bytes()[:200])
+    return f"{folder / 'train.jsonl'}:{index + 1}"
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_bad_row_stops_every_process_with_the_error_line_of_one(prepared, tmp_path):
+    fresh, _ = prepared
+    single = copy_tree(fresh, tmp_path / "single")
+    double = copy_tree(fresh, tmp_path / "double")
+    where = break_image(single, 3), break_image(double, 3)  # row 3 is the second process's (blocks of 2 rows)
+    argv = ["--mode", "canny", "--batch_size", "2"]
+    one = subprocess.run([sys.executable, str(REPO / "render_glyphs.py"), "--dataset_dir", str(single), *argv],
+                         env={**os.environ, **LAUNCH_ENV}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    two = launch_script("render_glyphs.py", ["--dataset_dir", str(double), *argv])
+    assert one.returncode == 2 and two.returncode != 0
+    [line] = error_lines(one.stderr)
+    assert where[0] in line
+    # Every process that got to print before the launcher stopped the others printed the 1-process line.
+    assert set(error_lines(two.stderr)) == {line.replace(str(single), str(double))}
+    assert "[rank0]: Traceback" not in two.stderr and "[rank1]: Traceback" not in two.stderr  # no process crashed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# caption.py
+
+
+def caption_run(folder: Path) -> list:
+    return ["caption.py", ["--dataset_dir", str(folder), "--captioner", "template", "--batch_size", "2"]]
+
+
+def test_caption_two_processes_write_the_bytes_of_one_and_resume_after_a_kill(prepared, tmp_path):
+    _, rendered = prepared
+    one = copy_tree(rendered, tmp_path / "one")
+    load_script("caption.py").main(caption_run(one)[1])
+    two = copy_tree(rendered, tmp_path / "two")
+    killed = launch([[*caption_run(two), {"count_dir": str(tmp_path / "killed"), "exit_after_parts": 1}]], tmp_path)
+    assert killed.returncode != 0
+    done_before = written_keys(tmp_path / "killed")
+    assert 2 <= len(done_before) < 7
+
+    resumed = launch([[*caption_run(two), {"count_dir": str(tmp_path / "resumed")}]], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(done_before + written_keys(tmp_path / "resumed")) == sorted(f"images/skin_{i}.png" for i in range(7))
+    assert file_bytes(two) == file_bytes(one)
+    assert all('writing "' in row["text"] for row in data.read_rows(two))  # the glyph run's texts are named

@@ -23,8 +23,7 @@ def watch_parts(options: dict) -> None:
     """Record (and optionally stop after) the part files this process writes."""
     from skingen import sharding
 
-    write = getattr(sharding.Parts, "unwatched_write", sharding.Parts.write)
-    sharding.Parts.unwatched_write = write
+    write = sharding.Parts.write
     written: list[list[str]] = []  # the keys of each part file this process wrote
     rank = os.environ.get("RANK", "0")
 
@@ -49,7 +48,11 @@ def main(runs_file: str) -> None:
         runs = json.load(handle)
     # Each run ends its accelerator, which would tear down the process group the next run needs: keep it.
     PartialState.destroy_process_group = lambda self, group=None: None
+    from skingen import sharding
+
+    unwatched_write = sharding.Parts.write
     for script, argv, *options in runs:
+        sharding.Parts.write = unwatched_write
         if options:
             watch_parts(options[0])
         load_script(script).main(argv)
