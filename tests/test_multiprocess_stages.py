@@ -206,3 +206,77 @@ def test_caption_two_processes_write_the_bytes_of_one_and_resume_after_a_kill(pr
     assert sorted(done_before + written_keys(tmp_path / "resumed")) == sorted(f"images/skin_{i}.png" for i in range(7))
     assert file_bytes(two) == file_bytes(one)
     assert all('writing "' in row["text"] for row in data.read_rows(two))  # the glyph run's texts are named
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inference.py and evaluate.py
+
+
+@pytest.fixture(scope="module")
+def generated(prepared, tiny_sdxl_dir, tmp_path_factory):
+    """The captioned dataset, generated (2 images a row, 64 px) and evaluated by one process."""
+    import torch
+
+    _, rendered = prepared
+    tmp = tmp_path_factory.mktemp("gen")
+    captioned = copy_tree(rendered, tmp / "captioned")
+    load_script("caption.py").main(caption_run(captioned)[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process runs (OMP_NUM_THREADS=1)
+    try:
+        load_script("inference.py").main(inference_argv(tiny_sdxl_dir, captioned, tmp / "one"))
+        load_script("evaluate.py").main(evaluate_argv(tmp / "one", tmp / "metrics_one"))
+    finally:
+        torch.set_num_threads(threads)
+    return captioned, tmp / "one", tmp / "metrics_one"
+
+
+def inference_argv(tiny_sdxl_dir: Path, dataset: Path, output_dir: Path) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--controlnet", str(tiny_sdxl_dir / "controlnet"),
+            "--dataset_dir", str(dataset), "--output_dir", str(output_dir), "--resolution", "64",
+            "--num_inference_steps", "2", "--num_images_per_prompt", "2", "--batch_size", "2", "--seed", "3"]  # fmt: skip
+
+
+def evaluate_argv(results_dir: Path, output_dir: Path) -> list[str]:
+    return ["--results_dir", str(results_dir), "--output_dir", str(output_dir), "--batch_size", "3"]
+
+
+@pytest.mark.slow
+def test_inference_and_evaluate_two_processes_write_the_bytes_of_one(generated, tiny_sdxl_dir, tmp_path):
+    captioned, one, metrics_one = generated
+    two = tmp_path / "two"
+    finished = launch([["inference.py", inference_argv(tiny_sdxl_dir, captioned, two)],
+                       ["evaluate.py", evaluate_argv(one, tmp_path / "metrics_two")]], tmp_path)  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert file_bytes(two) == file_bytes(one)
+    assert len(list((one / "images").glob("*.png"))) == 14 and len(list((one / "grids").glob("*.png"))) == 7
+    assert file_bytes(tmp_path / "metrics_two") == file_bytes(metrics_one)
+    report = json.loads((metrics_one / "metrics.json").read_text())
+    assert len(report["images"]) == 14 and report["summary"]["text_lines"] > 0  # OCR ran on the text boxes
+
+
+@pytest.mark.slow
+def test_inference_and_evaluate_resume_after_a_kill_without_redoing_an_image(generated, tiny_sdxl_dir, tmp_path):
+    captioned, one, metrics_one = generated
+    out, metrics = tmp_path / "out", tmp_path / "metrics"
+    generate, evaluate = ["inference.py", inference_argv(tiny_sdxl_dir, captioned, out)], ["evaluate.py", evaluate_argv(one, metrics)]
+    killed = launch([[*generate, {"count_dir": str(tmp_path / "gen_killed"), "exit_after_parts": 1}]], tmp_path)
+    assert killed.returncode != 0
+    resumed = launch([[*generate, {"count_dir": str(tmp_path / "gen_resumed")}],
+                      [*evaluate, {"count_dir": str(tmp_path / "eval_killed"), "exit_after_parts": 1}]], tmp_path)  # fmt: skip
+    assert resumed.returncode != 0  # the evaluation was killed
+    resumed_eval = launch([[*evaluate, {"count_dir": str(tmp_path / "eval_resumed")}]], tmp_path, processes=1)
+    assert resumed_eval.returncode == 0, resumed_eval.stderr[-3000:]
+
+    before, after = written_keys(tmp_path / "gen_killed"), written_keys(tmp_path / "gen_resumed")
+    assert before and after and sorted(before + after) == sorted(json.loads(line)["output"] for line in (one / "results.jsonl").read_text().splitlines())
+    evaluated = written_keys(tmp_path / "eval_killed") + written_keys(tmp_path / "eval_resumed")
+    assert len(evaluated) == len(set(evaluated)) == 14
+    assert file_bytes(out) == file_bytes(one)
+    assert file_bytes(metrics) == file_bytes(metrics_one)
+
+
+def test_evaluate_num_workers_two_equals_one(generated, tmp_path):
+    _, one, metrics_one = generated
+    load_script("evaluate.py").main([*evaluate_argv(one, tmp_path / "metrics"), "--num_workers", "2"])
+    assert file_bytes(tmp_path / "metrics") == file_bytes(metrics_one)

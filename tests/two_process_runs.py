@@ -58,7 +58,8 @@ def main(runs_file: str) -> None:
         load_script(script).main(argv)
         AcceleratorState._reset_state()  # a fresh accelerate state for the next run, in the same process group
         GradientState._reset_state()
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():  # one process (--nproc_per_node 1) starts no group
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
