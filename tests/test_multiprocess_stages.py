@@ -280,3 +280,18 @@ def test_evaluate_num_workers_two_equals_one(generated, tmp_path):
     _, one, metrics_one = generated
     load_script("evaluate.py").main([*evaluate_argv(one, tmp_path / "metrics"), "--num_workers", "2"])
     assert file_bytes(tmp_path / "metrics") == file_bytes(metrics_one)
+
+
+def test_filter_num_workers_two_equals_one(prepared, tmp_path):
+    fresh, _ = prepared
+    dataset = copy_tree(fresh, tmp_path / "ds")
+    (dataset / "images" / "skin_6.png").write_bytes((dataset / "images" / "skin_0.png").read_bytes())  # a duplicate
+    script = load_script("scripts/filter_dataset.py")
+    reports = {}
+    for workers in ("1", "2"):
+        script.main(["--dataset_dir", str(dataset), "--num_workers", workers, "--report_dir", str(tmp_path / workers),
+                     "--output_jsonl", str(tmp_path / workers / "kept.jsonl")])  # fmt: skip
+        reports[workers] = file_bytes(tmp_path / workers)
+    assert reports["2"] == reports["1"]
+    last = json.loads(reports["1"]["filter_report.json"])["rows"][-1]
+    assert last["duplicate_of"] == "images/skin_0.png"  # decided in row order, as with one worker
