@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Install everything skingen needs on a fresh machine (idempotent: a second run changes nothing).
+# Installs the tested lock, requirements.lock (SKINGEN_DEPS=latest: the newest releases requirements.txt allows).
 # CPU torch by default; on a GPU cluster install your CUDA torch first and this keeps it.
 #
 # Where the Python refuses pip installs into itself (PEP 668 "externally managed", e.g. Debian/Ubuntu's
@@ -31,10 +32,27 @@ elif externally_managed "$PYTHON"; then
   PYTHON=$VENV/bin/python
 fi
 
+# torch first, by itself: an installed torch (a CUDA build on a cluster) is kept; otherwise the locked CPU build.
+LOCKED_TORCH=$(sed -n 's/^torch==\([^ #]*\).*/\1/p' requirements.lock)
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-  "$PYTHON" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+  "$PYTHON" -m pip install -q "torch==${TORCH_VERSION:-$LOCKED_TORCH}"
 fi
-"$PYTHON" -m pip install -q -r requirements.txt
+# The rest: the tested lock (default), or the newest releases requirements.txt allows (SKINGEN_DEPS=latest;
+# scripts/check_latest.sh tries those in a throw-away environment first).
+case "${SKINGEN_DEPS:-lock}" in
+  lock)
+    grep -v -i '^torch==' requirements.lock > "${TMPDIR:-/tmp}/skingen-lock-$$.txt"
+    "$PYTHON" -m pip install -q -r "${TMPDIR:-/tmp}/skingen-lock-$$.txt"
+    rm -f "${TMPDIR:-/tmp}/skingen-lock-$$.txt"
+    ;;
+  latest)
+    "$PYTHON" -m pip install -q --upgrade -r requirements.txt
+    ;;
+  *)
+    echo "error: SKINGEN_DEPS=${SKINGEN_DEPS}: choose lock (the tested versions, default) or latest" >&2
+    exit 2
+    ;;
+esac
 
 # A CJK font for glyph rendering and the synthetic skins (Debian/Ubuntu; skipped when one is present).
 if ! fc-list 2>/dev/null | grep -qi -E "wqy|noto.*cjk|source han"; then

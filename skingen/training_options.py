@@ -117,7 +117,7 @@ def check_option_args(args: argparse.Namespace) -> None:
                                "multiplier, e.g. '1:100,0.1:200,0.01'") from None
     check_report_to(args.report_to)
     if args.enable_npu_flash_attention:
-        from diffusers.utils.import_utils import is_torch_npu_available
+        from diffusers.utils import is_torch_npu_available
 
         _require(is_torch_npu_available(),
                  "--enable_npu_flash_attention needs an Ascend NPU and torch_npu; none is available here. Drop the "

@@ -224,15 +224,15 @@ class Backbone(abc.ABC):
     def clean_latents(self, batch: dict, weight_dtype: torch.dtype) -> torch.Tensor:
         """Normalised latents ``(latent - shift_factor) * scaling_factor``: a sample of the VAE's distribution
         (cached, or encoded now) drawn with the batch's own noise."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
         if "latent_dist" in batch:
             parameters = batch["latent_dist"]
         else:
             with torch.no_grad():
                 parameters = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.parameters
-        distribution = DiagonalGaussianDistribution(parameters.float())
-        latents = distribution.mean + distribution.std * batch["latent_noise"].float()
+        # The VAE's diagonal Gaussian (mean, log-variance) as diffusers' DiagonalGaussianDistribution reads it.
+        mean, logvar = parameters.float().chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        latents = mean + std * batch["latent_noise"].float()
         return self.normalize_latents(latents).to(weight_dtype)
 
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
