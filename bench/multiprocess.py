@@ -52,13 +52,15 @@ def tree_bytes(folder: Path, names: list[str] | None = None) -> dict[str, bytes]
 
 
 def compare(stage: str, rows: int, script: str, make_argv, folders: dict[int, Path], compared, env1=None, env2=None,
-            two: int = 2, label: str = "processes") -> dict:
-    """Run ``script`` on 1 and ``two`` processes (or workers: ``make_argv(n)``), each twice (work, then start-up)."""
+            two: int = 2, label: str = "processes", resumes: bool = True) -> dict:
+    """Run ``script`` on 1 and ``two`` processes (or workers: ``make_argv(n)``), each twice (work, then start-up:
+    the rerun with every row done). ``resumes=False``: a finished run's rerun redoes the work (evaluate.py), so
+    there is no start-up run."""
     result = {"stage": stage, "rows": rows, "label": label}
     for n, env in ((1, env1), (two, env2)):
         procs = 1 if label == "workers" else n
         first = timed(command(script, make_argv(n, folders[n]), procs), env)
-        again = timed(command(script, make_argv(n, folders[n]), procs), env)
+        again = timed(command(script, make_argv(n, folders[n]), procs), env) if resumes else None
         result[n] = (first, again)
     result["same"] = compared(folders[1]) == compared(folders[two])
     return result
@@ -66,6 +68,9 @@ def compare(stage: str, rows: int, script: str, make_argv, folders: dict[int, Pa
 
 def row_line(r: dict) -> str:
     (t1, s1), (t2, s2) = r[1], r[2]
+    if s1 is None:
+        return (f"| {r['stage']} | {r['rows']} | 1 vs 2 {r['label']} | {t1:.1f} / {t2:.1f} | - | - | {t1 / t2:.2f}x | - | "
+                f"{'yes' if r['same'] else 'NO'} |")  # fmt: skip
     work1, work2 = t1 - s1, t2 - s2
     return (f"| {r['stage']} | {r['rows']} | 1 vs 2 {r['label']} | {t1:.1f} / {t2:.1f} | {s1:.1f} / {s2:.1f} | "
             f"{work1:.1f} / {work2:.1f} | {t1 / t2:.2f}x | {work1 / max(work2, 1e-6):.2f}x | "
@@ -77,6 +82,11 @@ def main() -> None:
     parser.add_argument("--num_skins", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--inference_rows", type=int, default=16, help="rows generated (2 images each, 128 px)")
+    parser.add_argument(
+        "--one_process_threads", choices=("all", "1"), default="all",
+        help="threads of the 1-process runs (torch, OCR): all cores (a user's default), or 1 as each of the 2 "
+        "processes has (then inference's bytes match too: torch's CPU kernels round by thread count)",
+    )
     parser.add_argument("--stages", nargs="+", default=["merge", "glyph", "canny", "caption", "inference", "evaluate",
                                                           "filter"])  # fmt: skip
     args = parser.parse_args()
@@ -86,6 +96,8 @@ def main() -> None:
     skins = tmp / "skins"
     make_synthetic_skins.make_synthetic_skins(skins, args.num_skins, 0)
     one_thread = {**ENV, "OMP_NUM_THREADS": "1"}
+    env1 = one_thread if args.one_process_threads == "1" else ENV
+    ocr_threads_1 = 1 if args.one_process_threads == "1" else -1
     results = []
     base = tmp / "merged"
     merge_argv = lambda n, out: ["--packages_dir", str(skins), "--layout", "key_elements",  # noqa: E731
@@ -109,8 +121,8 @@ def main() -> None:
                                                 "--ocr_num_threads", str(threads(n))]
     if "glyph" in args.stages:
         results.append(compare("render_glyphs glyph", args.num_skins, "render_glyphs.py",
-                               glyph_argv(lambda n: -1 if n == 1 else 1), copies("glyph", base), rows_and_images,
-                               env2=one_thread))  # fmt: skip
+                               glyph_argv(lambda n: ocr_threads_1 if n == 1 else 1), copies("glyph", base),
+                               rows_and_images, env1=env1, env2=one_thread))  # fmt: skip
         worker_argv = lambda n, d: [*glyph_argv(lambda n: 1)(n, d), "--num_workers", str(n)]  # noqa: E731
         results.append(compare("render_glyphs glyph", args.num_skins, "render_glyphs.py", worker_argv,
                                copies("glyph_workers", base), rows_and_images, label="workers"))  # fmt: skip
@@ -123,7 +135,7 @@ def main() -> None:
         canny_argv = lambda n, d: ["--dataset_dir", str(d), "--mode", "canny", "--output_column",  # noqa: E731
                                    "conditioning_image_canny"]
         results.append(compare("render_glyphs canny", args.num_skins, "render_glyphs.py", canny_argv,
-                               copies("canny", glyphed), rows_and_images, env2=one_thread))  # fmt: skip
+                               copies("canny", glyphed), rows_and_images, env1=env1, env2=one_thread))  # fmt: skip
     caption_argv = lambda n, d: ["--dataset_dir", str(d), "--captioner", "template"]  # noqa: E731
     captioned = tmp / "captioned"
     shutil.copytree(glyphed, captioned)
@@ -131,7 +143,7 @@ def main() -> None:
                    capture_output=True)  # fmt: skip
     if "caption" in args.stages:
         results.append(compare("caption template", args.num_skins, "caption.py", caption_argv,
-                               copies("caption", glyphed), rows_and_images, env2=one_thread))  # fmt: skip
+                               copies("caption", glyphed), rows_and_images, env1=env1, env2=one_thread))  # fmt: skip
     if {"inference", "evaluate"} & set(args.stages):
         from skingen.models import build_tiny_sdxl
 
@@ -144,18 +156,18 @@ def main() -> None:
                                      "--max_samples", str(args.inference_rows)]
         folders = {n: tmp / f"generated_{n}" for n in (1, 2)}
         result = compare("inference (tiny SDXL, 128 px, 4 steps)", 2 * args.inference_rows, "inference.py",
-                         infer_argv, folders, tree_bytes, env2=one_thread)  # fmt: skip
+                         infer_argv, folders, tree_bytes, env1=env1, env2=one_thread)  # fmt: skip
         if "inference" in args.stages:
             results.append(result)
         if "evaluate" in args.stages:
             eval_argv = lambda n, out: ["--results_dir", str(folders[1]), "--output_dir", str(out)]  # noqa: E731
             metrics = {n: tmp / f"metrics_{n}" for n in (1, 2)}
             results.append(compare("evaluate (edges + RapidOCR)", 2 * args.inference_rows, "evaluate.py", eval_argv,
-                                   metrics, tree_bytes, env2=one_thread))  # fmt: skip
+                                   metrics, tree_bytes, env1=env1, env2=one_thread, resumes=False))  # fmt: skip
             worker_argv = lambda n, out: [*eval_argv(n, out), "--num_workers", str(n)]  # noqa: E731
             metrics = {n: tmp / f"metrics_workers_{n}" for n in (1, 2)}
             results.append(compare("evaluate (edges + RapidOCR)", 2 * args.inference_rows, "evaluate.py",
-                                   worker_argv, metrics, tree_bytes, label="workers"))  # fmt: skip
+                                   worker_argv, metrics, tree_bytes, label="workers", resumes=False))  # fmt: skip
     if "filter" in args.stages:
         filter_argv = lambda n, out: ["--dataset_dir", str(captioned), "--num_workers", str(n),  # noqa: E731
                                       "--report_dir", str(out), "--output_jsonl", str(out / "kept.jsonl")]

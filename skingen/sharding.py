@@ -101,10 +101,12 @@ class ProcessGroup:
     def on_main(self, work: Callable[[], Any]) -> Any:
         """Run ``work`` on the main process only (writes others must not race), then wait for it everywhere.
         Its result comes back to every process; its error is raised in every process, as the same line."""
-        outcome = _attempt(work) if self.is_main else None
+        outcome = [_attempt(work) if self.is_main else None]
         if self.state is not None:
-            outcome = self.all_gather(outcome)[0]
-        result, error = outcome
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(outcome, src=0)
+        result, error = outcome[0]
         if error is not None:
             raise SkingenError(error)
         return result
@@ -288,7 +290,7 @@ class Shard:
     def finish(self, merge: Callable[[dict[str, Entry]], Any]) -> Any:
         """After every process's rows: the main process merges the parts (``merge(entries)`` writes the stage's
         files) and removes them; the result comes back to every process. A job-array shard leaves its parts to
-        the run without --num_shards. Also called on Ctrl-C (by the main process: what is finished is kept)."""
+        the run without --num_shards."""
         self.group.barrier()
         if not self.whole_job:
             return None
