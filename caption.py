@@ -17,7 +17,12 @@ import argparse
 import sys
 
 from skingen import sharding
-from skingen.captioning import (
+from skingen.config import parse_args_with_config
+from skingen.data.dataset import read_checked_rows, write_rows
+from skingen.data.rows import CAPTION
+from skingen.errors import SkingenError, run_cli
+from skingen.fileio import remove_stale_temp_files
+from skingen.prep.captioning import (
     CAPTIONERS,
     DEFAULT_BLIP_MODEL,
     DEFAULT_PROMPT,
@@ -26,11 +31,6 @@ from skingen.captioning import (
     build_captioner,
     caption_rows,
 )
-from skingen.config import parse_args_with_config
-from skingen.data import read_checked_rows, write_rows
-from skingen.errors import SkingenError, run_cli
-from skingen.fileio import remove_stale_temp_files
-from skingen.rows import CAPTION
 
 
 def parse_args(argv=None) -> argparse.Namespace:

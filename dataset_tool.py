@@ -16,8 +16,8 @@ import argparse
 from collections.abc import Sequence
 
 from skingen.config import parse_args_with_config
-from skingen.data import existing_splits, find_dataset_files
-from skingen.dataset_ops import LINK_MODES, convert_dataset, split_dataset, validate_dataset
+from skingen.data.dataset import existing_splits, find_dataset_files
+from skingen.data.ops import LINK_MODES, convert_dataset, split_dataset, validate_dataset
 from skingen.errors import run_cli
 
 LISTED_BAD_ROWS = 20

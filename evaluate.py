@@ -19,13 +19,13 @@ import json
 import sys
 from pathlib import Path
 
-from skingen import rows, sharding
+from skingen import sharding
 from skingen.config import parse_args_with_config
-from skingen.data import enforce_rows, find_dataset_files, scan_folder
+from skingen.data import rows
+from skingen.data.dataset import enforce_rows, find_dataset_files, scan_folder
+from skingen.data.images import open_rgb
 from skingen.errors import SkingenError, run_cli
-from skingen.fileio import atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temp_files
-from skingen.images import open_rgb
-from skingen.metrics import (
+from skingen.evaluate.metrics import (
     ClipScorer,
     EvalPair,
     PerceptualDistance,
@@ -36,10 +36,11 @@ from skingen.metrics import (
     metrics_markdown,
     summarize,
 )
-from skingen.metrics import diversity as measure_diversity
-from skingen.ocr import BACKENDS, get_ocr
+from skingen.evaluate.metrics import diversity as measure_diversity
+from skingen.fileio import atomic_write_json, atomic_write_text, remove_stale_temp_files
+from skingen.generate.results import RESULTS_FILE, read_results
+from skingen.prep.ocr import BACKENDS, get_ocr
 
-RESULTS_FILE = "results.jsonl"
 METRICS_FILE = "metrics.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -132,14 +133,10 @@ def load_results_pairs(results_dir: str) -> list[EvalPair]:
     are in; without it, the conditioning image's size). Boxes and texts follow the dataset rows' rules."""
     folder = Path(results_dir)
     listing = folder / RESULTS_FILE
-    if not listing.is_file():
-        raise SkingenError(
-            f"{listing}: not found; --results_dir must be an inference.py output folder holding {RESULTS_FILE}"
-        )
+    records = read_results(folder)
     outputs = rows.FolderImages(folder)
     pairs = []
-    for lineno, row in read_jsonl(listing):
-        where = f"{listing}:{lineno}"
+    for where, row in records:
         try:
             output = outputs.locate(row.get("output"), "output")
         except rows.FieldProblem as err:
@@ -183,7 +180,7 @@ def _find_generated(images_dir: Path, relative: str) -> Path | None:
 def load_dataset_pairs(dataset_dir: str, images_dir: str) -> list[EvalPair]:
     """Pairs from a dataset (controls, prompts, boxes, texts) and a folder of generated images named like its images.
 
-    The dataset's rows are checked by the rows' rules (:mod:`skingen.rows`), as training checks them."""
+    The dataset's rows are checked by the rows' rules (:mod:`skingen.data.rows`), as training checks them."""
     generated_dir = Path(images_dir)
     if not generated_dir.is_dir():
         raise SkingenError(f"--images_dir {generated_dir}: folder not found")

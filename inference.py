@@ -23,9 +23,22 @@ import argparse
 import functools
 from pathlib import Path
 
-from skingen import data, generation, pipelines, sharding
+from skingen import sharding
+from skingen.backbones import pipelines
 from skingen.config import parse_args_with_config
+from skingen.data import dataset as data
 from skingen.errors import SkingenError, run_cli
+from skingen.generate.jobs import (
+    GenerationRow,
+    SamplingSettings,
+    check_control_counts,
+    plan_jobs,
+    rows_from_dataset,
+    rows_from_prompts,
+)
+from skingen.generate.pipeline import DTYPES, SCHEDULERS, controlnet_inputs_of, load_controlnet_pipeline, resolve_device
+from skingen.generate.results import ResultsLog, settings_record
+from skingen.generate.run import generate_all
 
 
 class ControlImageGroup(argparse.Action):
@@ -115,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--scheduler",
         type=str,
         default=None,
-        choices=list(generation.SCHEDULERS),
+        choices=list(SCHEDULERS),
         help="Sampler (default: unipc for SDXL; flow_euler, the only one, for SD3 and FLUX).",
     )
     sampling.add_argument("--num_inference_steps", type=int, default=20)
@@ -158,7 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dtype",
         type=str,
         default=None,
-        choices=list(generation.DTYPES),
+        choices=list(DTYPES),
         help="Default: fp32 on CPU; on CUDA fp16 for SDXL, bf16 for SD3 and FLUX.",
     )
     runtime.add_argument("--device", type=str, default=None, help="Default: cuda when available, else cpu.")
@@ -236,15 +249,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     rows = read_generation_rows(args)
-    generation.check_control_counts(rows, generation.controlnet_inputs_of(args.controlnet))
+    check_control_counts(rows, controlnet_inputs_of(args.controlnet))
     family = pipelines.family_of_pipeline(args.pretrained_model_name_or_path)
     scheduler = args.scheduler or family.default_scheduler
     pipelines.check_scheduler(family, scheduler)
     group = sharding.process_group()
     launched_device = group.device if group.size > 1 and args.device is None else None  # each process its own GPU
-    device = launched_device or generation.resolve_device(args.device)
+    device = launched_device or resolve_device(args.device)
     dtype = args.dtype or (family.cuda_dtype if device.type == "cuda" else "fp32")
-    sampling = generation.SamplingSettings(
+    sampling = SamplingSettings(
         num_inference_steps=args.num_inference_steps,
         guidance_scale=family.default_guidance_scale if args.guidance_scale is None else args.guidance_scale,
         negative_prompt=args.negative_prompt,
@@ -252,7 +265,7 @@ def main(argv=None) -> None:
         control_guidance_start=tuple(args.control_guidance_start),
         control_guidance_end=tuple(args.control_guidance_end),
     )
-    settings = generation.settings_record(
+    settings = settings_record(
         pretrained_model_name_or_path=args.pretrained_model_name_or_path,
         controlnet_model_name_or_path=args.controlnet,
         vae_model_name_or_path=args.vae,
@@ -262,7 +275,7 @@ def main(argv=None) -> None:
         sampling=sampling,
         lora=args.lora,
     )
-    jobs = generation.plan_jobs(
+    jobs = plan_jobs(
         rows,
         num_images_per_prompt=args.num_images_per_prompt,
         seed=args.seed,
@@ -271,7 +284,7 @@ def main(argv=None) -> None:
         size_multiple=family.size_multiple,
     )
     load_pipeline = functools.partial(
-        generation.load_controlnet_pipeline,
+        load_controlnet_pipeline,
         args.pretrained_model_name_or_path,
         args.controlnet,
         vae_model_name_or_path=args.vae,
@@ -284,8 +297,8 @@ def main(argv=None) -> None:
         torch_compile=args.torch_compile,
         lora=args.lora,
     )
-    results = generation.ResultsLog(args.output_dir, overwrite=args.overwrite)
-    summary = generation.generate_all(
+    results = ResultsLog(args.output_dir, overwrite=args.overwrite)
+    summary = generate_all(
         load_pipeline, jobs, sampling, settings, results, batch_size=args.batch_size, split_layout=args.split_elements
     )
     if not group.is_main:
@@ -297,9 +310,9 @@ def main(argv=None) -> None:
     )
 
 
-def read_generation_rows(args) -> list[generation.GenerationRow]:
+def read_generation_rows(args) -> list[GenerationRow]:
     if args.prompt is not None:
-        return generation.rows_from_prompts(args.prompt, args.control_image)
+        return rows_from_prompts(args.prompt, args.control_image)
     if Path(args.output_dir).expanduser().resolve() == Path(args.dataset_dir).expanduser().resolve():
         raise SkingenError(
             f"--output_dir {args.output_dir} is the dataset folder; choose another folder so the dataset stays untouched"
@@ -308,7 +321,7 @@ def read_generation_rows(args) -> list[generation.GenerationRow]:
     if split is None:
         split = "validation" if "validation" in data.existing_splits(args.dataset_dir) else "train"
         print(f"reading the {split} split of {args.dataset_dir}")
-    return generation.rows_from_dataset(
+    return rows_from_dataset(
         args.dataset_dir,
         split,
         caption_column=args.caption_column,

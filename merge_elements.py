@@ -2,7 +2,7 @@
 
 Each sub-folder or .zip of --packages_dir is a package; its element images are found by the
 package's skin.yaml, else the --element_map, else the layout's file-name patterns (see
-skingen/element_maps.py), fitted to their boxes and alpha-composited in z-order. Finished
+skingen/skins/element_maps.py), fitted to their boxes and alpha-composited in z-order. Finished
 packages are skipped on a rerun; rows are saved every couple of seconds and every output is
 written atomically, so a killed run redoes only the last few packages.
 
@@ -30,12 +30,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from skingen.config import parse_args_with_config
-from skingen.data import read_rows, write_rows
-from skingen.element_maps import ElementMap, check_map_against_layout, load_element_map
+from skingen.data.dataset import read_rows, write_rows
 from skingen.errors import SkingenError, run_cli
 from skingen.fileio import atomic_save_image, atomic_write_json, remove_stale_temp_files
-from skingen.layout import LAYOUT_RECORD, Layout, compose_package, load_layout, split_atlas
-from skingen.skins import check_unique_names, list_packages, open_package, package_name
+from skingen.skins.atlas import compose_package, split_atlas
+from skingen.skins.element_maps import ElementMap, check_map_against_layout, load_element_map
+from skingen.skins.layout import LAYOUT_RECORD, Layout, load_layout
+from skingen.skins.package import check_unique_names, list_packages, open_package, package_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 ROWS_FILE = "train.jsonl"

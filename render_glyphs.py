@@ -29,14 +29,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from skingen import data, rows, sharding
+from skingen import sharding
 from skingen.config import parse_args_with_config
+from skingen.data import dataset as data
+from skingen.data import rows
+from skingen.data.images import open_rgb
 from skingen.errors import SkingenError, run_cli
 from skingen.fileio import atomic_save_image, atomic_write_json, remove_stale_temp_files
-from skingen.glyphs import GlyphCounts, canny_control, find_cjk_font, keep_ocr_lines, render_glyph_control
-from skingen.images import open_rgb
-from skingen.layout import LAYOUT_RECORD, Layout, load_layout, render_template
-from skingen.ocr import BACKENDS, get_ocr
+from skingen.prep.glyphs import GlyphCounts, canny_control, find_cjk_font, keep_ocr_lines, render_glyph_control
+from skingen.prep.ocr import BACKENDS, get_ocr
+from skingen.skins.layout import LAYOUT_RECORD, Layout, load_layout, render_template
 
 CONDITIONING_DIR = "conditioning_images"
 TEMPLATE_NAME = f"{CONDITIONING_DIR}/template.png"

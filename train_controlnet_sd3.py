@@ -18,17 +18,16 @@ import argparse
 from collections.abc import Sequence
 
 from skingen.errors import run_cli
-from skingen.text_loss_options import build_text_loss, parse_args_with_text_loss
-from skingen.training import build_arg_parser, train
+from skingen.train.loop import build_arg_parser, parse_training_args, train
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return parse_args_with_text_loss(build_arg_parser(backbone="sd3"), argv, default_weight=None)
+    return parse_training_args(build_arg_parser(backbone="sd3"), argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    result = train(args, extra_loss=build_text_loss(args))
+    result = train(args)
     if result.is_main_process:
         print(f"trained {result.global_step} steps; ControlNet weights in {result.output_dir}")
 

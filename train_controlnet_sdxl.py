@@ -7,7 +7,7 @@
 Writes OUT/diffusion_pytorch_model.safetensors + config.json (ControlNetModel.from_pretrained(OUT)), a model
 card, checkpoint-N folders, validation grids under OUT/validation/ and TensorBoard logs under OUT/logs/.
 Any flag can also come from a YAML file: --config configs/train/<preset>.yaml (the command line wins).
-With a Canny control, --edge_loss_weight 0.3 adds ControlNet++'s edge consistency loss (skingen/edge_loss.py).
+With a Canny control, --edge_loss_weight 0.3 adds ControlNet++'s edge consistency loss (skingen/train/edge_loss.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 from collections.abc import Sequence
 
 from skingen.errors import run_cli
-from skingen.training import build_arg_parser, parse_training_args, train
+from skingen.train.loop import build_arg_parser, parse_training_args, train
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

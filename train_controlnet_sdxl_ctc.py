@@ -28,21 +28,20 @@ import argparse
 from collections.abc import Sequence
 
 from skingen.errors import run_cli
-from skingen.text_loss_options import build_text_loss, parse_args_with_text_loss
-from skingen.training import build_arg_parser, train
-
-__all__ = ["build_text_loss", "main", "parse_args"]
+from skingen.train.loop import build_arg_parser, parse_training_args, train
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_arg_parser("Train an SDXL ControlNet on a skin dataset with an OCR text loss.")
-    # docs/text_loss.md: weight 0.05 cost 4% diffusion loss, 0.01 nothing; neither moved held-out text.
-    return parse_args_with_text_loss(parser, argv, default_weight=0.01)
+    # A preset of train_controlnet_sdxl.py: the text loss on. docs/text_loss.md: weight 0.05 cost 4% diffusion loss,
+    # 0.01 nothing; neither moved held-out text.
+    parser.set_defaults(text_loss_weight=0.01)
+    return parse_training_args(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    result = train(args, extra_loss=build_text_loss(args))
+    result = train(args)
     if result.is_main_process:
         print(f"trained {result.global_step} steps with the text loss; ControlNet weights in {result.output_dir}")
 

@@ -41,8 +41,8 @@ from android_theme import THEMES, write_theme  # noqa: E402
 import caption  # noqa: E402
 import merge_elements  # noqa: E402
 import render_glyphs  # noqa: E402
-from skingen.layout import draw_layer  # noqa: E402
-from skingen.ninepatch import encode_ninepatch, parse_ninepatch  # noqa: E402
+from skingen.skins.atlas import draw_layer  # noqa: E402
+from skingen.skins.ninepatch import encode_ninepatch, parse_ninepatch  # noqa: E402
 
 
 def cpu_seconds() -> float:

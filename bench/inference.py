@@ -16,6 +16,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -23,8 +24,16 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from skingen import generation  # noqa: E402
-from skingen.models import PRESETS, SDXLComponents, build_clip_tokenizer, build_tiny_sdxl  # noqa: E402
+from skingen.backbones.sdxl import SDXLComponents  # noqa: E402
+from skingen.generate.jobs import GenerationRow, ImageJob, SamplingSettings, load_control_image  # noqa: E402
+from skingen.generate.pipeline import (  # noqa: E402
+    generate_batch,
+    load_controlnet_pipeline,
+    make_scheduler,
+    place_pipeline,
+    resolve_device,
+)
+from skingen.testing.tiny_sdxl import PRESETS, build_clip_tokenizer, build_tiny_sdxl  # noqa: E402
 
 # stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json
 SDXL_SCHEDULER_CONFIG = {
@@ -71,18 +80,18 @@ def main() -> None:
     args = parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = generation.resolve_device(args.device)
+    device = resolve_device(args.device)
     rows = []
     if args.sdxl_shaped:
-        pipeline = generation.assemble_pipeline(
-            *sdxl_shaped_models(device), generation.make_scheduler("unipc", SDXL_SCHEDULER_CONFIG)
+        pipeline = assemble_pipeline(
+            *sdxl_shaped_models(device), make_scheduler("unipc", SDXL_SCHEDULER_CONFIG)
         )
         rows += compare_recipes(pipeline, "SDXL-shaped", args.resolution or 1024, device, args)
     else:
         for preset in args.presets:
             with tempfile.TemporaryDirectory() as tmp:
                 build_tiny_sdxl(tmp, preset=preset, controlnet=True)
-                pipeline = generation.load_controlnet_pipeline(
+                pipeline = load_controlnet_pipeline(
                     tmp, [Path(tmp) / "controlnet"], dtype="fp32", device="cpu"
                 )
                 rows += compare_recipes(
@@ -98,21 +107,21 @@ def main() -> None:
 def compare_recipes(pipeline, model: str, resolution: int, device: torch.device, args) -> list[list]:
     """Time our recipe, then the seed's, on the same weights (offload last: it moves the models to the CPU)."""
     jobs = bench_jobs(args.num_images, resolution)
-    settings = generation.SamplingSettings(num_inference_steps=args.num_inference_steps)
+    settings = SamplingSettings(num_inference_steps=args.num_inference_steps)
     dtype = "fp16" if device.type == "cuda" else "fp32"
     results = []
 
-    generation.place_pipeline(pipeline, dtype=dtype, device=device)
+    place_pipeline(pipeline, dtype=dtype, device=device)
     ours = time_recipe(pipeline, jobs, settings, args.batch_size, device)
     results.append(("ours: on device, batched", dtype, args.batch_size, ours))
     if args.torch_compile:
-        generation.place_pipeline(pipeline, dtype=dtype, device=device, torch_compile=True)
+        place_pipeline(pipeline, dtype=dtype, device=device, torch_compile=True)
         compiled = time_recipe(pipeline, jobs, settings, args.batch_size, device)
         results.append(("ours + torch.compile", dtype, args.batch_size, compiled))
         pipeline.unet, pipeline.controlnet = pipeline.unet._orig_mod, pipeline.controlnet._orig_mod
 
     if device.type == "cuda":
-        generation.place_pipeline(pipeline, dtype="fp16", device=device, enable_model_cpu_offload=True)
+        place_pipeline(pipeline, dtype="fp16", device=device, enable_model_cpu_offload=True)
         seed = time_recipe(pipeline, jobs, settings, 1, device, seed_generators=True)
         results.append(("seed: fp16 + model CPU offload, 1/call", "fp16", 1, seed))
     else:
@@ -136,20 +145,20 @@ def compare_recipes(pipeline, model: str, resolution: int, device: torch.device,
     ]
 
 
-def bench_jobs(count: int, resolution: int) -> list[generation.ImageJob]:
+def bench_jobs(count: int, resolution: int) -> list[ImageJob]:
     """``count`` prompts, each with a keyboard-template-like control image at ``resolution``."""
     folder = Path(tempfile.mkdtemp(prefix="bench_inference_"))
     jobs = []
     for index in range(count):
         path = folder / f"control_{index}.png"
         template_control(index, resolution).save(path)
-        row = generation.GenerationRow(
+        row = GenerationRow(
             row_id=f"{index:04d}",
             prompt=f"a keyboard skin of style {index}, iflyskin",
             control_images=(str(path),),
             where=f"bench {index}",
         )
-        jobs.append(generation.ImageJob(row=row, seed=index, height=resolution, width=resolution))
+        jobs.append(ImageJob(row=row, seed=index, height=resolution, width=resolution))
     return jobs
 
 
@@ -169,7 +178,7 @@ def time_recipe(
     pipeline, jobs, settings, batch_size: int, device: torch.device, seed_generators: bool = False
 ) -> float:
     """Seconds to generate all ``jobs`` (after one untimed warm-up call of the same batch size)."""
-    run = seed_recipe_call if seed_generators else generation.generate_batch
+    run = seed_recipe_call if seed_generators else generate_batch
     run(pipeline, jobs[:batch_size], settings)
     synchronize(device)
     start = time.perf_counter()
@@ -182,7 +191,7 @@ def time_recipe(
 def seed_recipe_call(pipeline, jobs, settings) -> list[Image.Image]:
     """The seed README's call: one prompt, a PIL control image, ``torch.manual_seed`` as the generator."""
     (job,) = jobs
-    image = generation.load_control_image(job.row.control_images[0])
+    image = load_control_image(job.row.control_images[0])
     return pipeline(
         prompt=job.row.prompt,
         image=image,
@@ -202,6 +211,24 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def assemble_pipeline(components: SDXLComponents, controlnets: Sequence, scheduler):
+    """SDXL components + ControlNet(s) -> ``StableDiffusionXLControlNetPipeline`` (models stay where they are): the
+    SDXL-shaped random-weight models exist only in memory, so they skip inference's ``from_pretrained``."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    return StableDiffusionXLControlNetPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder_one,
+        text_encoder_2=components.text_encoder_two,
+        tokenizer=components.tokenizer_one,
+        tokenizer_2=components.tokenizer_two,
+        unet=components.unet,
+        controlnet=controlnets[0] if len(controlnets) == 1 else list(controlnets),
+        scheduler=scheduler,
+        add_watermarker=False,  # the invisible watermark changes pixels; outputs are research data
+    )
 
 
 def sdxl_shaped_models(device: torch.device) -> tuple[SDXLComponents, list]:

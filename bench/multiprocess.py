@@ -145,7 +145,7 @@ def main() -> None:
         results.append(compare("caption template", args.num_skins, "caption.py", caption_argv,
                                copies("caption", glyphed), rows_and_images, env1=env1, env2=one_thread))  # fmt: skip
     if {"inference", "evaluate"} & set(args.stages):
-        from skingen.models import build_tiny_sdxl
+        from skingen.testing.tiny_sdxl import build_tiny_sdxl
 
         tiny = tmp / "tiny_sdxl"
         build_tiny_sdxl(tiny, preset="tiny", seed=0, controlnet=True)

@@ -8,16 +8,16 @@
 
 The protocol:
 
-1. **Data.** ``--dataset_dir`` (rows with ``box`` + ``texts``), or a family of ``skingen.glyph_fixtures`` built
+1. **Data.** ``--dataset_dir`` (rows with ``box`` + ``texts``), or a family of ``skingen.testing.glyph_fixtures`` built
    in ``--work_dir``. The last ``--heldout_rows`` rows are held out; training rows that share a label string with
    them are dropped (counted), so every held-out control has unseen strings at unseen positions.
 2. **Model.** A tiny SDXL pipeline + ControlNet whose VAE is fitted to the *training* images
-   (``skingen.models.fit_tiny_vae``), or ``--base_model`` (a tiny base that has seen skins). The ceilings are
+   (``skingen.testing.tiny_sdxl.fit_tiny_vae``), or ``--base_model`` (a tiny base that has seen skins). The ceilings are
    printed: what ``evaluate.py``'s OCR reads in the held-out images and in their VAE reconstructions.
 3. **Arms.** Per seed, the ControlNet is trained twice with identical data order, noise and timesteps:
    ``--text_loss_weight 0`` (diffusion loss only; the text loss is measured, not added) and ``W``.
 4. **Score.** Each arm samples every held-out control (``--num_inference_steps`` 20, fixed seed per row, the same
-   in every arm); ``skingen.metrics.evaluate_pairs`` (what ``evaluate.py`` runs) gives sentence accuracy and NED
+   in every arm); ``skingen.evaluate.metrics.evaluate_pairs`` (what ``evaluate.py`` runs) gives sentence accuracy and NED
    of the boxes' text and the edge F1 against the control. Beside them: the trainer's fixed-timestep curves
    (``--validation_loss_timesteps``, on the training rows): ``val_loss_diffusion`` and ``val_text_ctc``, late means.
 5. **Summary.** A table per seed, the paired differences (W minus 0) with mean and sd over seeds, and how many
@@ -135,9 +135,9 @@ def build_fitted_pipeline(out_dir: Path, train_dir: Path, *, resolution: int, va
     also its shift_factor, so the 16-channel latents are centred as the real ones)."""
     from PIL import Image
 
-    from skingen.models import fit_tiny_vae
-    from skingen.tiny_models import build_tiny_pipeline, fit_latent_shift
-    from skingen.training_data import training_pixels
+    from skingen.testing.tiny_models import build_tiny_pipeline, fit_latent_shift
+    from skingen.testing.tiny_sdxl import fit_tiny_vae
+    from skingen.train.batches import training_pixels
 
     rows = read_dataset_rows(train_dir)
     images = [training_pixels(Image.open(train_dir / row["image"]).convert("RGB"), resolution)[0] for row in rows]
@@ -148,14 +148,14 @@ def build_fitted_pipeline(out_dir: Path, train_dir: Path, *, resolution: int, va
 
 @functools.cache
 def ocr_engine():
-    from skingen.ocr import get_ocr
+    from skingen.prep.ocr import get_ocr
 
     return get_ocr("rapidocr")
 
 
 def score_images(heldout_dir: Path, images_dir: Path) -> dict:
     """evaluate.py's metrics of the images in ``images_dir`` (named like the held-out rows' images)."""
-    from skingen.metrics import EvalPair, evaluate_pairs, summarize
+    from skingen.evaluate.metrics import EvalPair, evaluate_pairs, summarize
 
     pairs = []
     for row in read_dataset_rows(heldout_dir):
@@ -171,8 +171,8 @@ def ceilings(pipeline_dir: Path, heldout_dir: Path, out_dir: Path, resolution: i
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from skingen.models import vae_round_trip
-    from skingen.training_data import tensor_to_image, training_pixels
+    from skingen.testing.tiny_sdxl import vae_round_trip
+    from skingen.train.batches import tensor_to_image, training_pixels
 
     vae = AutoencoderKL.from_pretrained(pipeline_dir / "vae")
     originals, reconstructions = out_dir / "originals", out_dir / "reconstructions"
@@ -211,7 +211,7 @@ def _trainer_script(backbone: str = "sdxl"):
 def train_arm(pipeline_dir: Path, train_dir: Path, output_dir: Path, *, seed: int, text_loss_weight: float,
               args: argparse.Namespace) -> dict:
     """One training run of train_controlnet_sdxl_ctc.py in this process; its fixed-timestep validation curve."""
-    from skingen.training import train
+    from skingen.train.loop import train
 
     script = _trainer_script(args.backbone)
     # FLUX.1-dev's guidance input: trained and sampled at the same value.
@@ -228,7 +228,7 @@ def train_arm(pipeline_dir: Path, train_dir: Path, output_dir: Path, *, seed: in
     ]
     script_args = script.parse_args(argv)
     started = time.perf_counter()
-    result = train(script_args, extra_loss=script.build_text_loss(script_args))
+    result = train(script_args)
     _reset_accelerate_state()
     return {"train_seconds": time.perf_counter() - started, "curve": result.validation_losses}
 
@@ -236,7 +236,8 @@ def train_arm(pipeline_dir: Path, train_dir: Path, output_dir: Path, *, seed: in
 def sample_heldout(pipeline_dir: Path, controlnet_dir: Path, heldout_dir: Path, images_dir: Path,
                    args: argparse.Namespace) -> float:
     """Sample every held-out control once (seed = row index, the same in every arm); returns the seconds taken."""
-    from skingen.generation import GenerationRow, ImageJob, SamplingSettings, generate_batch, load_controlnet_pipeline
+    from skingen.generate.jobs import GenerationRow, ImageJob, SamplingSettings
+    from skingen.generate.pipeline import generate_batch, load_controlnet_pipeline
 
     started = time.perf_counter()
     pipeline = load_controlnet_pipeline(pipeline_dir, [controlnet_dir])  # the family's sampler: UniPC for SDXL
@@ -344,7 +345,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--dataset_dir", type=Path, default=None, help="A glyph dataset folder (rows with box + texts).")
     data.add_argument("--family", choices=("light", "dark"), default="light",
-                      help="Build this skingen.glyph_fixtures family in --work_dir (when no --dataset_dir).")
+                      help="Build this skingen.testing.glyph_fixtures family in --work_dir (when no --dataset_dir).")
     parser.add_argument("--rows", type=int, default=24, help="Rows of the built family (held-out rows included).")
     parser.add_argument("--heldout_rows", type=int, default=8, help="The last rows, held out (unseen controls).")
     parser.add_argument("--position_channel", action="store_true",
@@ -381,7 +382,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace) -> tuple[Split, Path]:
     """The split and the pipeline, built once per --work_dir (the arms reuse them)."""
-    from skingen.glyph_fixtures import write_glyph_family
+    from skingen.testing.glyph_fixtures import write_glyph_family
 
     dataset_dir = args.dataset_dir
     if dataset_dir is None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark the ControlNet training step: step time, samples/s and peak memory, with and without caching.
 
-Runs the real trainer (``skingen.training.train``) on a randomly initialised model and a synthetic dataset,
+Runs the real trainer (``skingen.train.loop.train``) on a randomly initialised model and a synthetic dataset,
 once with the text-embedding + latent caches and once encoding images with the VAE at every step, each in a
 fresh subprocess so its peak memory is its own. Step time is the median time between optimizer steps after
 the warm-up steps; "1st step s" is the time from the start to the end of the first step (loading, caching and
@@ -16,8 +16,8 @@ Trainer options (``--options ema snr_gamma ...``, or ``--options all``) are each
 latents, and compared with the plain cached run: the step-time overhead of each option.
 
 Peak memory: CUDA ``torch.cuda.max_memory_allocated`` over the measured steps; CPU the process's peak
-resident set size (``resource`` max RSS, setup included). An extra loss (e.g. the OCR text loss) plugs in
-through :func:`measure`'s ``extra_loss``, exactly as it does into ``train``.
+resident set size (``resource`` max RSS, setup included). An extra loss (e.g. the OCR text loss, ``--text_loss``)
+is turned on by its trainer flags, through :func:`measure`'s ``extra_argv``, exactly as a user turns it on.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def build_sdxl_shaped(out_dir: Path) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from skingen.models import build_clip_tokenizer
+    from skingen.testing.tiny_sdxl import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer()
     ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -120,12 +120,12 @@ def write_dataset(out_dir: Path, rows: int, resolution: int, boxes_per_row: int 
     return out_dir
 
 
-def measure(options: argparse.Namespace, model_dir: Path, data_dir: Path, cache_latents: bool, extra_loss=None,
+def measure(options: argparse.Namespace, model_dir: Path, data_dir: Path, cache_latents: bool,
             extra_argv: list[str] | None = None) -> dict:
     """Train ``warmup + steps`` steps and time them (run in a fresh process for an honest peak memory)."""
     import torch
 
-    from skingen.training import build_arg_parser, parse_training_args, train
+    from skingen.train.loop import build_arg_parser, parse_training_args, train
 
     work = Path(tempfile.mkdtemp(prefix="run-", dir=options.work_dir))
     argv = [
@@ -152,7 +152,7 @@ def measure(options: argparse.Namespace, model_dir: Path, data_dir: Path, cache_
             torch.cuda.reset_peak_memory_stats()
 
     start = time.perf_counter()
-    train(args, extra_loss=extra_loss, on_step=on_step)
+    train(args, on_step=on_step)
     step_times = [b - a for a, b in zip(times[options.warmup - 1 :], times[options.warmup :])] if options.warmup else \
         [b - a for a, b in zip(times, times[1:])]
     step_s = statistics.median(step_times)
@@ -203,15 +203,12 @@ def main(argv=None) -> None:
         torch.set_num_threads(options.threads)
     if options.only is not None:  # child process: one measurement, JSON on the last line
         work = Path(options.work_dir)
-        extra_loss = None
-        if options.only == "text":
-            from skingen.losses import TextLoss
-            from skingen.recognizer import load_recognizer
-
-            extra_loss = TextLoss(load_recognizer(), loss_type=options.text_loss, weight=0.05,
-                                  max_timestep=options.text_loss_max_timestep)
-        print(json.dumps(measure(options, work / "model", work / "data", options.only != "uncached", extra_loss,
-                                 OPTIONS.get(options.only))))
+        flags = OPTIONS.get(options.only, [])
+        if options.only == "text":  # the trainer's own text-loss flags, as a user turns it on
+            flags = ["--text_loss_type", options.text_loss, "--text_loss_weight", "0.05",
+                     "--text_loss_max_timestep", str(options.text_loss_max_timestep)]
+        print(json.dumps(measure(options, work / "model", work / "data", options.only != "uncached",
+                                 extra_argv=flags)))
         return
     if "all" in options.options:
         options.options = tuple(OPTIONS)
@@ -225,7 +222,7 @@ def main(argv=None) -> None:
         if options.sdxl_shaped:
             build_sdxl_shaped(work / "model")
         else:
-            from skingen.models import build_tiny_sdxl
+            from skingen.testing.tiny_sdxl import build_tiny_sdxl
 
             build_tiny_sdxl(work / "model", preset=options.preset)
     if not (work / "data").is_dir():

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from skingen.errors import SkingenError, run_cli  # noqa: E402
 from skingen.fileio import read_jsonl  # noqa: E402
-from skingen.tiny_models import build_tiny_pipeline  # noqa: E402
+from skingen.testing.tiny_models import build_tiny_pipeline  # noqa: E402
 
 BACKBONES = ("sd3", "flux")
 EVAL_SIGMAS = (0.25, 0.5, 0.75)

@@ -106,7 +106,10 @@ def main(argv=None) -> int:
     shutil.rmtree(venv, ignore_errors=True)
     run([args.python, "-m", "venv", str(venv)], check=True)
     pip(venv, "install", f"torch=={args.torch_version}")
-    requirements = REQUIREMENTS.read_text(encoding="utf-8")
+    # torch stays the build installed above (--torch_version): upgrading it here would pull a CUDA build of
+    # several GB; its newest release is checked by asking for it with --torch_version.
+    requirements = "\n".join(line for line in REQUIREMENTS.read_text(encoding="utf-8").splitlines()
+                              if requirement_names(line) != ["torch"]) + "\n"
     if args.no_upper_bounds:
         requirements = without_upper_bounds(requirements)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:

@@ -22,9 +22,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from skingen.data.images import open_rgb  # noqa: E402
 from skingen.errors import SkingenError, run_cli  # noqa: E402
 from skingen.fileio import atomic_save_image, atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
-from skingen.images import open_rgb  # noqa: E402
 
 ARMS = ("untrained", "trained")
 VALIDATION_LOSSES = ("val_text_ctc", "val_loss_diffusion", "val_edge_f1")
@@ -92,7 +92,7 @@ def validation_losses(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, 
 def control_specificity(arm_dir: Path) -> dict[str, float]:
     """Edge F1 of each output against the controls of the other held-out layouts, and how much higher it is against
     its own: an output that ignores its control scores alike on both."""
-    from skingen.metrics import edge_f1
+    from skingen.evaluate.metrics import edge_f1
 
     results = [result for items in results_by_layout(arm_dir).values() for result in items]
     controls = {path: open_rgb(path) for path in sorted({result["conditioning_image"] for result in results})}
@@ -213,8 +213,8 @@ def vae_reconstructor(vae_dir: Path, size: tuple[int, int]):
     """image path -> the image at ``size`` encoded and decoded by the VAE in ``vae_dir`` (posterior mode)."""
     from diffusers import AutoencoderKL
 
-    from skingen.models import vae_round_trip
-    from skingen.training_data import image_to_tensor, tensor_to_image
+    from skingen.testing.tiny_sdxl import vae_round_trip
+    from skingen.train.batches import image_to_tensor, tensor_to_image
 
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
 
@@ -230,7 +230,7 @@ def edge_f1_room(rows: list[dict], reconstruct) -> dict:
     ``conditioning_image``): ``vae_ceiling`` scores each real atlas's reconstruction against its own control (about
     the most an output decoded by this VAE scores), ``other_skin`` the reconstructions of the *other* skins against
     it (knowing the atlas layout but not this skin: about where a base that ignores the control lands)."""
-    from skingen.metrics import edge_f1
+    from skingen.evaluate.metrics import edge_f1
 
     reconstructions = [reconstruct(row["reference_image"]) for row in rows]
     controls = [open_rgb(row["conditioning_image"]) for row in rows]

@@ -37,12 +37,12 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from skingen.config import parse_args_with_config  # noqa: E402
-from skingen.data import open_rgb, read_rows  # noqa: E402
+from skingen.data.dataset import open_rgb, read_rows  # noqa: E402
 from skingen.errors import SkingenError, run_cli  # noqa: E402
+from skingen.evaluate.metrics import binarize_control, canny_control, edge_map_scores  # noqa: E402
 from skingen.fileio import atomic_write_json, atomic_write_text, write_jsonl  # noqa: E402
-from skingen.layout import LAYOUT_RECORD, load_layout, render_template  # noqa: E402
-from skingen.metrics import binarize_control, canny_control, edge_map_scores  # noqa: E402
 from skingen.sharding import WorkerPool  # noqa: E402
+from skingen.skins.layout import LAYOUT_RECORD, load_layout, render_template  # noqa: E402
 
 CHUNK = 32  # rows handed to the workers at a time (the bar moves per chunk)
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from skingen.base_pretraining import load_training_images  # noqa: E402
 from skingen.config import parse_args_with_config  # noqa: E402
 from skingen.errors import SkingenError, run_cli  # noqa: E402
-from skingen.vae_fitting import RECIPE_FILE, VaeRecipe, fit_vae_from_scratch  # noqa: E402
+from skingen.testing.base_pretraining import load_training_images  # noqa: E402
+from skingen.testing.vae_fitting import RECIPE_FILE, VaeRecipe, fit_vae_from_scratch  # noqa: E402
 
 DEFAULTS = VaeRecipe()
 

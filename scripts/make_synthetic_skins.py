@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from skingen.config import parse_args_with_config  # noqa: E402
 from skingen.errors import SkingenError, run_cli  # noqa: E402
 from skingen.fileio import AtomicDirectory, atomic_write_bytes  # noqa: E402
-from skingen.glyphs import find_cjk_font  # noqa: E402
+from skingen.prep.glyphs import find_cjk_font  # noqa: E402
 
 NAV_WORDS = ("前往", "搜索", "设置", "皮肤", "表情", "语音", "翻译", "键盘", "手写", "剪贴板")
 LETTER_ROWS = ("QWERTYUIOP", "ASDFGHJKL", "ZXCVBNM")

@@ -19,36 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from skingen.backbones import backbone_class  # noqa: E402
 from skingen.config import parse_args_with_config  # noqa: E402
 from skingen.errors import run_cli  # noqa: E402
-from skingen.models import PRESETS, count_parameters  # noqa: E402
-from skingen.tiny_models import BACKBONES, build_tiny_pipeline  # noqa: E402
-
-# Model folders of each pipeline and the class that loads them (the ControlNet's only with --controlnet).
-PARTS = {
-    "sdxl": [
-        ("unet", "diffusers.UNet2DConditionModel"),
-        ("vae", "diffusers.AutoencoderKL"),
-        ("text_encoder", "transformers.CLIPTextModel"),
-        ("text_encoder_2", "transformers.CLIPTextModelWithProjection"),
-        ("controlnet", "diffusers.ControlNetModel"),
-    ],
-    "sd3": [
-        ("transformer", "diffusers.SD3Transformer2DModel"),
-        ("vae", "diffusers.AutoencoderKL"),
-        ("text_encoder", "transformers.CLIPTextModelWithProjection"),
-        ("text_encoder_2", "transformers.CLIPTextModelWithProjection"),
-        ("text_encoder_3", "transformers.T5EncoderModel"),
-        ("controlnet", "diffusers.SD3ControlNetModel"),
-    ],
-    "flux": [
-        ("transformer", "diffusers.FluxTransformer2DModel"),
-        ("vae", "diffusers.AutoencoderKL"),
-        ("text_encoder", "transformers.CLIPTextModel"),
-        ("text_encoder_2", "transformers.T5EncoderModel"),
-        ("controlnet", "diffusers.FluxControlNetModel"),
-    ],
-}
+from skingen.testing.tiny_models import BACKBONES, build_tiny_pipeline  # noqa: E402
+from skingen.testing.tiny_sdxl import PRESETS, count_parameters  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -76,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     out = build_tiny_pipeline(args.backbone, args.out, seed=args.seed, controlnet=args.controlnet, preset=args.preset)
     print(f"wrote a {args.preset} {args.backbone.upper()} pipeline (seed {args.seed}) to {out}")
-    for name, class_path in PARTS[args.backbone]:
+    for name, class_path in backbone_class(args.backbone).model_parts():
         if name == "controlnet" and not args.controlnet:
             continue
         module, cls = class_path.rsplit(".", 1)

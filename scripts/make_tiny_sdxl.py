@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from skingen.config import parse_args_with_config  # noqa: E402
 from skingen.errors import run_cli  # noqa: E402
-from skingen.models import PRESETS, build_tiny_sdxl, count_parameters  # noqa: E402
+from skingen.testing.tiny_sdxl import PRESETS, build_tiny_sdxl, count_parameters  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from skingen.base_pretraining import PretrainSettings, pretrain_tiny_base  # noqa: E402
 from skingen.config import parse_args_with_config  # noqa: E402
 from skingen.errors import SkingenError, run_cli  # noqa: E402
-from skingen.models import PRESETS  # noqa: E402
-from skingen.training_options import lr_scheduler_names  # noqa: E402
+from skingen.testing.base_pretraining import PretrainSettings, pretrain_tiny_base  # noqa: E402
+from skingen.testing.tiny_sdxl import PRESETS  # noqa: E402
+from skingen.train.options import lr_scheduler_names  # noqa: E402
 
 DEFAULTS = PretrainSettings()
 

@@ -46,7 +46,10 @@ case "${SKINGEN_DEPS:-lock}" in
     rm -f "${TMPDIR:-/tmp}/skingen-lock-$$.txt"
     ;;
   latest)
-    "$PYTHON" -m pip install -q --upgrade -r requirements.txt
+    # torch stays as installed above (upgrading it from requirements.txt could replace a CUDA build)
+    grep -v -i '^torch\b' requirements.txt > "${TMPDIR:-/tmp}/skingen-latest-$$.txt"
+    "$PYTHON" -m pip install -q --upgrade -r "${TMPDIR:-/tmp}/skingen-latest-$$.txt"
+    rm -f "${TMPDIR:-/tmp}/skingen-latest-$$.txt"
     ;;
   *)
     echo "error: SKINGEN_DEPS=${SKINGEN_DEPS}: choose lock (the tested versions, default) or latest" >&2

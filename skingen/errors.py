@@ -59,3 +59,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         sys.exit(130)
     if isinstance(result, int) and result != 0:
         sys.exit(result)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ``SkingenError(message)`` unless ``condition`` (flag checks read as a list of requirements)."""
+    if not condition:
+        raise SkingenError(message)

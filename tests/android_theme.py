@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from skingen.ninepatch import encode_ninepatch
+from skingen.skins.ninepatch import encode_ninepatch
 
 DENSITY_SCALE = {"mdpi": 1.0, "hdpi": 1.5, "xhdpi": 2.0, "xxhdpi": 3.0}
 ICON_DENSITIES = ("mdpi", "hdpi", "xhdpi")  # icons stop at xhdpi, key backgrounds go to xxhdpi

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
     """A diffusers-format tiny SDXL pipeline with a matching ControlNet in ``<dir>/controlnet``."""
-    from skingen.models import build_tiny_sdxl
+    from skingen.testing.tiny_sdxl import build_tiny_sdxl
 
     out = tmp_path_factory.mktemp("tiny_sdxl")
     build_tiny_sdxl(out, preset="tiny", seed=0, controlnet=True)
@@ -25,7 +25,7 @@ def tiny_sdxl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory):
     """A diffusers-format tiny SD3.5-shaped pipeline with a matching SD3ControlNetModel in ``<dir>/controlnet``."""
-    from skingen.tiny_models import build_tiny_sd3
+    from skingen.testing.tiny_models import build_tiny_sd3
 
     out = tmp_path_factory.mktemp("tiny_sd3")
     build_tiny_sd3(out, seed=0, controlnet=True)
@@ -35,7 +35,7 @@ def tiny_sd3_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory):
     """A diffusers-format tiny FLUX.1-dev-shaped pipeline with a matching FluxControlNetModel in ``<dir>/controlnet``."""
-    from skingen.tiny_models import build_tiny_flux
+    from skingen.testing.tiny_models import build_tiny_flux
 
     out = tmp_path_factory.mktemp("tiny_flux")
     build_tiny_flux(out, seed=0, controlnet=True)
@@ -44,7 +44,7 @@ def tiny_flux_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cjk_font():
-    from skingen.glyphs import find_cjk_font
+    from skingen.prep.glyphs import find_cjk_font
 
     return find_cjk_font()
 

@@ -70,11 +70,11 @@ def _script(family: str):
 
 
 def _train(family, argv, **kwargs):
-    from skingen.training import train
+    from skingen.train.loop import train
 
     script = _script(family)
     args = script.parse_args(argv)
-    return train(args, extra_loss=script.build_text_loss(args), **kwargs)
+    return train(args, **kwargs)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -160,8 +160,8 @@ def test_two_processes_match_one_process_with_same_global_batch(request, dataset
 @pytest.mark.parametrize("family", FAMILIES)
 def test_text_loss_gradient_reaches_the_controlnet(request, family):
     from skingen.backbones import backbone_class
-    from skingen.losses import TextLoss
-    from skingen.recognizer import load_recognizer
+    from skingen.train.recognizer import load_recognizer
+    from skingen.train.text_loss import TextLoss
 
     args = _script(family).parse_args(_argv(_base(request, family), "unused", "unused"))
     backbone = backbone_class(family)(args)
@@ -211,14 +211,14 @@ def test_controlnet_of_another_architecture_is_refused_before_caching(request, f
 
 def test_long_captions_are_counted_in_one_warning(tiny_sd3_dir, caplog):
     from skingen.backbones import backbone_class
-    from skingen.training import _report_truncated_captions
+    from skingen.train.caching import report_truncated_captions
 
     args = _script("sd3").parse_args(_argv(tiny_sd3_dir, "unused", "unused", "--max_sequence_length", 16))
     backbone = backbone_class("sd3")(args)
     captions = ["skin", "a keyboard skin in colour 0, iflyskin, writing a longer label", "x " * 80]
     assert backbone.count_truncated(captions) == {"CLIPTokenizer (77 tokens)": 1, "T5Tokenizer (16 tokens)": 2}
-    with caplog.at_level(logging.WARNING, logger="skingen.training"):
-        _report_truncated_captions(backbone, captions, SimpleNamespace(is_main_process=True))
+    with caplog.at_level(logging.WARNING, logger="skingen.train.caching"):
+        report_truncated_captions(backbone, captions, SimpleNamespace(is_main_process=True))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("2 of 3 distinct captions are longer")
 

@@ -2,7 +2,7 @@
 each ends with ``error: <file>:<line>: ...`` (or, for ``dataset_tool.py validate``, a report line), the documented
 exit status, no traceback, and every input file unchanged.
 
-One table of bad rows; each stage gets the cases for the fields it reads (skingen.rows: caption does not need a
+One table of bad rows; each stage gets the cases for the fields it reads (skingen.data.rows: caption does not need a
 conditioning image, inference does not need the target image, ...). The rules are the same in every stage.
 """
 
@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 from repo_scripts import load_script
 
-from skingen.data import load_skin_dataset
+from skingen.data.dataset import load_skin_dataset
+from skingen.data.rows import CAPTION, EVALUATE, INFERENCE, RENDER, TRAINING, check_row
 from skingen.errors import run_cli
-from skingen.rows import CAPTION, EVALUATE, INFERENCE, RENDER, TRAINING, check_row
 
 SCRIPTS = {
     name: load_script(f"{name}.py") for name in ("caption", "render_glyphs", "dataset_tool", "inference", "evaluate")

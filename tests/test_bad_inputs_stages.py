@@ -20,7 +20,7 @@ from PIL import Image
 from repo_scripts import load_script
 
 from skingen import fileio
-from skingen.data import load_skin_dataset, read_rows, write_rows
+from skingen.data.dataset import load_skin_dataset, read_rows, write_rows
 from skingen.errors import SkingenError, describe_os_error, run_cli
 
 SCRIPTS = {
@@ -434,7 +434,7 @@ def test_caption_warns_once_about_texts_left_out_of_the_caption(tmp_path, capsys
 def test_a_checkpoint_save_that_runs_out_of_space_keeps_the_previous_one(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
-    from skingen.checkpointing import list_checkpoints, resolve_resume_checkpoint, save_checkpoint
+    from skingen.train.checkpoints import list_checkpoints, resolve_resume_checkpoint, save_checkpoint
 
     accelerator = Accelerator(cpu=True)
     accelerator.prepare(torch.nn.Linear(2, 2), torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))]))
@@ -488,7 +488,7 @@ def test_a_checkpoint_save_that_runs_out_of_space_keeps_the_previous_one(tmp_pat
 
 
 def test_resuming_is_refused_without_safe_loading(tmp_path, monkeypatch):
-    from skingen.checkpointing import resolve_resume_checkpoint
+    from skingen.train.checkpoints import resolve_resume_checkpoint
 
     (tmp_path / "checkpoint-5" / "controlnet").mkdir(parents=True)
     monkeypatch.setattr(torch, "__version__", "2.3.1+cpu")
@@ -500,8 +500,8 @@ def test_resuming_is_refused_without_safe_loading(tmp_path, monkeypatch):
 
 
 def test_ocr_lines_the_rows_could_not_use_are_dropped_and_counted():
-    from skingen.glyphs import GlyphCounts, keep_ocr_lines
-    from skingen.ocr import TextLine
+    from skingen.prep.glyphs import GlyphCounts, keep_ocr_lines
+    from skingen.prep.ocr import TextLine
 
     lines = [
         TextLine([[2, 2], [20, 2], [20, 8], [2, 8]], "前往", 0.99),

@@ -1,4 +1,4 @@
-"""caption.py and skingen.captioning: BLIP through transformers (a tiny BLIP built offline) and the template captioner."""
+"""caption.py and skingen.prep.captioning: BLIP through transformers (a tiny BLIP built offline) and the template captioner."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 import caption
-from skingen.captioning import TemplateCaptioner, caption_rows, compose_caption, texts_from_caption
-from skingen.data import read_checked_rows, read_rows, write_rows
+from skingen.data.dataset import read_checked_rows, read_rows, write_rows
+from skingen.data.rows import CAPTION
+from skingen.data.writing import texts_from_caption
 from skingen.errors import SkingenError
-from skingen.rows import CAPTION
+from skingen.prep.captioning import TemplateCaptioner, caption_rows, compose_caption
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a keyboard skin of"

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 import datasets
-from skingen.captioning import texts_from_caption
-from skingen.data import RGBImage, load_skin_dataset, normalize_dataset, read_rows, write_rows
-from skingen.dataset_ops import convert_dataset, split_dataset, validate_dataset, validation_fraction_of
+from skingen.data.dataset import RGBImage, load_skin_dataset, normalize_dataset, read_rows, write_rows
+from skingen.data.images import open_rgb, to_rgb
+from skingen.data.ops import convert_dataset, split_dataset, validate_dataset, validation_fraction_of
+from skingen.data.writing import texts_from_caption
 from skingen.errors import SkingenError
-from skingen.images import open_rgb, to_rgb
 
 REPO = Path(__file__).resolve().parent.parent
 QUAD = [[2, 2], [20, 2], [20, 8], [2, 8]]

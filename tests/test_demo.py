@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -105,7 +106,7 @@ def test_report_says_so_when_training_did_not_help(fake_demo):
 
 
 def test_report_without_results_is_a_clear_error(tmp_path):
-    proc = subprocess.run(["python3", "scripts/demo_report.py", "--demo_dir", str(tmp_path)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "scripts/demo_report.py", "--demo_dir", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "metrics.json not found: run scripts/demo.sh" in proc.stderr
@@ -116,9 +117,9 @@ def test_pretrained_base_is_cached_by_its_settings(tmp_path, cjk_font):
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     skins, corpus, base = tmp_path / "skins", tmp_path / "corpus", tmp_path / "base"
-    subprocess.run(["python3", "scripts/make_synthetic_skins.py", "--out", str(skins), "--n", "3", "--seed", "5"],
+    subprocess.run([sys.executable, "scripts/make_synthetic_skins.py", "--out", str(skins), "--n", "3", "--seed", "5"],
                    cwd=REPO, check=True, capture_output=True)
-    subprocess.run(["python3", "merge_elements.py", "--packages_dir", str(skins), "--layout", "full_keyboard",
+    subprocess.run([sys.executable, "merge_elements.py", "--packages_dir", str(skins), "--layout", "full_keyboard",
                     "--resolution", "512", "--output_dir", str(corpus)], cwd=REPO, check=True, capture_output=True)
     script = load_script("scripts/pretrain_tiny_base.py")
     argv = ["--dataset_dir", str(corpus), "--output_dir", str(base), "--resolution", "64", "--vae_fit_steps", "2",
@@ -128,7 +129,7 @@ def test_pretrained_base_is_cached_by_its_settings(tmp_path, cjk_font):
     assert record["images"] == 3 and record["settings"]["max_train_steps"] == 3
     # The UNet was trained: it differs from the random one a fresh build writes.
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
-    from skingen.models import build_tiny_sdxl
+    from skingen.testing.tiny_sdxl import build_tiny_sdxl
 
     build_tiny_sdxl(tmp_path / "random", seed=0)
     random_unet = UNet2DConditionModel.from_pretrained(tmp_path / "random" / "unet")
@@ -138,7 +139,7 @@ def test_pretrained_base_is_cached_by_its_settings(tmp_path, cjk_font):
     assert (controlnet.conv_in.weight == unet.conv_in.weight).all()
 
     weights = (base / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
-    proc = subprocess.run(["python3", "scripts/pretrain_tiny_base.py", *argv], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "scripts/pretrain_tiny_base.py", *argv], cwd=REPO, capture_output=True,
                           text=True)
     assert proc.returncode == 0 and "reusing the pre-trained base" in proc.stdout
     assert (base / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == weights
@@ -211,7 +212,7 @@ def test_pretraining_refuses_a_rate_that_is_not_positive(flag):
 def test_edge_f1_room_separates_a_skins_own_edges_from_another_skins(tmp_path):
     from PIL import ImageDraw
 
-    from skingen.glyphs import canny_control
+    from skingen.prep.glyphs import canny_control
 
     report = load_script("scripts/demo_report.py")
     rows = []
@@ -230,7 +231,7 @@ def test_edge_f1_room_separates_a_skins_own_edges_from_another_skins(tmp_path):
     assert "scores 1.000" in line and f"{1.0 - room['other_skin']:+.3f}" in line
 
     # Through a real (random tiny) VAE the same numbers come out, in [0, 1].
-    from skingen.models import build_tiny_sdxl
+    from skingen.testing.tiny_sdxl import build_tiny_sdxl
 
     build_tiny_sdxl(tmp_path / "base", seed=0)
     room = report.edge_f1_room(rows, report.vae_reconstructor(tmp_path / "base" / "vae", (64, 64)))
@@ -240,7 +241,7 @@ def test_edge_f1_room_separates_a_skins_own_edges_from_another_skins(tmp_path):
 def test_control_specificity_tells_an_output_that_follows_its_control_from_one_that_ignores_it(tmp_path):
     from PIL import ImageDraw
 
-    from skingen.glyphs import canny_control
+    from skingen.prep.glyphs import canny_control
 
     report = load_script("scripts/demo_report.py")
     boxes = [(8, 8, 40, 30), (30, 34, 60, 60), (4, 40, 24, 60)]

@@ -1,5 +1,5 @@
 """configs/train presets of the write-up's experiments: each loads through its trainer's argument parser, prepares
-its data with a conditioning mode render_glyphs.py has, and has a one-line command in the README."""
+its data with a conditioning mode render_glyphs.py has, and has a one-line command in docs/training.md."""
 
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ def test_preset_data_comment_prepares_its_dataset_with_a_real_mode(preset):
     assert "Not in the write-up" in text  # the choices the write-up does not give are stated
 
 
-def test_readme_has_a_command_for_every_preset():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+def test_training_docs_have_a_command_for_every_preset():
+    readme = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
     for preset in PRESETS:
         assert f"--config configs/train/{preset.name}" in readme, preset.name
 

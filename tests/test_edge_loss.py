@@ -9,10 +9,10 @@ import torch
 from PIL import Image, ImageDraw
 from repo_scripts import tiny_training_argv
 
-from skingen.edge_loss import EdgeLoss, control_edges, soft_edge_f1, soft_edges
-from skingen.glyphs import canny_control
-from skingen.metrics import edge_f1
-from skingen.training import build_arg_parser, parse_training_args, train
+from skingen.evaluate.metrics import edge_f1
+from skingen.prep.glyphs import canny_control
+from skingen.train.edge_loss import EdgeLoss, control_edges, soft_edge_f1, soft_edges
+from skingen.train.loop import build_arg_parser, parse_training_args, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 

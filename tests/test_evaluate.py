@@ -12,10 +12,10 @@ from PIL import Image
 from textimages import SKIN_TEXTS, skin_with_texts
 
 import evaluate
-from skingen.data import write_rows
+from skingen.data.dataset import write_rows
 from skingen.errors import SkingenError
 from skingen.fileio import write_jsonl
-from skingen.glyphs import canny_control
+from skingen.prep.glyphs import canny_control
 
 SIZE = (480, 160)
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from repo_scripts import REPO, load_script
 
-from skingen.data import load_skin_dataset
+from skingen.data.dataset import load_skin_dataset
 from skingen.errors import SkingenError
 
 SCRIPT = REPO / "scripts" / "make_fill50k.py"

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image, ImageDraw
 from repo_scripts import load_script
 
-from skingen.data import read_rows, write_rows
+from skingen.data.dataset import read_rows, write_rows
 from skingen.errors import SkingenError
 from skingen.fileio import atomic_write_json
-from skingen.layout import load_layout
+from skingen.skins.layout import load_layout
 
 filter_dataset = load_script("scripts/filter_dataset.py")
 

@@ -1,4 +1,4 @@
-"""skingen.glyph_fixtures: the two glyph dataset families the text-loss protocol tunes on and confirms on."""
+"""skingen.testing.glyph_fixtures: the two glyph dataset families the text-loss protocol tunes on and confirms on."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from skingen.errors import SkingenError
-from skingen.glyph_fixtures import FAMILIES, write_glyph_family
-from skingen.losses import quad_size
-from skingen.metrics import text_metrics
-from skingen.ocr import get_ocr
+from skingen.evaluate.metrics import text_metrics
+from skingen.prep.ocr import get_ocr
+from skingen.testing.glyph_fixtures import FAMILIES, write_glyph_family
+from skingen.train.text_loss import quad_size
 
 
 @pytest.fixture(scope="module")

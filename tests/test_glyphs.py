@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from skingen import glyphs
 from skingen.errors import SkingenError
-from skingen.glyphs import canny_control, find_cjk_font, render_glyph_control
-from skingen.ocr import TextLine, crop_quad, get_ocr
+from skingen.prep import glyphs
+from skingen.prep.glyphs import canny_control, find_cjk_font, render_glyph_control
+from skingen.prep.ocr import TextLine, crop_quad, get_ocr
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,15 @@ import torch
 from PIL import Image, ImageDraw
 
 import inference
-from skingen import generation
 from skingen.errors import SkingenError
 from skingen.fileio import read_jsonl
+from skingen.generate import pipeline as generate_pipeline
+from skingen.generate.jobs import pair_prompts_and_controls
+from skingen.generate.pipeline import load_controlnet_pipeline
 
 SIZE = 64
 STEPS = "2"
-GENERATE_BATCH = generation.generate_batch  # the real one, whatever a test patches in
+GENERATE_BATCH = generate_pipeline.generate_batch  # the real one, whatever a test patches in
 LAYOUT_YAML = """
 name: test_two_tiles
 canvas: [64, 64]
@@ -111,7 +113,7 @@ def count_batches(monkeypatch, fail_on_call: int | None = None) -> list[int]:
         calls.append(len(jobs))
         return GENERATE_BATCH(pipeline, jobs, settings)
 
-    monkeypatch.setattr(generation, "generate_batch", counted)
+    monkeypatch.setattr(generate_pipeline, "generate_batch", counted)
     return calls
 
 
@@ -234,16 +236,16 @@ def test_prompt_and_control_pairing_rules(tmp_path):
         control_image(index).save(tmp_path / f"c{index}.png")
     c = [str(tmp_path / f"c{index}.png") for index in range(3)]
 
-    one_prompt = generation.pair_prompts_and_controls(["p"], [c])
+    one_prompt = pair_prompts_and_controls(["p"], [c])
     assert [(prompt, controls[0]) for prompt, controls in one_prompt] == [("p", c[0]), ("p", c[1]), ("p", c[2])]
-    one_control = generation.pair_prompts_and_controls(["a", "b"], [c[:1]])
+    one_control = pair_prompts_and_controls(["a", "b"], [c[:1]])
     assert [(prompt, controls[0]) for prompt, controls in one_control] == [("a", c[0]), ("b", c[0])]
-    pairs = generation.pair_prompts_and_controls(["a", "b"], [c[:2]])
+    pairs = pair_prompts_and_controls(["a", "b"], [c[:2]])
     assert [(prompt, controls[0]) for prompt, controls in pairs] == [("a", c[0]), ("b", c[1])]
-    per_controlnet = generation.pair_prompts_and_controls(["a", "b"], [c[:2], c[2:]])
+    per_controlnet = pair_prompts_and_controls(["a", "b"], [c[:2], c[2:]])
     assert [controls for _, controls in per_controlnet] == [(c[0], c[2]), (c[1], c[2])]
     with pytest.raises(SkingenError, match="--prompt has 2.*group 1 has 3.*same number"):
-        generation.pair_prompts_and_controls(["a", "b"], [c])
+        pair_prompts_and_controls(["a", "b"], [c])
 
 
 def test_prompt_lists_generate_one_row_per_pair(tiny_sdxl_dir, controlnet_dir, tmp_path):
@@ -379,9 +381,9 @@ def test_user_errors_are_clear(tiny_sdxl_dir, controlnet_dir, dataset_dir, tmp_p
     with pytest.raises(SkingenError, match="not a diffusers pipeline folder"):
         inference.main(args + ["--dataset_dir", str(dataset_dir), "--pretrained_model_name_or_path", str(tmp_path)])
     with pytest.raises(SkingenError, match="unknown scheduler"):
-        generation.load_controlnet_pipeline(tiny_sdxl_dir, [controlnet_dir], scheduler="plms")
+        load_controlnet_pipeline(tiny_sdxl_dir, [controlnet_dir], scheduler="plms")
     with pytest.raises(SkingenError, match="needs --device cuda"):
-        generation.load_controlnet_pipeline(
+        load_controlnet_pipeline(
             tiny_sdxl_dir, [controlnet_dir], device="cpu", enable_model_cpu_offload=True
         )
     with pytest.raises(SkingenError, match="is the dataset folder"):

@@ -12,9 +12,10 @@ import torch
 from PIL import Image, ImageDraw
 
 import inference
-from skingen import generation, pipelines
+from skingen.backbones import pipelines
 from skingen.errors import SkingenError
 from skingen.fileio import read_jsonl
+from skingen.generate.pipeline import load_controlnet_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BACKBONES = ("sd3", "flux")
@@ -104,7 +105,7 @@ def test_generates_with_the_family_pipeline_seeded_per_image(backbone, flow_mode
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_several_controlnets_make_the_family_multi_controlnet(backbone, flow_models, controls, tmp_path):
     base, controlnet = flow_models[backbone]
-    pipeline = generation.load_controlnet_pipeline(base, [controlnet, controlnet], device="cpu")
+    pipeline = load_controlnet_pipeline(base, [controlnet, controlnet], device="cpu")
     assert type(pipeline).__name__ == pipelines.family_named(backbone).controlnet_pipeline
     assert type(pipeline.controlnet).__name__ == pipelines.family_named(backbone).multi_controlnet_model
     # Both nets see their own control image; a zero scale on the second gives the single-ControlNet image.

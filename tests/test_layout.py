@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from skingen.errors import SkingenError
-from skingen.layout import Layout, available_layouts, fit_image, load_layout, render_template
+from skingen.skins.atlas import fit_image
+from skingen.skins.layout import Layout, available_layouts, load_layout, render_template
 
 SHIPPED = ("key_elements", "four_parts", "full_keyboard")
 

@@ -13,15 +13,11 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from PIL import Image
 from test_recognizer import render_line
 
-from skingen.backbones.sdxl import ddpm_output
+from skingen.backbones.base import VaeLatents
+from skingen.backbones.sdxl import ddpm_output, ddpm_x0
 from skingen.errors import SkingenError
-from skingen.losses import (
-    TextLoss,
-    crop_rotated_boxes,
-    decode_latent_regions,
-    predict_x0,
-)
-from skingen.recognizer import ctc_greedy_decode, encode_texts, load_recognizer, normalize_for_recognizer
+from skingen.train.recognizer import ctc_greedy_decode, encode_texts, load_recognizer, normalize_for_recognizer
+from skingen.train.text_loss import TextLoss, crop_rotated_boxes, decode_latent_regions
 
 # One text line, 96 x 48 px, in a 96 x 128 image (a 12 x 16 latent of the tiny VAE).
 LINE_BOX = [[16.0, 24.0], [112.0, 24.0], [112.0, 72.0], [16.0, 72.0]]
@@ -60,17 +56,18 @@ def call_loss(loss_fn, *, batch, model_pred, noisy_latents, latents, timesteps, 
     backbone."""
     output = ddpm_output(model_pred=model_pred, noisy_latents=noisy_latents, latents=latents, timesteps=timesteps,
                          noise=noise, noise_scheduler=scheduler)
-    return loss_fn(batch=batch, output=output, backbone=SimpleNamespace(vae=vae), weight_dtype=torch.float32, step=0)
+    return loss_fn(batch=batch, output=output, backbone=SimpleNamespace(vae=vae, latent_space=VaeLatents(vae)), weight_dtype=torch.float32, step=0)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_predict_x0_inverts_the_forward_process(prediction_type):
+def test_ddpm_x0_inverts_the_forward_process(prediction_type):
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type=prediction_type)
     latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     timesteps = torch.tensor([10, 200, 900])
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    assert torch.allclose(predict_x0(noisy, target, timesteps, scheduler), latents, atol=1e-3)
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    assert torch.allclose(ddpm_x0(noisy, target, alpha_bar, prediction_type), latents, atol=1e-3)
 
 
 @pytest.mark.parametrize(("text", "angle"), [("搜索", 25), ("Hello 123", -35), ("前往", 90)])
@@ -95,7 +92,7 @@ def test_rotated_box_crop_is_read_correctly(recognizer, text, angle):
 
 
 def test_crops_padded_to_the_batch_width_read_as_at_full_width(recognizer):
-    from skingen.losses import _Crops
+    from skingen.train.text_loss import _Crops
 
     words = ["前往", "删除键", "Hello 123", "中文输入法"]
     lines = [render_line(word, size=24, fg=(20, 20, 40), bg=(200, 220, 240), pad=3) for word in words]
@@ -151,14 +148,14 @@ def test_optimising_blank_pixels_makes_the_recognizer_read_the_target(recognizer
 def test_decode_latent_regions_matches_full_decode_and_keeps_gradients_local(vae):
     latents = torch.randn(2, 4, 12, 16, requires_grad=True)
     whole = [torch.tensor([[[0.0, 0.0], [128.0, 0.0], [128.0, 96.0], [0.0, 96.0]]]), torch.zeros(0, 4, 2)]
-    (tile,) = decode_latent_regions(vae, latents, whole, margin=0)
+    (tile,) = decode_latent_regions(VaeLatents(vae), latents, whole, margin=0)
     with torch.no_grad():
         full = vae.decode(latents[:1] / vae.config.scaling_factor).sample[0]
     assert tile.row == 0 and tile.latent_window == (0, 12, 0, 16)
     assert torch.allclose(tile.image, full, atol=1e-5)
 
     small = [torch.zeros(0, 4, 2), torch.tensor([[[40.0, 40.0], [56.0, 40.0], [56.0, 48.0], [40.0, 48.0]]])]
-    (tile,) = decode_latent_regions(vae, latents, small, margin=1)
+    (tile,) = decode_latent_regions(VaeLatents(vae), latents, small, margin=1)
     assert tile.row == 1
     assert tile.latent_window == (4, 7, 4, 8)  # box cells 5..6 x 5..7, plus one cell of context
     assert tile.image.shape == (3, 24, 32)
@@ -179,7 +176,7 @@ def test_overlapping_boxes_share_one_tile(vae):
             [[16.0, 80.0], [24.0, 80.0], [24.0, 88.0], [16.0, 88.0]],  # far away
         ]
     )
-    tiles = decode_latent_regions(vae, latents, [boxes], margin=1)
+    tiles = decode_latent_regions(VaeLatents(vae), latents, [boxes], margin=1)
     assert sorted(tile.box_indices for tile in tiles) == [[0, 1], [2]]
 
 
@@ -253,7 +250,7 @@ def test_unusable_boxes_are_counted_per_reason_and_reported_in_a_warning(recogni
     inputs = {"batch": batch, "model_pred": torch.randn(1, 4, 12, 16),
               "noisy_latents": scheduler.add_noise(latents, noise, timesteps), "latents": latents,
               "timesteps": timesteps, "noise": noise, "scheduler": scheduler, "vae": vae}
-    with caplog.at_level("WARNING", logger="skingen.losses"):
+    with caplog.at_level("WARNING", logger="skingen.train.text_loss"):
         _, logs = call_loss(loss_fn, **inputs)
         _, _ = call_loss(loss_fn, **inputs)
     assert logs["boxes_used"] == 1

@@ -13,7 +13,8 @@ from PIL import Image
 
 import merge_elements
 from skingen.errors import SkingenError
-from skingen.layout import load_layout, merge_package
+from skingen.skins.atlas import merge_package
+from skingen.skins.layout import load_layout
 
 KEY_ELEMENTS_512 = load_layout("key_elements", 512)
 

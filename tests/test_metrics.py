@@ -1,4 +1,4 @@
-"""skingen.metrics: Canny-edge F1, OCR sentence accuracy / NED on known boxes, CLIP score (tiny CLIP built offline),
+"""skingen.evaluate.metrics: Canny-edge F1, OCR sentence accuracy / NED on known boxes, CLIP score (tiny CLIP built offline),
 diversity (1 - SSIM, perceptual) per control and its wiring into evaluate.py."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from PIL import Image
 from textimages import SKIN_TEXTS, skin_with_texts
 
 from skingen.errors import SkingenError
-from skingen.glyphs import canny_control
-from skingen.metrics import (
+from skingen.evaluate.metrics import (
     ClipScorer,
     PerceptualDistance,
     SSIMDistance,
@@ -26,7 +25,8 @@ from skingen.metrics import (
     ssim,
     text_metrics,
 )
-from skingen.ocr import get_ocr
+from skingen.prep.glyphs import canny_control
+from skingen.prep.ocr import get_ocr
 
 
 def keyboard_like(size: int = 128, shift: int = 0) -> np.ndarray:
@@ -141,7 +141,7 @@ def tiny_clip(tmp_path_factory):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from skingen.models import build_clip_tokenizer
+    from skingen.testing.tiny_sdxl import build_clip_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_clip")
     tokenizer = build_clip_tokenizer()

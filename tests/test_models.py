@@ -11,17 +11,9 @@ import torch
 from PIL import Image
 from repo_scripts import load_script
 
+from skingen.backbones.sdxl import compute_time_ids, encode_prompt, load_or_init_controlnet, load_sdxl_components
 from skingen.errors import SkingenError
-from skingen.models import (
-    build_clip_tokenizer,
-    build_tiny_sdxl,
-    compute_time_ids,
-    count_parameters,
-    encode_prompt,
-    fit_tiny_vae,
-    load_or_init_controlnet,
-    load_sdxl_components,
-)
+from skingen.testing.tiny_sdxl import build_clip_tokenizer, build_tiny_sdxl, count_parameters, fit_tiny_vae
 
 
 def _file_digests(folder: Path) -> dict[str, str]:

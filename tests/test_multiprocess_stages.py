@@ -16,9 +16,9 @@ from PIL import Image, ImageDraw
 from repo_scripts import REPO, load_script
 from textimages import draw_texts
 
-from skingen import data
+from skingen.data import dataset as data
 from skingen.fileio import atomic_write_json
-from skingen.layout import load_layout
+from skingen.skins.layout import load_layout
 
 SIZE = 256
 LAYOUT_YAML = """

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from skingen.errors import SkingenError
-from skingen.ninepatch import parse_ninepatch, stretch
+from skingen.skins.ninepatch import parse_ninepatch, stretch
 
 BLACK = (0, 0, 0, 255)
 
@@ -118,7 +118,7 @@ def test_missing_stretch_marker_and_broken_padding_line_are_errors():
 
 
 def test_encode_parse_and_unstretch_invert_stretch():
-    from skingen.ninepatch import encode_ninepatch, insets_to_ranges, unstretch
+    from skingen.skins.ninepatch import encode_ninepatch, insets_to_ranges, unstretch
 
     content = coded_content(10, 8)
     content[:, 4:6] = (90, 90, 90, 255)  # uniform bands, as 9-patch bands are

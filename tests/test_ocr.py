@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from textimages import cjk_font_at, draw_texts, iou
 
 from skingen.errors import SkingenError
-from skingen.ocr import TextLine, crop_quad, get_ocr, lines_from_paddle_result, texts_from_paddle_recognition
+from skingen.prep.ocr import TextLine, crop_quad, get_ocr, lines_from_paddle_result, texts_from_paddle_recognition
 
 DRAWN = [((60, 40), "前往", (255, 255, 255)), ((300, 120), "搜索", (250, 220, 0)), ((60, 330), "Hello", (20, 20, 20))]
 

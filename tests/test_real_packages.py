@@ -17,11 +17,12 @@ from android_theme import PRESSED, write_theme, write_themes
 from PIL import Image
 
 import merge_elements
-from skingen.element_maps import load_element_map
 from skingen.errors import SkingenError, run_cli
-from skingen.layout import load_layout, merge_package
-from skingen.ninepatch import parse_ninepatch
-from skingen.skins import open_package
+from skingen.skins.atlas import merge_package
+from skingen.skins.element_maps import load_element_map
+from skingen.skins.layout import load_layout
+from skingen.skins.ninepatch import parse_ninepatch
+from skingen.skins.package import open_package
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUT = load_layout("key_elements", 512)
@@ -174,8 +175,8 @@ def test_thin_strips_fit_in_bounded_memory():
         import resource
         import numpy as np
         from PIL import Image
-        from skingen.layout import draw_layer
-        from skingen.ninepatch import parse_ninepatch, encode_ninepatch
+        from skingen.skins.atlas import draw_layer
+        from skingen.skins.ninepatch import parse_ninepatch, encode_ninepatch
         strips = [Image.new("RGBA", (1, 2000), (1, 2, 3, 255)), Image.new("RGBA", (2, 200), (9, 9, 9, 255)),
                   Image.new("RGBA", (2000, 1), (5, 5, 5, 255))]
         strips.append(parse_ninepatch(encode_ninepatch(strips[1], ((0, 2),), ((50, 150),))))
@@ -369,8 +370,8 @@ def test_the_rgba_opener_agrees_with_the_dataset_opener(mode):
     """Element images keep their alpha; composited on white they look exactly as the dataset opener shows them."""
     from PIL import ImageOps
 
-    from skingen.drawables import to_rgba
-    from skingen.images import to_rgb
+    from skingen.data.images import to_rgb
+    from skingen.skins.drawables import to_rgba
 
     rng = np.random.default_rng(0)
     base = Image.fromarray(rng.integers(0, 256, (6, 5, 4), dtype=np.uint8), "RGBA")
@@ -424,7 +425,7 @@ def test_split_removes_what_a_killed_split_left(tmp_path):
     ],
 )
 def test_element_map_mistakes_name_the_file_and_the_fix(tmp_path, text, expected):
-    from skingen.element_maps import check_map_against_layout
+    from skingen.skins.element_maps import check_map_against_layout
 
     path = tmp_path / "map.yaml"
     path.write_text(text, encoding="utf-8")

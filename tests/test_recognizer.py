@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from skingen.errors import SkingenError
-from skingen.recognizer import (
+from skingen.train.recognizer import (
     BLANK_TOKEN,
     REC_HEIGHT,
     REC_MAX_WIDTH,

@@ -11,11 +11,11 @@ from PIL import Image, ImageDraw
 from textimages import draw_texts, iou
 
 import render_glyphs
-from skingen import data
+from skingen.data import dataset as data
 from skingen.errors import SkingenError
 from skingen.fileio import atomic_write_json
-from skingen.layout import load_layout, render_template
-from skingen.ocr import get_ocr
+from skingen.prep.ocr import get_ocr
+from skingen.skins.layout import load_layout, render_template
 
 SIZE = 512
 LAYOUT_YAML = """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_prepare_keyboard_dataset_chain_writes_a_trainable_split_dataset(tmp_path):
     skins, dataset = tmp_path / "skins", tmp_path / "dataset"
     subprocess.run(
-        ["python3", "scripts/make_synthetic_skins.py", "--out", str(skins), "--n", "6", "--seed", "1"],
+        [sys.executable, "scripts/make_synthetic_skins.py", "--out", str(skins), "--n", "6", "--seed", "1"],
         cwd=REPO,
         check=True,
         capture_output=True,
@@ -38,7 +39,7 @@ def test_prepare_keyboard_dataset_chain_writes_a_trainable_split_dataset(tmp_pat
 def test_launch_scripts_train_through_accelerate(tiny_sdxl_dir, tmp_path):
     data = tmp_path / "fill50k"
     subprocess.run(
-        ["python3", "scripts/make_fill50k.py", "--out", str(data), "--n", "4", "--resolution", "64"],
+        [sys.executable, "scripts/make_fill50k.py", "--out", str(data), "--n", "4", "--resolution", "64"],
         cwd=REPO,
         check=True,
         capture_output=True,

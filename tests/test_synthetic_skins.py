@@ -14,9 +14,10 @@ from repo_scripts import load_script
 
 import merge_elements
 from skingen.errors import SkingenError
-from skingen.layout import load_layout, merge_package
-from skingen.ninepatch import parse_ninepatch
-from skingen.skins import find_elements, list_packages, open_package
+from skingen.skins.atlas import merge_package
+from skingen.skins.layout import load_layout
+from skingen.skins.ninepatch import parse_ninepatch
+from skingen.skins.package import find_elements, list_packages, open_package
 
 synthetic = load_script("scripts/make_synthetic_skins.py")
 
@@ -90,7 +91,7 @@ def test_every_shipped_layout_merges_every_package(skins, tmp_path, layout):
 
 
 def test_nav_bar_words_are_readable_by_ocr_at_512(skins):
-    from skingen.ocr import get_ocr
+    from skingen.prep.ocr import get_ocr
 
     layout = load_layout("key_elements", 512)
     x0, y0, x1, y1 = next(e.box for e in layout.elements if e.id == "candidate_bar")

@@ -114,7 +114,7 @@ def test_script_refuses_a_folder_that_is_not_a_pipeline(tmp_path):
 def test_fit_latent_shift_centres_and_scales_the_16_channel_latents(tmp_path):
     from diffusers import AutoencoderKL
 
-    from skingen.tiny_models import build_tiny_flux, fit_latent_shift
+    from skingen.testing.tiny_models import build_tiny_flux, fit_latent_shift
 
     build_tiny_flux(tmp_path / "flux")
     images = [torch.rand(3, 64, 64) * 2 - 1 for _ in range(3)]

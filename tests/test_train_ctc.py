@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_recognizer import FONT_PATH
 
 from skingen.errors import SkingenError, run_cli
-from skingen.training import build_arg_parser, parse_training_args, train
+from skingen.train.loop import build_arg_parser, parse_training_args, train
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -59,7 +59,7 @@ _argv = tiny_training_argv
 def _train_with_text_loss(argv):
     args = script.parse_args(argv)
     logs = []
-    train(args, extra_loss=script.build_text_loss(args), on_step=lambda step, values: logs.append(values))
+    train(args, on_step=lambda step, values: logs.append(values))
     return logs
 
 

@@ -17,8 +17,8 @@ from repo_scripts import REPO, load_script, tiny_training_argv
 from safetensors.torch import load_file
 
 from skingen.errors import SkingenError, run_cli
-from skingen.training import build_arg_parser, parse_training_args, train
-from skingen.training_data import GlobalBatchSampler, resize_and_center_crop, transform_boxes
+from skingen.train.batches import GlobalBatchSampler, resize_and_center_crop, transform_boxes
+from skingen.train.loop import build_arg_parser, parse_training_args, train
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 NUM_ROWS = 6
@@ -300,7 +300,7 @@ def test_two_process_batches_partition_the_one_process_batches():
 def test_interrupted_saves_leave_the_previous_checkpoints_usable(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
-    from skingen.checkpointing import list_checkpoints, recover_interrupted_saves, save_checkpoint
+    from skingen.train.checkpoints import list_checkpoints, recover_interrupted_saves, save_checkpoint
 
     accelerator = Accelerator(cpu=True)
     model, optimizer = accelerator.prepare(torch.nn.Linear(2, 2), torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))]))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from skingen.errors import SkingenError
 from skingen.fileio import read_jsonl
-from skingen.training import build_arg_parser, parse_training_args, train
+from skingen.train.loop import build_arg_parser, parse_training_args, train
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # (width, height) of the rows: two wider than tall, two taller than wide, two square.
@@ -475,7 +475,7 @@ def test_two_processes_with_buckets_lora_and_ema_train_like_one(tiny_sdxl_dir, m
 
 
 def test_validation_grids_sample_with_the_ema_weights(tiny_sdxl_dir, mixed_dataset, tmp_path, monkeypatch):
-    import skingen.training as training
+    import skingen.train.loop as training
 
     seen = []
     out = tmp_path / "run"

@@ -8,13 +8,13 @@ import argparse
 import pytest
 import torch
 
-from skingen.buckets import bucket_placement, bucket_sizes, nearest_bucket, square_placement
-from skingen.conditioning import kaiming_conditioning_encoder, match_conditioning_channels
-from skingen.ema import WeightsEMA
 from skingen.errors import SkingenError
-from skingen.loss_weighting import TimestepBias, min_snr_weights, offset_noise, perturbed_noise, weighted_mse
-from skingen.training_data import GlobalBatchSampler, place_boxes
-from skingen.training_options import INTERPOLATION_MODES, add_option_args, check_option_args, lr_scheduler_names
+from skingen.train.batches import GlobalBatchSampler, place_boxes
+from skingen.train.buckets import bucket_placement, bucket_sizes, nearest_bucket, square_placement
+from skingen.train.conditioning import kaiming_conditioning_encoder, match_conditioning_channels
+from skingen.train.ema import WeightsEMA
+from skingen.train.loss_weighting import TimestepBias, min_snr_weights, offset_noise, perturbed_noise, weighted_mse
+from skingen.train.options import INTERPOLATION_MODES, add_option_args, check_option_args, lr_scheduler_names
 
 
 def test_min_snr_weights_match_the_formula_on_sdxls_schedule():
@@ -218,7 +218,7 @@ def test_option_names_cover_diffusers_choices():
                                          "constant_with_warmup", "piecewise_constant"}
     assert set(INTERPOLATION_MODES) == {"nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos"}
     args = _option_args("--conditioning_image_column", "a", "b", "--conditioning_dropout_prob", "0.25")
-    from skingen.training_options import conditioning_dropout
+    from skingen.train.options import conditioning_dropout
 
     assert conditioning_dropout(args) == [0.25, 0.25]
 
@@ -227,7 +227,7 @@ def test_render_glyphs_writes_a_second_conditioning_kind_beside_the_first(tmp_pa
     from PIL import Image, ImageDraw
     from repo_scripts import load_script
 
-    from skingen import data
+    from skingen.data import dataset as data
 
     render_glyphs = load_script("render_glyphs.py")
     (tmp_path / "images").mkdir()

@@ -4,13 +4,14 @@ SDXL built around a fitted VAE."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 from repo_scripts import REPO, load_script
 
 from skingen.errors import SkingenError
-from skingen.vae_fitting import CHECKPOINT_NAME, VaeRecipe, fit_vae_from_scratch
+from skingen.testing.vae_fitting import CHECKPOINT_NAME, VaeRecipe, fit_vae_from_scratch
 
 ASSET = REPO / "assets" / "tiny_skin_vae"
 SMALL = dict(block_out_channels=(4, 4, 8, 8), latent_channels=4, resolution=32, batch_size=2, learning_rate=1e-2)
@@ -30,9 +31,9 @@ def held_out_atlases(tmp_path, seed: int) -> list:
     """Key-element atlases at 512 px of 4 synthetic skins with picture backgrounds, none of the VAE's (seed 7000)."""
     import subprocess
 
-    subprocess.run(["python3", "scripts/make_synthetic_skins.py", "--out", str(tmp_path / "skins"), "--n", "4",
+    subprocess.run([sys.executable, "scripts/make_synthetic_skins.py", "--out", str(tmp_path / "skins"), "--n", "4",
                     "--seed", str(seed), "--picture_fraction", "1"], cwd=REPO, check=True, capture_output=True)
-    subprocess.run(["python3", "merge_elements.py", "--packages_dir", str(tmp_path / "skins"), "--layout",
+    subprocess.run([sys.executable, "merge_elements.py", "--packages_dir", str(tmp_path / "skins"), "--layout",
                     "key_elements", "--resolution", "512", "--output_dir", str(tmp_path / "atlases")],
                    cwd=REPO, check=True, capture_output=True)
     return sorted((tmp_path / "atlases" / "images").glob("*.png"))
@@ -52,7 +53,7 @@ def test_fit_writes_a_loadable_vae_that_reconstructs_better_than_at_the_start(tm
 
 
 def test_an_interrupted_fit_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_does(tmp_path, monkeypatch):
-    import skingen.vae_fitting as fitting
+    import skingen.testing.vae_fitting as fitting
 
     recipe = VaeRecipe(**SMALL, steps=6)
     fit_vae_from_scratch(tmp_path / "whole", square_images(), recipe, checkpoint_dir=tmp_path / "whole.partial",
@@ -84,7 +85,7 @@ def test_an_interrupted_fit_resumes_from_its_checkpoint_and_ends_where_an_unbrok
 
 
 def test_a_checkpoint_of_another_recipe_is_refused(tmp_path):
-    from skingen.vae_fitting import FitState, build_vae
+    from skingen.testing.vae_fitting import FitState, build_vae
 
     recipe = VaeRecipe(**SMALL, steps=4)
     vae = build_vae(recipe)
@@ -122,7 +123,7 @@ def test_script_will_not_replace_a_folder_it_did_not_write(tmp_path):
 def test_tiny_sdxl_built_around_a_fitted_vae_takes_its_latent_channels(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from skingen.models import build_tiny_sdxl
+    from skingen.testing.tiny_sdxl import build_tiny_sdxl
 
     fit_vae_from_scratch(tmp_path / "vae", square_images(), VaeRecipe(**{**SMALL, "latent_channels": 8}, steps=2),
                          checkpoint_dir=tmp_path / "vae.partial")
@@ -135,7 +136,7 @@ def test_tiny_sdxl_built_around_a_fitted_vae_takes_its_latent_channels(tmp_path)
 def test_tiny_sdxl_refuses_a_vae_that_does_not_downsample_by_8(tmp_path):
     from diffusers import AutoencoderKL
 
-    from skingen.models import build_tiny_sdxl
+    from skingen.testing.tiny_sdxl import build_tiny_sdxl
 
     AutoencoderKL(block_out_channels=(4, 4, 8), down_block_types=("DownEncoderBlock2D",) * 3,
                   up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4).save_pretrained(tmp_path / "vae")
@@ -153,10 +154,10 @@ def test_committed_vae_keeps_a_held_out_skins_own_edges(tmp_path):
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from skingen.glyphs import canny_control
-    from skingen.metrics import edge_f1
-    from skingen.models import vae_round_trip
-    from skingen.training_data import image_to_tensor, tensor_to_image
+    from skingen.evaluate.metrics import edge_f1
+    from skingen.prep.glyphs import canny_control
+    from skingen.testing.tiny_sdxl import vae_round_trip
+    from skingen.train.batches import image_to_tensor, tensor_to_image
 
     vae = AutoencoderKL.from_pretrained(ASSET).eval()
     assert vae.config.latent_channels == 4
@@ -176,7 +177,7 @@ def test_committed_vae_keeps_a_held_out_skins_own_edges(tmp_path):
 def test_a_new_vae_starts_with_a_narrow_posterior_unless_told_otherwise():
     # From unit variance (diffusers' init, initial_logvar 0) a tiny VAE can leave channels as pure noise for good;
     # the recipe starts every channel narrow so each carries signal from the first step.
-    from skingen.vae_fitting import build_vae
+    from skingen.testing.vae_fitting import build_vae
 
     pixels = torch.stack(square_images())
     with torch.no_grad():
@@ -194,7 +195,7 @@ def test_committed_vae_carries_more_signal_than_noise_in_every_latent_channel(tm
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from skingen.training_data import image_to_tensor
+    from skingen.train.batches import image_to_tensor
 
     vae = AutoencoderKL.from_pretrained(ASSET).eval()
     pixels = torch.stack([
@@ -215,9 +216,9 @@ def test_pretraining_around_a_fitted_vae_keeps_it_and_caches_by_its_bytes(tmp_pa
 
     from safetensors.torch import load_file
 
-    subprocess.run(["python3", "scripts/make_synthetic_skins.py", "--out", str(tmp_path / "skins"), "--n", "2",
+    subprocess.run([sys.executable, "scripts/make_synthetic_skins.py", "--out", str(tmp_path / "skins"), "--n", "2",
                     "--seed", "6"], cwd=REPO, check=True, capture_output=True)
-    subprocess.run(["python3", "merge_elements.py", "--packages_dir", str(tmp_path / "skins"), "--layout",
+    subprocess.run([sys.executable, "merge_elements.py", "--packages_dir", str(tmp_path / "skins"), "--layout",
                     "key_elements", "--resolution", "512", "--output_dir", str(tmp_path / "corpus")],
                    cwd=REPO, check=True, capture_output=True)
     for name, steps in (("vae_a", 2), ("vae_b", 3)):

@@ -11,7 +11,7 @@ import functools
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from skingen.glyphs import find_cjk_font
+from skingen.prep.glyphs import find_cjk_font
 
 SKIN_TEXTS = ["前往", "搜索", "设置"]
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SkingenError
-from ..loss_weighting import LossOptions
+from ..train.loss_weighting import LossOptions
 
 # ---------------------------------------------------------------------------------------------------------------
 # What a training step produces
@@ -63,6 +63,43 @@ class DenoiserOutput:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Pixels <-> latents
+
+
+class VaeLatents:
+    """A family's pixel <-> latent conversion around its VAE: encoding, the latent normalisation
+    ``(latent - shift_factor) * scaling_factor``, decoding, channels and downsampling. A family whose VAE normalises
+    otherwise (e.g. per channel) subclasses it and names the subclass in ``Backbone.latent_space_class``."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    @property
+    def scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @torch.no_grad()
+    def encode_parameters(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The latent distribution's parameters (mean and log-variance on channels) of pixels in [-1, 1]."""
+        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return (latents - shift) * config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (fp32) from normalised latents; gradients flow when enabled."""
+        config = self.vae.config
+        latents = latents.float() / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The interface
 
 
@@ -78,6 +115,29 @@ class Backbone(abc.ABC):
     text_subfolders: ClassVar[tuple[str, ...]]  # tokenizers + text encoders, for the cache fingerprint
     default_tracker_project_name: ClassVar[str]
     encodes_conditioning: ClassVar[bool] = False  # the ControlNet sees the conditioning image through the VAE
+    latent_space_class: ClassVar[type[VaeLatents]] = VaeLatents
+    # The family's diffusers classes (every table of family facts is derived from these: skingen.backbones.pipelines,
+    # the ControlNet check, scripts/make_tiny_pipeline.py).
+    denoiser_class_name: ClassVar[str]  # "UNet2DConditionModel", "SD3Transformer2DModel", ...
+    multi_controlnet_class_name: ClassVar[str]
+    vae_class_name: ClassVar[str] = "AutoencoderKL"
+    text_encoder_classes: ClassVar[tuple[tuple[str, str], ...]]  # (subfolder, "transformers.Class") per text encoder
+    tiny_builder: ClassVar[str]  # the builder in skingen.testing.tiny_models of a random-weight pipeline
+    # Inference: the pipeline call and its defaults.
+    schedulers: ClassVar[dict[str, str]]  # sampler name -> diffusers scheduler class
+    default_scheduler: ClassVar[str]
+    default_guidance_scale: ClassVar[float] = 5.0
+    guidance_argument: ClassVar[str] = "guidance_scale"  # the pipeline-call keyword of the guidance scale
+    control_image_argument: ClassVar[str] = "control_image"  # the pipeline-call keyword of the control image(s)
+    # The pipeline-call keywords of the ControlNet's guidance window (every family so far takes both).
+    control_guidance_arguments: ClassVar[tuple[str, ...]] = ("control_guidance_start", "control_guidance_end")
+    size_multiple: ClassVar[int] = 8  # output sides: VAE downsampling x patch or packing size
+    cuda_dtype: ClassVar[str] = "bf16"  # default dtype on CUDA
+    negative_prompt: ClassVar[bool] = True  # whether a negative prompt is used (FLUX.1-dev is guidance-distilled)
+    needs_negative_embeds: ClassVar[bool] = False  # given prompt embeddings, the pipeline needs negative ones too
+    tags: ClassVar[tuple[str, ...]] = ()  # model-card tags
+    license: ClassVar[str] = "other"  # model-card licence of ControlNets trained on the base model
+    pipeline_kwargs: ClassVar[dict[str, Any]] = {}  # extra from_pretrained arguments of the pipeline at inference
     ddp_find_unused_parameters: ClassVar[bool] = False  # the ControlNet has parameters a step leaves unused
 
     # Set by load(): frozen models, in loading order.
@@ -151,6 +211,12 @@ class Backbone(abc.ABC):
                   "--out DIR`")
 
     @classmethod
+    def model_parts(cls) -> list[tuple[str, str]]:
+        """``(subfolder, "library.Class")`` of each model in a pipeline folder of this family, ControlNet last."""
+        return [(cls.denoiser_subfolder, f"diffusers.{cls.denoiser_class_name}"), ("vae", f"diffusers.{cls.vae_class_name}"),
+                *cls.text_encoder_classes, ("controlnet", f"diffusers.{cls.controlnet_class_name}")]
+
+    @classmethod
     def required_subfolders(cls) -> tuple[str, ...]:
         return (*cls.text_subfolders, "vae", cls.denoiser_subfolder, "scheduler")
 
@@ -164,12 +230,17 @@ class Backbone(abc.ABC):
     # -- sizes ----------------------------------------------------------------------------------------------
 
     @property
+    def latent_space(self) -> VaeLatents:
+        """Pixels <-> latents through this family's VAE (every module that encodes or decodes goes through it)."""
+        return self.latent_space_class(self.vae)
+
+    @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.latent_space.scale_factor
 
     @property
     def latent_channels(self) -> int:
-        return self.vae.config.latent_channels
+        return self.latent_space.channels
 
     @abc.abstractmethod
     def resolution_multiple(self) -> tuple[int, str]:
@@ -227,8 +298,7 @@ class Backbone(abc.ABC):
         if "latent_dist" in batch:
             parameters = batch["latent_dist"]
         else:
-            with torch.no_grad():
-                parameters = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.parameters
+            parameters = self.latent_space.encode_parameters(batch["pixel_values"])
         # The VAE's diagonal Gaussian (mean, log-variance) as diffusers' DiagonalGaussianDistribution reads it.
         mean, logvar = parameters.float().chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -236,9 +306,7 @@ class Backbone(abc.ABC):
         return self.normalize_latents(latents).to(weight_dtype)
 
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        config = self.vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0
-        return (latents - shift) * config.scaling_factor
+        return self.latent_space.normalize(latents)
 
     @abc.abstractmethod
     def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype) -> DenoiserOutput:
@@ -294,9 +362,7 @@ class Backbone(abc.ABC):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (fp32) from normalised latents."""
-        config = self.vae.config
-        latents = latents.float() / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
-        return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+        return self.latent_space.decode(latents)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,7 +378,7 @@ def load_part(what: str, source: str, loader, *, layout_help: str, **kwargs):
     """Call ``loader(source, **kwargs)``; turn load failures into a SkingenError naming the part and the source."""
     try:
         return loader(source, **kwargs)
-    except (OSError, ValueError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, TypeError, json.JSONDecodeError) as err:
         sub = kwargs.get("subfolder")
         where = f"{source}/{sub}" if sub else source
         first_line = str(err).splitlines()[0] if str(err) else ""
@@ -350,7 +416,11 @@ def read_model_config(source: str, *, cache_dir: str | None = None) -> dict[str,
     return json.loads(Path(hf_hub_download(source, "config.json", cache_dir=cache_dir)).read_text(encoding="utf-8"))
 
 
-DENOISER_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+def denoiser_class_names() -> tuple[str, ...]:
+    """The denoiser classes of every registered family (a folder holding one is a base model's part)."""
+    from . import FAMILIES, backbone_class
+
+    return tuple(backbone_class(name).denoiser_class_name for name in FAMILIES)
 
 
 def check_controlnet_source(backbone: type[Backbone], name_or_path, denoiser_config, *, source_of_base: str,
@@ -373,7 +443,7 @@ def check_controlnet_source(backbone: type[Backbone], name_or_path, denoiser_con
         raise SkingenError(f"{flag} {source}: could not read its config.json ({type(err).__name__}: {err}); "
                            f"{backbone.controlnet_help()}") from None
     class_name = config.get("_class_name")
-    if class_name in DENOISER_CLASSES:
+    if class_name in denoiser_class_names():
         raise SkingenError(f"{flag} {source}: this folder holds a {class_name} (a base model's denoiser), not a "
                            f"ControlNet; give a {backbone.controlnet_class_name} folder, or drop the flag to initialise "
                            f"the ControlNet from {source_of_base}")

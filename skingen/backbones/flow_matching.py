@@ -16,15 +16,19 @@ import copy
 import torch
 
 from ..errors import SkingenError
-from ..loss_weighting import offset_noise, perturbed_noise
+from ..train.loss_weighting import offset_noise, perturbed_noise
 from .base import Backbone
 
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+# Samplers of the flow-matching families (their pipelines pass flow sigmas and FLUX's resolution shift ``mu``).
+FLOW_SCHEDULERS = {"flow_euler": "FlowMatchEulerDiscreteScheduler"}
 
 
 class FlowMatchingBackbone(Backbone):
     default_weighting_scheme = "logit_normal"
     encodes_conditioning = True
+    schedulers = FLOW_SCHEDULERS
+    default_scheduler = "flow_euler"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -60,6 +60,15 @@ class FluxBackbone(FlowMatchingBackbone):
     denoiser_subfolder = "transformer"
     text_subfolders = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
     default_tracker_project_name = "flux_train_controlnet"
+    denoiser_class_name = "FluxTransformer2DModel"
+    multi_controlnet_class_name = "FluxMultiControlNetModel"
+    text_encoder_classes = (("text_encoder", "transformers.CLIPTextModel"),
+                            ("text_encoder_2", "transformers.T5EncoderModel"))
+    tiny_builder = "build_tiny_flux"
+    default_guidance_scale = 3.5  # FLUX.1-dev's distilled guidance (an input of the transformer, not CFG)
+    size_multiple = 16  # 8x VAE, 2x2 packing
+    negative_prompt = False
+    tags = ("flux",)  # FLUX.1-dev: FLUX.1 [dev] Non-Commercial License
     default_max_sequence_length = 512
 
     @classmethod

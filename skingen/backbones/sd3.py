@@ -29,6 +29,15 @@ class SD3Backbone(FlowMatchingBackbone):
     denoiser_subfolder = "transformer"
     text_subfolders = ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3")
     default_tracker_project_name = "sd3_train_controlnet"
+    denoiser_class_name = "SD3Transformer2DModel"
+    multi_controlnet_class_name = "SD3MultiControlNetModel"
+    text_encoder_classes = (("text_encoder", "transformers.CLIPTextModelWithProjection"),
+                            ("text_encoder_2", "transformers.CLIPTextModelWithProjection"),
+                            ("text_encoder_3", "transformers.T5EncoderModel"))
+    tiny_builder = "build_tiny_sd3"
+    size_multiple = 16  # 8x VAE, 2x2 patches
+    needs_negative_embeds = True
+    tags = ("sd3", "sd3.5")  # SD3.5: Stability AI Community License
     default_max_sequence_length = 77
     ddp_find_unused_parameters = True  # as diffusers' SD3 trainer
 

@@ -18,9 +18,24 @@ from typing import Any
 import torch
 
 from ..errors import SkingenError
-from ..lora import diffusers_lora_state, save_lora
-from ..loss_weighting import TIMESTEP_BIAS_STRATEGIES, TimestepBias, min_snr_weights, offset_noise, perturbed_noise
+from ..train.lora import diffusers_lora_state, save_lora
+from ..train.loss_weighting import (
+    TIMESTEP_BIAS_STRATEGIES,
+    TimestepBias,
+    min_snr_weights,
+    offset_noise,
+    perturbed_noise,
+)
 from .base import Backbone, DenoiserOutput, check_controlnet_source, config_mismatches, load_part, resolve_model_source
+
+# Samplers of the DDPM-trained SDXL (names users know from SDXL front-ends -> diffusers classes).
+DDPM_SCHEDULERS = {
+    "unipc": "UniPCMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+}
 
 
 @dataclass
@@ -54,6 +69,18 @@ class SDXLBackbone(Backbone):
     denoiser_subfolder = "unet"
     text_subfolders = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
     default_tracker_project_name = "sd_xl_train_controlnet"
+    denoiser_class_name = "UNet2DConditionModel"
+    multi_controlnet_class_name = "MultiControlNetModel"
+    text_encoder_classes = (("text_encoder", "transformers.CLIPTextModel"),
+                            ("text_encoder_2", "transformers.CLIPTextModelWithProjection"))
+    tiny_builder = "build_tiny_sdxl"
+    schedulers = DDPM_SCHEDULERS
+    default_scheduler = "unipc"
+    control_image_argument = "image"
+    cuda_dtype = "fp16"
+    tags = ("stable-diffusion-xl",)
+    license = "openrail++"
+    pipeline_kwargs = {"add_watermarker": False}  # the invisible watermark changes pixels; outputs are research data
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
