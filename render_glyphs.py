@@ -38,6 +38,7 @@ from skingen.errors import SkingenError, run_cli
 from skingen.fileio import atomic_save_image, atomic_write_json, remove_stale_temp_files
 from skingen.prep.glyphs import GlyphCounts, canny_control, find_cjk_font, keep_ocr_lines, render_glyph_control
 from skingen.prep.ocr import BACKENDS, get_ocr
+from skingen.skins.bds.dataset import boxes_template, exact_text_lines
 from skingen.skins.layout import LAYOUT_RECORD, Layout, load_layout, render_template
 
 CONDITIONING_DIR = "conditioning_images"
@@ -139,7 +140,10 @@ def main(argv=None) -> None:
     dataset_dir = Path(args.dataset_dir)
     checked = data.read_checked_rows(dataset_dir, rows.RENDER)
     reference = load_reference(args) if args.mode.startswith("reference") else None
-    layout = dataset_layout(args, dataset_dir, checked) if args.mode in ("template", "glyph") else None
+    # Rows with exact labels (a package's own keyboard) carry their boxes: glyph mode draws on their own template.
+    all_exact = all(row.raw.get("texts_exact") for row in checked)
+    needs_layout = args.mode == "template" or (args.mode == "glyph" and not all_exact)
+    layout = dataset_layout(args, dataset_dir, checked) if needs_layout else None
     font = find_cjk_font(args.font) if args.mode in GLYPH_MODES else None
     folder = output_folder(args.output_column)
     settings = run_settings(args, layout, font)
@@ -160,7 +164,7 @@ def main(argv=None) -> None:
         ))
     else:
         base = None
-        if args.mode == "glyph":
+        if args.mode == "glyph" and layout is not None:
             base = render_template(layout).convert("RGB")
         elif args.mode == "reference_glyph":
             base = reference
@@ -296,7 +300,14 @@ class ControlRenderer:
     def __init__(self, args, dataset_dir: Path, base: Image.Image | None, font):
         self.args, self.dataset_dir, self.base, self.font = args, dataset_dir, base, font
         self.glyph = args.mode in GLYPH_MODES
-        self.ocr = get_ocr(args.ocr_backend, **ocr_options(args)) if self.glyph else None
+        self._ocr = None
+
+    @property
+    def ocr(self):
+        """The OCR engine, built at the first row that needs it (rows with exact labels need none)."""
+        if self._ocr is None:
+            self._ocr = get_ocr(self.args.ocr_backend, **ocr_options(self.args))
+        return self._ocr
 
 
 def render_row(renderer: ControlRenderer, row: rows.Row) -> sharding.Entry:
@@ -305,7 +316,13 @@ def render_row(renderer: ControlRenderer, row: rows.Row) -> sharding.Entry:
     image = open_rgb(row.image.path, row.where)
     target = conditioning_path_for(row.image.rel, output_folder(args.output_column))
     fields, counts = {args.output_column: target}, GlyphCounts()
-    if renderer.glyph:
+    if renderer.glyph and row.raw.get("texts_exact"):  # the package says every string: no OCR
+        good = exact_text_lines(row.raw)
+        base = renderer.base if renderer.base is not None else boxes_template(image.size, row.raw["box"])
+        control = render_glyph_control(base, good, renderer.font)
+        counts.found += len(good)
+        counts.kept += len(good)
+    elif renderer.glyph:
         check_same_size(renderer.base, image, row, args.mode)
         lines = renderer.ocr.read_batch([np.asarray(image)])[0]
         good = keep_ocr_lines(lines, image.size, args.min_confidence, counts)
