@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--num_beams", type=int, default=1, help="BLIP: beam search width (1 = greedy)")
     parser.add_argument("--overwrite", action="store_true", help="recaption rows that already have a caption")
+    parser.add_argument("--save_every", type=int, default=None,
+                        help="accepted for older command lines and configs: every finished batch is now kept "
+                             "(--batch_size sets how much a kill can redo)")
     sharding.add_shard_arguments(parser)
     args = parse_args_with_config(parser, argv)
     if args.max_new_tokens < 1 or args.num_beams < 1:
