@@ -1,4 +1,5 @@
-"""Batch generation with a trained SDXL, SD3/SD3.5 or FLUX.1 ControlNet, over a dataset split or prompt/control lists.
+"""Batch generation with a trained SDXL, SD3/SD3.5, FLUX.1, Z-Image or Qwen-Image ControlNet, over a dataset split or
+prompt/control lists.
 
     python inference.py --pretrained_model_name_or_path models/stable-diffusion-xl-base-1.0 \\
         --controlnet outputs/controlnet/checkpoint-16000/controlnet \\
@@ -9,7 +10,7 @@
 Writes ``images/<row>_s<seed>.png``, ``grids/<row>.png`` (control image(s), then the row's images),
 ``results.jsonl`` (one record per image: prompt, seed, control image, settings, output path, and the
 row's ``box``/``texts`` for evaluate.py) and, with ``--split_elements``, a skin package per image under
-``packages/``. The base model folder's ``model_index.json`` picks the pipeline (SDXL, SD3, FLUX) and its
+``packages/``. The base model folder's ``model_index.json`` picks the pipeline (SDXL, SD3, FLUX, Z-Image, Qwen-Image) and its
 default sampler (UniPC for SDXL, flow-matching Euler for SD3/FLUX). Several ``--controlnet`` folders make a
 multi-ControlNet. A rerun skips images already listed in results.jsonl, so an interrupted run resumes;
 ``--overwrite`` regenerates everything.
@@ -54,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--pretrained_model_name_or_path",
         type=str,
         default=None,
-        help="Base pipeline folder: SDXL, SD3/SD3.5 or FLUX.1, from its model_index.json (or a hub id when online).",
+        help="Base pipeline folder: SDXL, SD3/SD3.5, FLUX.1, Z-Image or Qwen-Image, from its model_index.json (or a "
+        "hub id when online).",
     )
     models.add_argument(
         "--controlnet",
@@ -126,14 +128,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=str,
         default=None,
         choices=list(SCHEDULERS),
-        help="Sampler (default: unipc for SDXL; flow_euler, the only one, for SD3 and FLUX).",
+        help="Sampler (default: unipc for SDXL; flow_euler, the only one, for the flow-matching families).",
     )
     sampling.add_argument("--num_inference_steps", type=int, default=20)
     sampling.add_argument(
         "--guidance_scale",
         type=float,
         default=None,
-        help="Classifier-free guidance for SDXL/SD3 (default 5.0); FLUX.1-dev's distilled guidance (default 3.5).",
+        help="Classifier-free guidance for SDXL/SD3/Z-Image (default 5.0; Z-Image-Turbo: 0); FLUX.1-dev's distilled "
+        "guidance (default 3.5); Qwen-Image's true_cfg_scale (default 4.0, against --negative_prompt, default ' ').",
     )
     sampling.add_argument("--negative_prompt", type=str, default=None)
     sampling.add_argument("--num_images_per_prompt", type=int, default=1)
@@ -169,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=str,
         default=None,
         choices=list(DTYPES),
-        help="Default: fp32 on CPU; on CUDA fp16 for SDXL, bf16 for SD3 and FLUX.",
+        help="Default: fp32 on CPU; on CUDA fp16 for SDXL, bf16 for the flow-matching families.",
     )
     runtime.add_argument("--device", type=str, default=None, help="Default: cuda when available, else cpu.")
     runtime.add_argument(

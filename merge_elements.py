@@ -9,6 +9,10 @@ written atomically, so a killed run redoes only the last few packages.
     python merge_elements.py --packages_dir skins/ --layout key_elements --resolution 512 \\
         --element_map android --output_dir datasets/keyboard_512 --num_workers 8 --skip_incomplete
 
+A Baidu IME skin (``.bds``, zipped or unzipped) merges like any package (``--element_map baidu`` finds its styles),
+or draws its own keyboard with exact key boxes and strings (``--layout package --keyboard py_9 --orientation port``);
+``--split --format bds`` writes a keyboard image back as a .bds (docs/bds.md).
+
 --split cuts atlases (e.g. generated skins) back into package folders a skin designer imports, with a
 skin.yaml that this script reads back; --dataset_dir gives each atlas its package's file names, native
 sizes, 9-patch markers and alpha (from the merge record of the row with the same package name):
@@ -34,9 +38,12 @@ from skingen.data.dataset import read_rows, write_rows
 from skingen.errors import SkingenError, run_cli
 from skingen.fileio import atomic_save_image, atomic_write_json, remove_stale_temp_files
 from skingen.skins.atlas import compose_package, split_atlas
+from skingen.skins.bds.dataset import PACKAGE_LAYOUT, render_package_row
+from skingen.skins.bds.views import open_any_package
+from skingen.skins.bds.writer import split_to_bds
 from skingen.skins.element_maps import ElementMap, check_map_against_layout, load_element_map
 from skingen.skins.layout import LAYOUT_RECORD, Layout, load_layout
-from skingen.skins.package import check_unique_names, list_packages, open_package, package_name
+from skingen.skins.package import check_unique_names, list_packages, package_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 ROWS_FILE = "train.jsonl"
@@ -49,7 +56,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--packages_dir", default=None, help="folder whose sub-folders and .zip files are skin packages")
     parser.add_argument("--package", nargs="+", default=None, help="one or more package folders / .zip files")
-    parser.add_argument("--layout", default="key_elements", help="a name in configs/layouts/ or a path to a .yaml spec")
+    parser.add_argument("--layout", default="key_elements", help="a name in configs/layouts/ or a path to a .yaml spec; 'package': each Baidu package's own --keyboard")
+    parser.add_argument("--keyboard", default=None, help="with --layout package: the keyboard file of the package to draw (py_26, py_9, en_26, symbol, ...; default py_26)")
+    parser.add_argument("--orientation", default=None, choices=("port", "land"), help="with --layout package: portrait or landscape keyboards (default port)")
+    parser.add_argument("--format", default="folder", choices=("folder", "bds"), help="with --split: package folders with skin.yaml, or Baidu .bds files")
     parser.add_argument("--element_map", default=None, help="which files make each element (background, icon, label): a name in configs/element_maps/ (e.g. android) or a path to a .yaml map; a package's skin.yaml wins over it")
     parser.add_argument("--resolution", type=int, default=None, help="canvas width, e.g. 512 or 1024 (default: the layout's first)")
     parser.add_argument("--output_dir", required=True, help="dataset folder (merge) or folder of package folders (--split)")
@@ -70,6 +80,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error("give either --packages_dir DIR or --package PATH [PATH ...]")
         if args.input is not None or args.dataset_dir is not None:
             parser.error("--input and --dataset_dir are for --split; merge reads --packages_dir or --package")
+    if args.layout == PACKAGE_LAYOUT:
+        if args.split or args.element_map:
+            parser.error("--layout package draws Baidu packages' own keyboards; --split and --element_map are for atlas layouts")
+        args.keyboard, args.orientation = args.keyboard or "py_26", args.orientation or "port"
+    elif args.keyboard or args.orientation:
+        parser.error("--keyboard and --orientation choose a Baidu package's own keyboard: use them with --layout package")
+    if args.format != "folder" and not args.split:
+        parser.error("--format chooses what --split writes; merging reads every package form by itself")
     if args.num_workers < 1:
         parser.error("--num_workers must be at least 1")
     return args
@@ -105,7 +123,7 @@ def merge_one(job: tuple[str, Layout, ElementMap | None, str, bool]) -> dict:
     package_path, layout, element_map, dataset_dir, skip_incomplete = job
     name = package_name(package_path)
     try:
-        with open_package(package_path) as package:
+        with open_any_package(package_path) as package:
             if not package.files:
                 raise SkingenError(f"{package.path}: the package is empty; put its element images in it or remove it")
             composition = compose_package(package, layout, element_map)
@@ -115,8 +133,10 @@ def merge_one(job: tuple[str, Layout, ElementMap | None, str, bool]) -> dict:
         raise
     atomic_save_image(composition.alpha, Path(dataset_dir) / MASKS_DIR / f"{name}.png")
     atomic_save_image(composition.image, Path(dataset_dir) / "images" / f"{name}.png")
-    return {"package": name, "placements": composition.placements, "unused": composition.unused,
-            "warning": composition.warning, "choices": composition.choices}  # fmt: skip
+    warning = "; ".join(filter(None, [composition.warning, *getattr(package, "warnings", [])])) or None  # a .bds's missing parts
+    source = {"source_package": str(Path(package_path).resolve())} if hasattr(package, "views") else {}  # a .bds
+    return {"package": name, "placements": composition.placements, "unused": composition.unused, **source,
+            "warning": warning, "choices": composition.choices}  # fmt: skip
 
 
 class RowSaver:
@@ -182,7 +202,8 @@ def merge_packages(args: argparse.Namespace, layout: Layout, element_map: Elemen
             if args.verbose:
                 tqdm.write("\n".join(result["choices"]))
             saver.add(name, {"image": f"images/{name}.png", "package": name, "layout": layout.name,
-                             "elements": result["placements"]})  # fmt: skip
+                             "elements": result["placements"],
+                             **({"source_package": result["source_package"]} if "source_package" in result else {})})  # fmt: skip
     finally:
         if pool is not None:
             pool.terminate()
@@ -211,6 +232,81 @@ def merge_packages(args: argparse.Namespace, layout: Layout, element_map: Elemen
             f"{dataset_dir / ROWS_FILE}: no package could be merged ({len(skipped)} skipped, reasons above); "
             "fix the packages or the layout/element map before the next stage"
         )
+
+
+def render_one(job: tuple[str, str, str, int | None, str, bool]) -> dict:
+    """Draw one Baidu package's own keyboard and save it; runs in a worker process."""
+    package_path, keyboard, orientation, width, dataset_dir, skip_incomplete = job
+    name = package_name(package_path)
+    try:
+        result = render_package_row(package_path, name, keyboard, orientation, width)
+    except SkingenError as err:
+        if skip_incomplete:
+            return {"package": name, "skipped": str(err)}
+        raise
+    atomic_save_image(result.image, Path(dataset_dir) / "images" / f"{name}.png")
+    return {"package": name, "row": {"image": f"images/{name}.png", **result.row, "resolution": width}, "warnings": result.warnings,
+            "demo_edge_f1": result.demo_f1}  # fmt: skip
+
+
+def merge_package_keyboards(args: argparse.Namespace) -> None:
+    """--layout package: each package's own keyboard, with its exact boxes and strings, one row per package."""
+    paths = list_packages(args.packages_dir) if args.packages_dir else [Path(p) for p in args.package]
+    check_unique_names(paths)
+    dataset_dir = Path(args.output_dir)
+    if (dataset_dir / LAYOUT_RECORD).is_file():
+        raise SkingenError(f"{dataset_dir / LAYOUT_RECORD}: this dataset holds atlases of a layout spec; write the "
+                           f"packages' own keyboards (--layout {PACKAGE_LAYOUT}) to another --output_dir")
+    (dataset_dir / "images").mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dataset_dir, subfolders=("images",))
+    rows = read_rows(dataset_dir) if (dataset_dir / ROWS_FILE).is_file() else []
+    wanted = {"keyboard": args.keyboard, "orientation": args.orientation, "resolution": args.resolution}
+    done = {row.get("package") for row in rows if (dataset_dir / str(row.get("image", ""))).is_file()
+            and all(row.get(k) == v for k, v in wanted.items())}  # fmt: skip
+    todo = [p for p in paths if package_name(p) not in done]
+    saver = RowSaver(dataset_dir, rows, {package_name(p): i for i, p in enumerate(paths)})
+    print(f"{len(paths)} packages: {len(paths) - len(todo)} already drawn, {len(todo)} to draw: keyboard "
+          f"'{args.keyboard}' ({args.orientation}) at width {args.resolution or 'as designed'}")
+    jobs = [(str(p), args.keyboard, args.orientation, args.resolution, str(dataset_dir), args.skip_incomplete) for p in todo]
+    skipped, warnings, faithfulness = {}, {}, {}
+    pool = multiprocessing.Pool(args.num_workers) if args.num_workers > 1 and len(jobs) > 1 else None
+    try:
+        for result in tqdm(pool.imap_unordered(render_one, jobs) if pool else map(render_one, jobs),
+                           total=len(jobs), desc="draw", unit="skin"):  # fmt: skip
+            name = result["package"]
+            if "skipped" in result:
+                skipped[name] = result["skipped"]
+                continue
+            for line in result["warnings"]:
+                warnings.setdefault(name, []).append(line)
+                if args.verbose or sum(map(len, warnings.values())) <= SHOWN_WARNINGS:
+                    tqdm.write(f"warning: {line}")
+            if result["demo_edge_f1"] is not None:
+                faithfulness[name] = result["demo_edge_f1"]
+            saver.add(name, result["row"])
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        saver.save()
+    total_warnings = sum(map(len, warnings.values()))
+    mean_f1 = sum(faithfulness.values()) / len(faithfulness) if faithfulness else None
+    atomic_write_json(dataset_dir / "merge_report.json", {
+        "layout": PACKAGE_LAYOUT, **wanted, "merged": len(todo) - len(skipped),
+        "already_merged": len(paths) - len(todo), "skipped": skipped, "warnings": warnings,
+        "demo_edge_f1": faithfulness, "demo_edge_f1_mean": mean_f1,
+    })  # fmt: skip
+    if total_warnings > SHOWN_WARNINGS and not args.verbose:
+        print(f"warning: {total_warnings - SHOWN_WARNINGS} more warning(s) ({total_warnings} in all): each is in "
+              f"{dataset_dir / 'merge_report.json'} (\"warnings\")")
+    if mean_f1 is not None:
+        print(f"faithfulness: edge F1 against the packages' demo.png {mean_f1:.3f} (mean of {len(faithfulness)})")
+    print(f"drew {len(todo) - len(skipped)}, already drawn {len(paths) - len(todo)}, skipped {len(skipped)}; "
+          f"rows in {dataset_dir / ROWS_FILE}")
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}")
+    if not saver.rows:
+        raise SkingenError(f"{dataset_dir / ROWS_FILE}: no package could be drawn ({len(skipped)} skipped, reasons above)")
 
 
 def merge_records(dataset_dir: Path) -> dict[str, dict]:
@@ -271,7 +367,10 @@ def split_atlases(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.split:
-        split_atlases(args)
+        split_to_bds(args) if args.format == "bds" else split_atlases(args)
+        return
+    if args.layout == PACKAGE_LAYOUT:
+        merge_package_keyboards(args)
         return
     layout = load_layout(args.layout, args.resolution)
     element_map = load_element_map(args.element_map) if args.element_map else None

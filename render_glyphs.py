@@ -35,6 +35,7 @@ from skingen.errors import SkingenError, run_cli
 from skingen.fileio import atomic_save_image, atomic_write_json, remove_stale_temp_files
 from skingen.prep.glyphs import GlyphCounts, canny_control, find_cjk_font, keep_ocr_lines, render_glyph_control
 from skingen.prep.ocr import BACKENDS, get_ocr
+from skingen.skins.bds.dataset import boxes_template, exact_text_lines
 from skingen.skins.layout import LAYOUT_RECORD, Layout, load_layout, render_template
 
 CONDITIONING_DIR = "conditioning_images"
@@ -130,7 +131,10 @@ def main(argv=None) -> None:
     if removed:
         print(f"removed {removed} temp file(s) left by an interrupted run")
     reference = load_reference(args) if args.mode.startswith("reference") else None
-    layout = dataset_layout(args, dataset_dir, checked) if args.mode in ("template", "glyph") else None
+    # Rows with exact labels (a package's own keyboard) carry their boxes: glyph mode draws on their own template.
+    all_exact = all(row.raw.get("texts_exact") for row in checked)
+    needs_layout = args.mode == "template" or (args.mode == "glyph" and not all_exact)
+    layout = dataset_layout(args, dataset_dir, checked) if needs_layout else None
     font = find_cjk_font(args.font) if args.mode in GLYPH_MODES else None
     folder = output_folder(args.output_column)
     settings_changed = start_run(dataset_dir, checked, run_settings(args, layout, font), args.output_column)
@@ -144,7 +148,7 @@ def main(argv=None) -> None:
                       settings_changed)
     else:
         base = None
-        if args.mode == "glyph":
+        if args.mode == "glyph" and layout is not None:
             base = render_template(layout).convert("RGB")
         elif args.mode == "reference_glyph":
             base = reference
@@ -220,16 +224,26 @@ def render_per_image(args, dataset_dir: Path, checked: list[rows.Row], base: Ima
     print(f"{args.mode}: {len(checked)} rows, {len(checked) - len(todo)} already done, {len(todo)} to render")
     if not todo:
         return
-    ocr = get_ocr(args.ocr_backend, **ocr_options(args)) if glyph else None
+    needs_ocr = glyph and not all(row.raw.get("texts_exact") for row in todo)
+    ocr = get_ocr(args.ocr_backend, **ocr_options(args)) if needs_ocr else None
     counts = GlyphCounts()
     with tqdm(total=len(todo), desc=f"{args.mode} images", unit="img") as progress:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start : start + args.batch_size]
             images = [open_rgb(row.image.path, row.where) for row in batch]
-            lines = ocr.read_batch([np.asarray(image) for image in images]) if glyph else [None] * len(batch)
-            for row, image, image_lines in zip(batch, images, lines):
+            unread = [image for row, image in zip(batch, images) if not row.raw.get("texts_exact")]
+            read = iter(ocr.read_batch([np.asarray(image) for image in unread]) if ocr is not None and unread else [])
+            for row, image in zip(batch, images):
                 target = conditioning_path_for(row.image.rel, output_folder(args.output_column))
-                if glyph:
+                if glyph and row.raw.get("texts_exact"):  # the package says every string: no OCR
+                    good = exact_text_lines(row.raw)
+                    control = render_glyph_control(
+                        base if base is not None else boxes_template(image.size, row.raw["box"]), good, font
+                    )
+                    counts.found += len(good)
+                    counts.kept += len(good)
+                elif glyph:
+                    image_lines = next(read)
                     check_same_size(base, image, row, args.mode)
                     good = keep_ocr_lines(image_lines, image.size, args.min_confidence, counts)
                     control = render_glyph_control(base, good, font)

@@ -10,6 +10,7 @@ names follow one of three naming conventions, and a few optional keys are left o
 is byte-identical for the same arguments.
 
     python scripts/make_synthetic_skins.py --out skins/ --n 8 --seed 0
+    python scripts/make_synthetic_skins.py --out bds_skins/ --n 8 --format bds   # Baidu IME .bds packages
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from skingen.config import parse_args_with_config  # noqa: E402
 from skingen.errors import SkingenError, run_cli  # noqa: E402
 from skingen.fileio import AtomicDirectory, atomic_write_bytes  # noqa: E402
 from skingen.prep.glyphs import find_cjk_font  # noqa: E402
+from skingen.skins.bds.synthetic import write_synthetic_bds  # noqa: E402
 
 NAV_WORDS = ("前往", "搜索", "设置", "皮肤", "表情", "语音", "翻译", "键盘", "手写", "剪贴板")
 LETTER_ROWS = ("QWERTYUIOP", "ASDFGHJKL", "ZXCVBNM")
@@ -91,6 +93,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--picture_fraction", type=float, default=0.5,
         help="share of skins whose keyboard background is a picture (large shapes of its own) instead of a plain pattern",
     )
+    parser.add_argument("--format", default="android", choices=("android", "bds"),
+                        help="android: element-image packages; bds: Baidu IME skins (skingen/skins/bds/synthetic.py), half as .bds zips")
     parser.add_argument("--font", default=None, help="font with Chinese glyphs (default: found via fontconfig)")
     args = parse_args_with_config(parser, argv)
     if args.n < 1:
@@ -416,6 +420,12 @@ def make_synthetic_skins(
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.format == "bds":
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        font = str(find_cjk_font(args.font))
+        paths = [write_synthetic_bds(Path(args.out), index, args.seed, font) for index in range(args.n)]
+        print(f"wrote {len(paths)} Baidu skin packages to {args.out} ({sum(p.suffix == '.bds' for p in paths)} as .bds)")
+        return
     paths = make_synthetic_skins(
         args.out, args.n, args.seed, args.zip_fraction, args.ninepatch_fraction, args.font, args.picture_fraction
     )

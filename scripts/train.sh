@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Train an SDXL, SD3/SD3.5 or FLUX.1 ControlNet with accelerate (the seed's controlnet.sh, with skingen's defaults).
+# Train an SDXL, SD3/SD3.5, FLUX.1, Z-Image or Qwen-Image ControlNet with accelerate (the seed's controlnet.sh, with skingen's defaults).
 #
 # Usage: MODEL_DIR=/models/stable-diffusion-xl-base-1.0 DATA_DIR=datasets/keyboard_512 bash scripts/train.sh [more flags]
 #        BACKBONE=sd3 MODEL_DIR=/models/stable-diffusion-3.5-medium DATA_DIR=... bash scripts/train.sh
-# BACKBONE (sdxl | sd3 | flux) picks train_controlnet_$BACKBONE.py. Every variable below can be set from the
+#        BACKBONE=qwenimage MODEL_DIR=/models/Qwen-Image DATA_DIR=... bash scripts/train.sh --config configs/train/qwenimage_glyph_1328.yaml
+# BACKBONE (sdxl | sd3 | flux | zimage | qwenimage) picks train_controlnet_$BACKBONE.py. Every variable below can be set from the
 # environment; extra arguments go to the training script and win over the defaults here (e.g.
 # --config configs/train/sd35_medium_glyph_1024.yaml, --resume_from_checkpoint latest).
 set -euo pipefail
@@ -14,7 +15,9 @@ case "$BACKBONE" in
   sdxl) default_model=stabilityai/stable-diffusion-xl-base-1.0 ;;
   sd3) default_model=stabilityai/stable-diffusion-3.5-medium ;;
   flux) default_model=black-forest-labs/FLUX.1-dev ;;
-  *) echo "error: BACKBONE=$BACKBONE: choose sdxl, sd3 or flux" >&2; exit 2 ;;
+  zimage) default_model=Tongyi-MAI/Z-Image-Turbo ;;
+  qwenimage) default_model=Qwen/Qwen-Image ;;
+  *) echo "error: BACKBONE=$BACKBONE: choose sdxl, sd3, flux, zimage or qwenimage" >&2; exit 2 ;;
 esac
 MODEL_DIR=${MODEL_DIR:-$default_model}        # the base pipeline: local folder or hub id
 DATA_DIR=${DATA_DIR:?set DATA_DIR to a prepared dataset folder (train.jsonl + images/ + conditioning_images/)}

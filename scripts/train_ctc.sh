@@ -36,8 +36,8 @@ fi
 BACKBONE=${BACKBONE:-sdxl}
 case "$BACKBONE" in
   sdxl) train_script=train_controlnet_sdxl_ctc.py ;;
-  sd3 | flux) train_script=train_controlnet_$BACKBONE.py ;;
-  *) echo "error: BACKBONE=$BACKBONE: choose sdxl, sd3 or flux" >&2; exit 2 ;;
+  sd3 | flux | zimage | qwenimage) train_script=train_controlnet_$BACKBONE.py ;;
+  *) echo "error: BACKBONE=$BACKBONE: choose sdxl, sd3, flux, zimage or qwenimage" >&2; exit 2 ;;
 esac
 
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/controlnet_ctc} BACKBONE=$BACKBONE TRAIN_SCRIPT=$train_script exec bash scripts/train.sh \

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny SDXL, SD3 and FLUX pipelines (+ ControlNet) built once per session, and a CJK font."""
+"""Shared fixtures: tiny SDXL, SD3, FLUX, Z-Image and Qwen-Image pipelines (+ ControlNet) built once per session, and a
+CJK font."""
 
 from __future__ import annotations
 
@@ -39,6 +40,26 @@ def tiny_flux_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_flux")
     build_tiny_flux(out, seed=0, controlnet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_zimage_dir(tmp_path_factory):
+    """A diffusers-format tiny Z-Image pipeline with a matching ZImageControlNetModel in ``<dir>/controlnet``."""
+    from skingen.testing.tiny_zimage import build_tiny_zimage
+
+    out = tmp_path_factory.mktemp("tiny_zimage")
+    build_tiny_zimage(out, seed=0, controlnet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwenimage_dir(tmp_path_factory):
+    """A diffusers-format tiny Qwen-Image pipeline with a matching QwenImageControlNetModel in ``<dir>/controlnet``."""
+    from skingen.testing.tiny_qwenimage import build_tiny_qwenimage
+
+    out = tmp_path_factory.mktemp("tiny_qwenimage")
+    build_tiny_qwenimage(out, seed=0, controlnet=True)
     return out
 
 

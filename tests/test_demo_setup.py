@@ -43,7 +43,7 @@ def test_setup_uses_a_project_venv_where_pip_is_refused(tmp_path):
     python = externally_managed_python(tmp_path / "system")
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
-    for name in ("scripts/setup.sh", "scripts/test.sh", "requirements.txt"):
+    for name in ("scripts/setup.sh", "scripts/test.sh", "requirements.txt", "requirements.lock"):
         shutil.copy2(REPO / name, repo / name)
     env = dict(os.environ, PYTHON=str(python), PYTHONPATH=sysconfig.get_path("purelib"))
     env.pop("PIP_BREAK_SYSTEM_PACKAGES", None)

@@ -373,9 +373,10 @@ def test_train_presets_parse(preset, tmp_path, monkeypatch):
     script = load_script(named.group(0) if named else "train_controlnet_sdxl.py")
     args = script.parse_args(["--config", str(path), "--pretrained_model_name_or_path", "/models/base",
                               "--output_dir", str(tmp_path)])
-    assert args.resolution in (512, 1024)
+    assert args.resolution in (512, 1024, 1328)  # 1328: Qwen-Image's native square size
     assert args.train_data_dir or args.dataset_name
-    assert args.backbone == {"sd3": "sd3", "flux": "flux"}.get(Path(script.__file__).stem.split("_")[-1], "sdxl")
+    family = Path(script.__file__).stem.split("_")[-1]
+    assert args.backbone == (family if family in ("sd3", "flux", "zimage", "qwenimage") else "sdxl")
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs" / "accelerate").glob("*.yaml")))

@@ -80,4 +80,4 @@ def test_train_ctc_script_runs_the_flux_trainer_with_the_text_loss(tiny_flux_dir
 
     env["BACKBONE"] = "sd2"
     proc = subprocess.run(["bash", "scripts/train.sh"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 2 and "BACKBONE=sd2: choose sdxl, sd3 or flux" in proc.stderr
+    assert proc.returncode == 2 and "BACKBONE=sd2: choose sdxl, sd3, flux, zimage or qwenimage" in proc.stderr

@@ -1,4 +1,4 @@
-"""Base-model families: one module each (``sdxl``, ``sd3``, ``flux``), behind the interface in ``base``.
+"""Base-model families: one module each (``sdxl``, ``sd3``, ``flux``, ``zimage``, ``qwenimage``), behind the interface in ``base``.
 
 ``backbone_class(family)`` gives a family's :class:`~skingen.backbones.base.Backbone` subclass;
 ``family_of_pipeline(folder)`` reads a diffusers pipeline folder's ``model_index.json`` to tell which family it is.
@@ -40,7 +40,7 @@ def check_controlnet_for_pipeline(controlnet_name_or_path, pipeline_folder, *, f
 
     family = family_of_pipeline(pipeline_folder)
     if family is None:
-        raise SkingenError(f"{pipeline_folder}: no model_index.json of an SDXL, SD3 or FLUX.1 pipeline there")
+        raise SkingenError(f"{pipeline_folder}: no model_index.json of a pipeline skingen trains on ({', '.join(FAMILIES)}) there")
     backbone = backbone_class(family)
     denoiser_config = read_model_config(str(Path(pipeline_folder).expanduser() / backbone.denoiser_subfolder))
     return check_controlnet_source(backbone, controlnet_name_or_path, denoiser_config, source_of_base=str(pipeline_folder),

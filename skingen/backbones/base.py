@@ -66,6 +66,13 @@ class DenoiserOutput:
 # Pixels <-> latents
 
 
+def posterior_mean_std(parameters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation (fp32) of a VAE's diagonal Gaussian from its parameters ``(B, 2C, ...)`` (mean,
+    log-variance), as diffusers' ``DiagonalGaussianDistribution`` reads them."""
+    mean, logvar = parameters.float().chunk(2, dim=1)
+    return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+
 class VaeLatents:
     """A family's pixel <-> latent conversion around its VAE: encoding, the latent normalisation
     ``(latent - shift_factor) * scaling_factor``, decoding, channels and downsampling. A family whose VAE normalises
@@ -139,6 +146,8 @@ class Backbone(abc.ABC):
     license: ClassVar[str] = "other"  # model-card licence of ControlNets trained on the base model
     pipeline_kwargs: ClassVar[dict[str, Any]] = {}  # extra from_pretrained arguments of the pipeline at inference
     ddp_find_unused_parameters: ClassVar[bool] = False  # the ControlNet has parameters a step leaves unused
+    default_negative_prompt: ClassVar[str | None] = None  # sent at inference when none is given (Qwen-Image's CFG)
+    denoiser_quantized: bool = False  # the frozen denoiser was loaded quantized (--base_quantization): never cast it
 
     # Set by load(): frozen models, in loading order.
     tokenizers: list
@@ -189,18 +198,19 @@ class Backbone(abc.ABC):
         return {"variant": self.args.variant, "dtype": self.frozen_dtype}
 
     def _load_vae(self):
-        from diffusers import AutoencoderKL
+        import diffusers
 
+        vae_class = getattr(diffusers, self.vae_class_name)
         separate = self.args.pretrained_vae_model_name_or_path
         if separate is None:
-            return self.part("VAE", AutoencoderKL.from_pretrained, "vae", variant=self.args.variant)
+            return self.part("VAE", vae_class.from_pretrained, "vae", variant=self.args.variant)
         # A separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix) is a model folder of its own, as in diffusers.
         source = str(separate)
         if not Path(source).expanduser().exists() and looks_like_local_path(source):
             raise SkingenError(f"--pretrained_vae_model_name_or_path {source}: folder not found; expected a diffusers "
-                               "AutoencoderKL folder with config.json and diffusion_pytorch_model.safetensors")
+                               f"{self.vae_class_name} folder with config.json and diffusion_pytorch_model.safetensors")
         return load_part("VAE", str(Path(source).expanduser()) if Path(source).expanduser().exists() else source,
-                         AutoencoderKL.from_pretrained, layout_help="expected a diffusers AutoencoderKL folder",
+                         vae_class.from_pretrained, layout_help=f"expected a diffusers {self.vae_class_name} folder",
                          **self.common)
 
     @classmethod
@@ -299,9 +309,7 @@ class Backbone(abc.ABC):
             parameters = batch["latent_dist"]
         else:
             parameters = self.latent_space.encode_parameters(batch["pixel_values"])
-        # The VAE's diagonal Gaussian (mean, log-variance) as diffusers' DiagonalGaussianDistribution reads it.
-        mean, logvar = parameters.float().chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        mean, std = posterior_mean_std(parameters)
         latents = mean + std * batch["latent_noise"].float()
         return self.normalize_latents(latents).to(weight_dtype)
 
@@ -328,6 +336,11 @@ class Backbone(abc.ABC):
         controlnet_class = getattr(diffusers, self.controlnet_class_name)
         return load_part("ControlNet", source, controlnet_class.from_pretrained,
                          layout_help=self.controlnet_help(), cache_dir=self.common["cache_dir"])
+
+    def enable_gradient_checkpointing(self, controlnet) -> None:
+        """``--gradient_checkpointing`` on the ControlNet and the frozen denoiser."""
+        controlnet.enable_gradient_checkpointing()
+        self.denoiser.enable_gradient_checkpointing()
 
     @classmethod
     def controlnet_help(cls) -> str:

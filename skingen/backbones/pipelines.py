@@ -45,6 +45,7 @@ class Family:
     license: str = "other"
     pipeline_kwargs: dict = field(default_factory=dict)  # extra from_pretrained arguments of the pipeline
     encodes_control: bool = False  # the pipeline encodes control images with the VAE
+    default_negative_prompt: str | None = None  # sent when none is given (Qwen-Image's true CFG needs one)
 
     @classmethod
     def of(cls, backbone) -> Family:
@@ -59,6 +60,7 @@ class Family:
             cuda_dtype=backbone.cuda_dtype, negative_prompt=backbone.negative_prompt,
             needs_negative_embeds=backbone.needs_negative_embeds, tags=backbone.tags, license=backbone.license,
             pipeline_kwargs=dict(backbone.pipeline_kwargs), encodes_control=backbone.encodes_conditioning,
+            default_negative_prompt=backbone.default_negative_prompt,
         )
 
 
@@ -81,7 +83,7 @@ def family_of_pipeline(pretrained_model_name_or_path: str | os.PathLike, *, revi
     if local.is_dir() and not (local / "model_index.json").is_file():
         raise SkingenError(
             f"{local}: not a diffusers pipeline folder (no model_index.json); --pretrained_model_name_or_path takes an "
-            "SDXL, SD3/SD3.5 or FLUX.1 pipeline folder; build a tiny one offline with "
+            "SDXL, SD3/SD3.5, FLUX.1, Z-Image or Qwen-Image pipeline folder; build a tiny one offline with "
             "`python scripts/make_tiny_pipeline.py --backbone sd3 --out DIR`"
         )
     where = f"{local / 'model_index.json'}" if local.exists() else f"{source} (model_index.json)"
@@ -90,7 +92,7 @@ def family_of_pipeline(pretrained_model_name_or_path: str | os.PathLike, *, revi
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise SkingenError(
             f"{where}: could not read the pipeline index ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-            "--pretrained_model_name_or_path must be a diffusers pipeline folder (SDXL, SD3/SD3.5 or FLUX.1) or, "
+            "--pretrained_model_name_or_path must be a diffusers pipeline folder (SDXL, SD3/SD3.5, FLUX.1, Z-Image, Qwen-Image) or, "
             "online, a hub id; build a tiny one with `python scripts/make_tiny_pipeline.py --backbone sd3 --out DIR`"
         ) from None
     class_name = config.get("_class_name")
@@ -105,7 +107,7 @@ def family_of_controlnet(controlnet: Any) -> Family:
     """The family a ControlNet model (or multi-ControlNet wrapper) belongs to, by its diffusers class."""
     names = {type(controlnet).__name__, type(getattr(controlnet, "_orig_mod", controlnet)).__name__}
     for family in FAMILIES.values():
-        if names & {family.controlnet_model, family.multi_controlnet_model}:
+        if names & {family.controlnet_model, family.multi_controlnet_model} - {""}:
             return family
     raise SkingenError(f"{sorted(names)[0]}: not a ControlNet class skingen knows (SDXL, SD3 or FLUX)")
 

@@ -7,7 +7,8 @@ import importlib
 
 from ..errors import SkingenError
 
-FAMILIES = {"sdxl": "SDXLBackbone", "sd3": "SD3Backbone", "flux": "FluxBackbone"}
+FAMILIES = {"sdxl": "SDXLBackbone", "sd3": "SD3Backbone", "flux": "FluxBackbone", "zimage": "ZImageBackbone",
+            "qwenimage": "QwenImageBackbone"}
 
 
 def backbone_class(family: str):

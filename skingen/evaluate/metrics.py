@@ -161,6 +161,8 @@ def text_metrics(
     """
     if len(boxes) != len(texts):
         raise SkingenError(f"{len(boxes)} boxes but {len(texts)} texts; each box needs exactly one text")
+    # A box without a string is layout, not text (e.g. an icon key of a package's own keyboard): not scored.
+    boxes, texts = zip(*[(b, t) for b, t in zip(boxes, texts) if normalize_text(t)]) if any(map(normalize_text, texts)) else ((), ())
     pixels = np.ascontiguousarray(_as_rgb_array(image))
     scale = np.asarray(box_scale, dtype=np.float32)
     crops = [crop_quad(pixels, np.asarray(box, dtype=np.float32) * scale) for box in boxes]

@@ -161,6 +161,9 @@ def load_family_pipeline(
     if vae_model_name_or_path is not None:
         vae_class = getattr(diffusers, family.vae_model)
         extra["vae"] = load_part("VAE", str(vae_model_name_or_path), vae_class.from_pretrained, layout_help=LOAD_HELP)
+    if len(controlnets) > 1 and not family.multi_controlnet_model:
+        raise SkingenError(f"--controlnet: {family.title} pipelines take one ControlNet (diffusers has no multi-ControlNet "
+                           "for it); give one folder")
     controlnet = (
         controlnets[0] if len(controlnets) == 1 else getattr(diffusers, family.multi_controlnet_model)(controlnets)
     )
@@ -292,9 +295,11 @@ def generate_batch(pipeline, jobs: Sequence[ImageJob], settings: SamplingSetting
     count = controlnet_count(pipeline)
     inputs = controlnet_inputs(pipeline)
     height, width = jobs[0].height, jobs[0].width
-    # Control images go in as one (batch, 3, H, W) tensor in [0, 1] per ControlNet: the pipeline takes a batch of
-    # PIL images for a single ControlNet only, and tensors give both cases the same preprocessing.
-    processor = getattr(pipeline, "control_image_processor", None) or _unit_range_processor()
+    # Control images go in as one (batch, 3, H, W) tensor per ControlNet: the pipeline takes a batch of PIL images
+    # for a single ControlNet only, and tensors give both cases the same preprocessing. SDXL's ControlNet reads
+    # [0, 1]; the flow families' pipelines pass a tensor to their VAE as it is, so it must already be in [-1, 1],
+    # as their own preprocessing of a PIL image makes it and as training encodes it.
+    processor = getattr(pipeline, "control_image_processor", None) or _vae_range_processor()
     # A ControlNet trained on several conditioning images takes them stacked on channels, in column order.
     groups = [
         torch.cat([
@@ -308,10 +313,14 @@ def generate_batch(pipeline, jobs: Sequence[ImageJob], settings: SamplingSetting
     starts = per_controlnet(settings.control_guidance_start, count, "--control_guidance_start")
     ends = per_controlnet(settings.control_guidance_end, count, "--control_guidance_end")
     window = (starts[0], ends[0]) if count == 1 else (starts, ends)
+    if not family.control_guidance_arguments and (any(s != 0.0 for s in starts) or any(e != 1.0 for e in ends)):
+        raise SkingenError(f"--control_guidance_start/--control_guidance_end: {family.controlnet_pipeline} applies the "
+                           "ControlNet at every step; drop the flags")
+    negative_prompt = settings.negative_prompt if settings.negative_prompt is not None else family.default_negative_prompt
     result = pipeline(
         prompt=[job.row.prompt for job in jobs],
         # None: the family's default (SDXL's zeroed negative embedding, SD3's empty prompt); a string is encoded.
-        **({} if settings.negative_prompt is None else {"negative_prompt": [settings.negative_prompt] * len(jobs)}),
+        **({} if negative_prompt is None else {"negative_prompt": [negative_prompt] * len(jobs)}),
         **{family.control_image_argument: groups[0] if count == 1 else groups},
         height=height,
         width=width,
@@ -325,8 +334,9 @@ def generate_batch(pipeline, jobs: Sequence[ImageJob], settings: SamplingSetting
     return result.images
 
 
-def _unit_range_processor():
-    """Control images as [0, 1] tensors, for pipelines (SD3, FLUX) that normalise them before their VAE."""
+def _vae_range_processor():
+    """Control images as [-1, 1] tensors, for the pipelines (SD3, FLUX, Z-Image, Qwen-Image) that VAE-encode a
+    tensor control image without preprocessing it."""
     from diffusers.image_processor import VaeImageProcessor
 
-    return VaeImageProcessor(do_normalize=False, do_convert_rgb=True)
+    return VaeImageProcessor(do_normalize=True, do_convert_rgb=True)

@@ -36,6 +36,7 @@ from .ninepatch import NinePatch, is_ninepatch_name, parse_ninepatch
 if TYPE_CHECKING:
     from .layout import Element, Layout
 
+ZIP_SUFFIXES = (".zip", ".bds")  # .bds: a Baidu IME skin, a zip (read by skingen.skins.bds)
 MAX_ENTRY_BYTES = 256 * 1024 * 1024  # no skin element comes near this; larger entries are zip bombs or mistakes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 DRAWABLE_SUFFIXES = (*IMAGE_SUFFIXES, ".xml")
@@ -109,13 +110,13 @@ class SkinPackage:
         self._zip_entries: dict[str, zipfile.ZipInfo] = {}
         if self.path.is_dir():
             self.files = self._folder_files()
-        elif self.path.is_file() and self.path.suffix.lower() == ".zip":
+        elif self.path.is_file() and self.path.suffix.lower() in ZIP_SUFFIXES:
             self._open_zip()
             self.files = sorted(self._zip_entries)
         elif not self.path.exists():
             raise SkingenError(f"{self.path}: skin package not found")
         else:
-            raise SkingenError(f"{self.path}: a skin package must be a folder or a .zip file")
+            raise SkingenError(f"{self.path}: a skin package must be a folder, a .zip or a .bds file")
         self._image_sizes: dict[str, tuple[int, int]] = {}
 
     def _folder_files(self) -> list[str]:
@@ -254,7 +255,7 @@ class SkinPackage:
 
 def package_name(path: str | os.PathLike) -> str:
     path = Path(path)
-    return path.stem if path.suffix.lower() == ".zip" else path.name
+    return path.stem if path.suffix.lower() in ZIP_SUFFIXES else path.name
 
 
 def open_package(path: str | os.PathLike) -> SkinPackage:
@@ -269,7 +270,7 @@ def list_packages(packages_dir: str | os.PathLike) -> list[Path]:
     found = sorted(
         p
         for p in packages_dir.iterdir()
-        if not p.name.startswith(".") and (p.is_dir() or (p.is_file() and p.suffix.lower() == ".zip"))
+        if not p.name.startswith(".") and (p.is_dir() or (p.is_file() and p.suffix.lower() in ZIP_SUFFIXES))
     )
     if not found:
         raise SkingenError(

@@ -11,6 +11,7 @@ encoder with a small Unigram tokenizer saved as ``T5TokenizerFast`` (T5's layout
 
 from __future__ import annotations
 
+import importlib
 import os
 import string
 from pathlib import Path
@@ -314,10 +315,12 @@ def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0, controlnet: bool 
 def build_tiny_pipeline(
     backbone: str, out_dir: str | os.PathLike, *, seed: int = 0, controlnet: bool = False, preset: str = "tiny"
 ) -> Path:
-    """Build the tiny pipeline of ``backbone`` (sdxl, sd3 or flux); ``preset`` applies to SDXL (tiny, small)."""
+    """Build the tiny pipeline of ``backbone`` (one of BACKBONES); ``preset`` applies to SDXL (tiny, small)."""
     if backbone not in BACKBONES:
         raise SkingenError(f"--backbone {backbone!r}: unknown backbone; choose one of {', '.join(BACKBONES)}")
-    builder = globals()[backbone_class(backbone).tiny_builder]
+    name = backbone_class(backbone).tiny_builder
+    # A family's builder lives here or in its own module, skingen/testing/tiny_<family>.py.
+    builder = globals().get(name) or getattr(importlib.import_module(f"{__package__}.tiny_{backbone}"), name)
     if builder is build_tiny_sdxl:
         return build_tiny_sdxl(out_dir, preset=preset, seed=seed, controlnet=controlnet)
     if preset != "tiny":

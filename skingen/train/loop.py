@@ -265,8 +265,7 @@ def set_up(args, accelerator, extra_losses: tuple[ExtraLoss, ...]) -> Run:
         denoiser.enable_npu_flash_attention()
         controlnet.enable_npu_flash_attention()
     if args.gradient_checkpointing:
-        controlnet.enable_gradient_checkpointing()
-        denoiser.enable_gradient_checkpointing()
+        backbone.enable_gradient_checkpointing(controlnet)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -294,7 +293,8 @@ def fill_caches(run: Run) -> None:
     run.loss_samples = _training_samples(run, run.held_out, cache_root) if run.held_out is not None else run.samples
     vae_on_device = not args.cache_latents or bool(run.extra_losses) or backbone.encodes_conditioning
     place_model(backbone.vae, run.device if vae_on_device else "cpu", run.vae_dtype)
-    place_model(backbone.denoiser, run.device, run.weight_dtype)
+    if not backbone.denoiser_quantized:  # a quantized denoiser is already on its device, in its own dtypes
+        place_model(backbone.denoiser, run.device, run.weight_dtype)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

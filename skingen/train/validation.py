@@ -91,7 +91,8 @@ def log_validation(pairs: Sequence[ValidationPair], *, args, accelerator, backbo
     scheduler = pipelines.make_scheduler(family, family.default_scheduler, backbone.noise_scheduler.config)
     pipeline = backbone.validation_pipeline(controlnet, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
-    guidance_scale = getattr(args, "guidance_scale", None) or family.default_guidance_scale
+    guidance_scale = getattr(args, "guidance_scale", None)
+    guidance_scale = family.default_guidance_scale if guidance_scale is None else guidance_scale
     empty_prompt = _cached_empty_prompt(text_cache) if family.needs_negative_embeds else None
     rows = []
     for pair in pairs:
