@@ -5,8 +5,10 @@
 
 A caption is the captioner's description (BLIP continues ``--prompt``), then ``--trigger_word``, then
 ``writing "..."`` with the row's ``texts``. Rows that already have a caption are kept unless
-``--overwrite``; train.jsonl is rewritten atomically every ``--save_every`` images, so an interrupted
-run resumes where it stopped (temp files a killed run left are removed first).
+``--overwrite``; each finished batch is kept as a part file under ``.parts/`` and merged into train.jsonl at
+the end (and on Ctrl-C), so an interrupted run resumes where it stopped (temp files a killed run left are
+removed first). Launched on several processes (``accelerate launch``, ``torchrun``, ``srun``; docs/cluster.md),
+each captions its share of the rows on its own device and train.jsonl comes out the same.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from skingen import sharding
 from skingen.config import parse_args_with_config
 from skingen.data.dataset import read_checked_rows, write_rows
 from skingen.data.rows import CAPTION
@@ -61,27 +64,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--num_beams", type=int, default=1, help="BLIP: beam search width (1 = greedy)")
     parser.add_argument("--overwrite", action="store_true", help="recaption rows that already have a caption")
-    parser.add_argument(
-        "--save_every",
-        type=int,
-        default=8,
-        help="rewrite train.jsonl after this many new captions (a kill redoes fewer)",
-    )
+    parser.add_argument("--save_every", type=int, default=None,
+                        help="accepted for older command lines and configs: every finished batch is now kept "
+                             "(--batch_size sets how much a kill can redo)")
+    sharding.add_shard_arguments(parser)
     args = parse_args_with_config(parser, argv)
-    if args.max_new_tokens < 1 or args.save_every < 1 or args.num_beams < 1:
-        raise SkingenError("--max_new_tokens, --num_beams and --save_every must be >= 1")
+    if args.max_new_tokens < 1 or args.num_beams < 1:
+        raise SkingenError("--max_new_tokens and --num_beams must be >= 1")
+    sharding.check_shard_arguments(args)
+    if args.overwrite and args.num_shards > 1:
+        raise SkingenError("--overwrite with --num_shards: run the --overwrite pass without --num_shards")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = read_checked_rows(args.dataset_dir, CAPTION)
-    remove_stale_temp_files(args.dataset_dir)
+    settings = {name: getattr(args, name) for name in ("captioner", "model", "prompt", "dtype", "max_new_tokens", "num_beams")}
+    group = sharding.process_group()
+    if args.num_shards == 1:  # job-array tasks run side by side: leave another task's temp files alone
+        group.on_main(lambda: remove_stale_temp_files(args.dataset_dir))
+    launched_device = group.device if group.size > 1 else None  # each process its own GPU
     captioner = build_captioner(
         args.captioner,
         model_name_or_path=args.model,
         prompt=args.prompt,
-        device=args.device,
+        device=args.device or (launched_device and str(launched_device)),
         dtype=args.dtype,
         max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
@@ -94,9 +102,13 @@ def main(argv=None) -> int:
         trigger_word=args.trigger_word,
         overwrite=args.overwrite,
         batch_size=args.batch_size,
-        save_every=args.save_every,
         max_writing_texts=args.max_writing_texts,
+        captioner_settings=settings,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
     )
+    if not group.is_main or args.num_shards > 1:
+        return 0
     print(f"{args.dataset_dir}: captioned {stats.captioned} of {stats.total} rows, kept {stats.kept} existing captions")
     for row in rows[:3]:
         print(f"  {row.image.rel}: {row.raw.get('text', '')}")

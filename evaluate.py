@@ -6,7 +6,10 @@ known text boxes (OCR sentence accuracy and normalised edit distance), optional 
     python evaluate.py --compare outputs/infer_ctc outputs/infer_plain   # side by side (e.g. with vs without the text loss)
 
 Writes ``metrics.json`` (per image + summary) and ``metrics.md`` into ``--output_dir`` (default: the
-results or images folder); ``--compare`` writes ``comparison.json`` and ``comparison.md``.
+results or images folder); ``--compare`` writes ``comparison.json`` and ``comparison.md``. Launched on several
+processes (``accelerate launch``, ``torchrun``, ``srun``; docs/cluster.md) the images are split between them
+(``--num_workers`` adds OCR workers to each) and metrics.json comes out the same; a killed run resumes from its
+part files.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import json
 import sys
 from pathlib import Path
 
+from skingen import sharding
 from skingen.config import parse_args_with_config
 from skingen.data import rows
 from skingen.data.dataset import enforce_rows, find_dataset_files, scan_folder
+from skingen.data.images import open_rgb
 from skingen.errors import SkingenError, run_cli
 from skingen.evaluate.metrics import (
     ClipScorer,
@@ -27,7 +32,7 @@ from skingen.evaluate.metrics import (
     SSIMDistance,
     compare_reports,
     comparison_markdown,
-    evaluate_pairs,
+    evaluate_pair,
     metrics_markdown,
     summarize,
 )
@@ -73,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--diversity_size", type=int, default=64, help="grey thumbnail size (px) for the 1 - SSIM diversity"
     )
+    parser.add_argument(
+        "--batch_size", type=int, default=16, help="images per batch (and CLIP call); each batch is kept as a part file"
+    )
+    parser.add_argument("--num_workers", type=int, default=1, help="worker processes for the OCR and edge metrics")
     args = parse_args_with_config(parser, argv)
     modes = [bool(args.results_dir), bool(args.dataset_dir or args.images_dir), bool(args.compare)]
     if sum(modes) != 1:
@@ -85,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     if args.tolerance < 0:
         raise SkingenError(f"--tolerance must be >= 0 pixels, got {args.tolerance}")
+    if args.batch_size < 1 or args.num_workers < 1:
+        raise SkingenError("--batch_size and --num_workers must be at least 1")
     return args
 
 
@@ -208,28 +219,64 @@ def load_dataset_pairs(dataset_dir: str, images_dir: str) -> list[EvalPair]:
 
 
 def evaluate_folder(pairs: list[EvalPair], source: str, output_dir: Path, args: argparse.Namespace) -> dict:
+    """Per-image metrics over the launched processes (and --num_workers workers each), kept as part files so a
+    killed run resumes; the main process merges them in pair order, adds diversity and the summary, and writes
+    metrics.json/md. Every process gets the report back."""
     needs_ocr = args.ocr_backend != "none" and any(pair.boxes for pair in pairs)
-    records = evaluate_pairs(
-        pairs,
-        ocr=get_ocr(args.ocr_backend) if needs_ocr else None,
-        clip_scorer=ClipScorer(args.clip_model, device=args.device) if args.clip_model else None,
-        tolerance=args.tolerance,
-        low=args.low_threshold,
-        high=args.high_threshold,
+    settings = {name: getattr(args, name) for name in ("tolerance", "low_threshold", "high_threshold", "clip_model")}
+    shard = sharding.shard_for(output_dir, "evaluate", {**settings, "source": source, "ocr": needs_ocr and args.ocr_backend})
+    shard.group.on_main(shard.parts.prepare)
+    finished = shard.parts.read()
+    todo = [(position, pair) for position, pair in enumerate(pairs) if pair.id not in finished]
+    clip_scorer = ClipScorer(args.clip_model, device=args.device) if args.clip_model and todo else None
+
+    def merge(entries: dict[str, sharding.Entry]) -> dict:
+        records = [entries[pair.id].fields for pair in pairs]
+        measure = (
+            PerceptualDistance(args.diversity_model, args.device) if args.diversity_model
+            else SSIMDistance(args.diversity_size)
+        )  # fmt: skip
+        spread = measure_diversity(records, measure)  # needs every image: one process
+        report = {
+            "source": source,
+            "tolerance": args.tolerance,
+            "summary": summarize(records, diversity_overall=spread["overall"]),
+            "diversity": spread,
+            "images": records,
+        }
+        remove_stale_temp_files(output_dir)  # of a run killed while writing its metrics
+        atomic_write_json(output_dir / METRICS_FILE, report)
+        atomic_write_text(output_dir / "metrics.md", metrics_markdown(report))
+        return report
+
+    def evaluate_batch(pool: sharding.WorkerPool, batch: list[EvalPair]) -> list[sharding.Entry]:
+        records = pool.map(batch)
+        if clip_scorer is not None:  # batched on its device, in this process
+            images = [open_rgb(pair.output, pair.where) for pair in batch]
+            for record, score in zip(records, clip_scorer(images, [pair.prompt for pair in batch])):
+                record["clip_score"] = score
+        return [sharding.Entry(pair.id, record) for pair, record in zip(batch, records)]
+
+    workers = args.num_workers if todo else 1
+    with sharding.WorkerPool(workers, evaluate_one, PairEvaluator, (args, needs_ocr)) as pool:
+        shard.run(todo, lambda batch: evaluate_batch(pool, batch), batch_size=args.batch_size, desc="evaluating")
+    return shard.finish(merge)
+
+
+class PairEvaluator:
+    """What one worker needs to measure an image: the thresholds and an OCR engine."""
+
+    def __init__(self, args: argparse.Namespace, needs_ocr: bool):
+        self.args = args
+        self.ocr = get_ocr(args.ocr_backend) if needs_ocr else None
+
+
+def evaluate_one(evaluator: PairEvaluator, pair: EvalPair) -> dict:
+    args = evaluator.args
+    generated = open_rgb(pair.output, pair.where)
+    return evaluate_pair(
+        pair, generated, ocr=evaluator.ocr, tolerance=args.tolerance, low=args.low_threshold, high=args.high_threshold
     )
-    measure = PerceptualDistance(args.diversity_model, args.device) if args.diversity_model else SSIMDistance(args.diversity_size)
-    spread = measure_diversity(records, measure)
-    report = {
-        "source": source,
-        "tolerance": args.tolerance,
-        "summary": summarize(records, diversity_overall=spread["overall"]),
-        "diversity": spread,
-        "images": records,
-    }
-    remove_stale_temp_files(output_dir)  # of a run killed while writing its metrics
-    atomic_write_json(output_dir / METRICS_FILE, report)
-    atomic_write_text(output_dir / "metrics.md", metrics_markdown(report))
-    return report
 
 
 def load_or_evaluate(folder: str, args: argparse.Namespace) -> dict:
@@ -281,7 +328,8 @@ def main(argv=None) -> int:
         pairs, source = load_dataset_pairs(args.dataset_dir, args.images_dir), f"{args.dataset_dir} + {args.images_dir}"
     output_dir = Path(args.output_dir or args.results_dir or args.images_dir)
     report = evaluate_folder(pairs, source, output_dir, args)
-    print_summary(report["summary"], output_dir / METRICS_FILE)
+    if sharding.process_group().is_main:
+        print_summary(report["summary"], output_dir / METRICS_FILE)
     return 0
 
 

@@ -12,8 +12,10 @@ Writes ``images/<row>_s<seed>.png``, ``grids/<row>.png`` (control image(s), then
 row's ``box``/``texts`` for evaluate.py) and, with ``--split_elements``, a skin package per image under
 ``packages/``. The base model folder's ``model_index.json`` picks the pipeline (SDXL, SD3, FLUX, Z-Image, Qwen-Image) and its
 default sampler (UniPC for SDXL, flow-matching Euler for SD3/FLUX). Several ``--controlnet`` folders make a
-multi-ControlNet. A rerun skips images already listed in results.jsonl, so an interrupted run resumes;
-``--overwrite`` regenerates everything.
+multi-ControlNet. A rerun skips images already listed in results.jsonl (or in the part files of a killed run),
+so an interrupted run resumes; ``--overwrite`` regenerates everything. Launched on several processes
+(``accelerate launch``, ``torchrun``, ``srun``; docs/cluster.md) each process generates its share of the rows on
+its own GPU, and the outputs are the same files as one process writes (each image has its own seed).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import functools
 from pathlib import Path
 
+from skingen import sharding
 from skingen.backbones import pipelines
 from skingen.config import parse_args_with_config
 from skingen.data import dataset as data
@@ -253,7 +256,9 @@ def main(argv=None) -> None:
     family = pipelines.family_of_pipeline(args.pretrained_model_name_or_path)
     scheduler = args.scheduler or family.default_scheduler
     pipelines.check_scheduler(family, scheduler)
-    device = resolve_device(args.device)
+    group = sharding.process_group()
+    launched_device = group.device if group.size > 1 and args.device is None else None  # each process its own GPU
+    device = launched_device or resolve_device(args.device)
     dtype = args.dtype or (family.cuda_dtype if device.type == "cuda" else "fp32")
     sampling = SamplingSettings(
         num_inference_steps=args.num_inference_steps,
@@ -299,6 +304,8 @@ def main(argv=None) -> None:
     summary = generate_all(
         load_pipeline, jobs, sampling, settings, results, batch_size=args.batch_size, split_layout=args.split_elements
     )
+    if not group.is_main:
+        return
     print(
         f"{summary.generated} image(s) generated, {summary.skipped} already done, {summary.grids} grid(s)"
         + (f", {summary.packages} skin package(s)" if args.split_elements else "")

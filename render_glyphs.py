@@ -11,8 +11,11 @@ also ``box`` + ``texts``) in ``train.jsonl``, keeping every other field. ``--out
 next to it (``--mode canny --output_column conditioning_image_canny``: folder ``conditioning_image_canny/``), for a
 ControlNet trained on several conditioning columns. A rerun skips
 rows already done with the same settings (kept in ``conditioning_images/settings.json``), so an
-interrupted run resumes (train.jsonl is saved after every batch) and changed settings redo everything;
-``--overwrite`` redoes it all anyway. Temp files of a run killed midway are removed first.
+interrupted run resumes (each batch's rows are kept in a part file under ``.parts/``, merged into train.jsonl
+at the end) and changed settings redo everything; ``--overwrite`` redoes it all anyway. Temp files of a run
+killed midway are removed first. Launched on several processes (``accelerate launch``, ``torchrun``, ``srun``;
+docs/cluster.md) the rows are split between them and train.jsonl comes out the same; ``--num_workers`` adds
+worker processes for the OCR and drawing.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
+from skingen import sharding
 from skingen.config import parse_args_with_config
 from skingen.data import dataset as data
 from skingen.data import rows
@@ -103,11 +106,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--use_angle_cls", action="store_true", help="paddle: classify each line's orientation (0/180)."
     )
     parser.add_argument(
-        "--batch_size", type=int, default=8, help="Images per OCR call; train.jsonl is saved after each batch."
+        "--batch_size", type=int, default=8, help="Rows per batch; each finished batch is kept as a part file (a killed run redoes at most one)."
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="Redo every image, even those already made with the same settings."
     )
+    parser.add_argument(
+        "--num_workers", type=int, default=1,
+        help="Worker processes for the per-image work (OCR, Canny, drawing) in each launched process.",
+    )
+    sharding.add_shard_arguments(parser)
     args = parse_args_with_config(parser, argv)
     if args.dataset_dir is None:
         parser.error("--dataset_dir is required")
@@ -115,8 +123,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--mode is required: {', '.join(MODES)}")
     if args.mode.startswith("reference") and not args.reference_image:
         parser.error(f"--mode {args.mode} needs --reference_image PATH (the skin whose edges every row shares)")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
+    if args.batch_size < 1 or args.num_workers < 1:
+        parser.error("--batch_size and --num_workers must be at least 1")
+    sharding.check_shard_arguments(args)
+    if args.overwrite and args.num_shards > 1:
+        parser.error("--overwrite with --num_shards: each shard would drop the others' parts; run once without "
+                     "--num_shards, or delete the conditioning images first")
     if not args.output_column.startswith("conditioning_image") or not args.output_column.replace("_", "").isalnum():
         parser.error(f"--output_column {args.output_column}: use conditioning_image or conditioning_image_<kind> "
                      "(letters, digits, underscores)")
@@ -127,9 +139,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     dataset_dir = Path(args.dataset_dir)
     checked = data.read_checked_rows(dataset_dir, rows.RENDER)
-    removed = remove_stale_temp_files(dataset_dir) + remove_stale_temp_files(dataset_dir / output_folder(args.output_column), True)
-    if removed:
-        print(f"removed {removed} temp file(s) left by an interrupted run")
     reference = load_reference(args) if args.mode.startswith("reference") else None
     # Rows with exact labels (a package's own keyboard) carry their boxes: glyph mode draws on their own template.
     all_exact = all(row.raw.get("texts_exact") for row in checked)
@@ -137,22 +146,42 @@ def main(argv=None) -> None:
     layout = dataset_layout(args, dataset_dir, checked) if needs_layout else None
     font = find_cjk_font(args.font) if args.mode in GLYPH_MODES else None
     folder = output_folder(args.output_column)
-    settings_changed = start_run(dataset_dir, checked, run_settings(args, layout, font), args.output_column)
+    settings = run_settings(args, layout, font)
+    shard = sharding.shard_for(dataset_dir, f"render_glyphs_{args.output_column}", settings, args)
+    settings_changed = shard.group.on_main(lambda: prepare_run(args, dataset_dir, checked, settings, shard))
+    if settings_changed:  # the main process forgot the old images in its rows and in train.jsonl: so do the others
+        for row in checked:
+            row.raw.pop(args.output_column, None)
     if args.mode == "template":
-        render_shared(
+        shard.group.on_main(lambda: render_shared(
             args, dataset_dir, checked, TEMPLATE_NAME.replace(CONDITIONING_DIR, folder, 1),
             lambda: render_template(layout).convert("RGB"), settings_changed,
-        )
+        ))
     elif args.mode == "reference":
-        render_shared(args, dataset_dir, checked, REFERENCE_NAME.replace(CONDITIONING_DIR, folder, 1), lambda: reference,
-                      settings_changed)
+        shard.group.on_main(lambda: render_shared(
+            args, dataset_dir, checked, REFERENCE_NAME.replace(CONDITIONING_DIR, folder, 1), lambda: reference,
+            settings_changed,
+        ))
     else:
         base = None
         if args.mode == "glyph" and layout is not None:
             base = render_template(layout).convert("RGB")
         elif args.mode == "reference_glyph":
             base = reference
-        render_per_image(args, dataset_dir, checked, base, font)
+        render_per_image(args, dataset_dir, checked, base, font, shard)
+
+
+def prepare_run(args, dataset_dir: Path, checked: list[rows.Row], settings: dict, shard: sharding.Shard) -> bool:
+    """Main process, before any image: temp files of a killed run, this run's settings, parts of other settings."""
+    if shard.whole_job:  # job-array tasks run side by side: leave another task's temp files alone
+        removed = remove_stale_temp_files(dataset_dir) + remove_stale_temp_files(
+            dataset_dir / output_folder(args.output_column), True
+        )
+        if removed:
+            print(f"removed {removed} temp file(s) left by an interrupted run")
+    settings_changed = start_run(dataset_dir, checked, settings, args.output_column)
+    shard.parts.prepare(overwrite=args.overwrite)
+    return settings_changed
 
 
 def load_reference(args) -> Image.Image:
@@ -217,45 +246,41 @@ def render_shared(args, dataset_dir: Path, checked: list[rows.Row], name: str, d
     print(f"{args.mode}: {path} shared by {len(checked)} rows ({len(changed)} rows updated)")
 
 
-def render_per_image(args, dataset_dir: Path, checked: list[rows.Row], base: Image.Image | None, font) -> None:
-    """Canny or glyph images, one per row, in batches; rows are saved after each batch so a rerun resumes."""
+def render_per_image(args, dataset_dir: Path, checked: list[rows.Row], base: Image.Image | None, font,
+                     shard: sharding.Shard) -> None:
+    """Canny or glyph images, one per row, in batches over the launched processes and --num_workers workers;
+    finished rows are kept in part files, merged into train.jsonl at the end (and on Ctrl-C), so a rerun resumes."""
     glyph = args.mode in GLYPH_MODES
-    todo = [row for row in checked if args.overwrite or not is_done(dataset_dir, row, glyph, args.output_column)]
-    print(f"{args.mode}: {len(checked)} rows, {len(checked) - len(todo)} already done, {len(todo)} to render")
-    if not todo:
-        return
-    needs_ocr = glyph and not all(row.raw.get("texts_exact") for row in todo)
-    ocr = get_ocr(args.ocr_backend, **ocr_options(args)) if needs_ocr else None
-    counts = GlyphCounts()
-    with tqdm(total=len(todo), desc=f"{args.mode} images", unit="img") as progress:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start : start + args.batch_size]
-            images = [open_rgb(row.image.path, row.where) for row in batch]
-            unread = [image for row, image in zip(batch, images) if not row.raw.get("texts_exact")]
-            read = iter(ocr.read_batch([np.asarray(image) for image in unread]) if ocr is not None and unread else [])
-            for row, image in zip(batch, images):
-                target = conditioning_path_for(row.image.rel, output_folder(args.output_column))
-                if glyph and row.raw.get("texts_exact"):  # the package says every string: no OCR
-                    good = exact_text_lines(row.raw)
-                    control = render_glyph_control(
-                        base if base is not None else boxes_template(image.size, row.raw["box"]), good, font
-                    )
-                    counts.found += len(good)
-                    counts.kept += len(good)
-                elif glyph:
-                    image_lines = next(read)
-                    check_same_size(base, image, row, args.mode)
-                    good = keep_ocr_lines(image_lines, image.size, args.min_confidence, counts)
-                    control = render_glyph_control(base, good, font)
-                    row.raw["box"] = [line.quad for line in good]
-                    row.raw["texts"] = [line.text for line in good]
-                else:
-                    control = canny_control(image, args.low_threshold, args.high_threshold)
-                atomic_save_image(control, dataset_dir / target)
-                row.raw[args.output_column] = target
-                progress.update(1)
+    finished = shard.parts.read()
+    for row in checked:
+        if row.row_id in finished:
+            row.raw.update(finished[row.row_id].fields)
+    todo = [
+        (position, row) for position, row in enumerate(checked)
+        if args.overwrite or not is_done(dataset_dir, row, glyph, args.output_column)
+    ]
+    if shard.group.is_main:
+        print(f"{args.mode}: {len(checked)} rows, {len(checked) - len(todo)} already done, {len(todo)} to render")
+
+    def merge(entries: dict[str, sharding.Entry]) -> dict:
+        for row in checked:
+            if row.row_id in entries:
+                row.raw.update(entries[row.row_id].fields)
+        if entries:
             save_rows(dataset_dir, checked)
-    if glyph:
+        return sharding.sum_notes(entries.values())
+
+    workers = args.num_workers if todo else 1
+    with sharding.WorkerPool(workers, render_row, ControlRenderer, (args, dataset_dir, base, font)) as pool:
+        try:
+            shard.run(todo, pool.map, batch_size=args.batch_size,
+                      desc=f"{args.mode} images")
+        except KeyboardInterrupt:
+            shard.merge_on_interrupt(merge)
+            raise
+    counts = shard.finish(merge)
+    if glyph and counts is not None and shard.group.is_main:
+        counts = GlyphCounts(**{name: counts.get(name, 0) for name in vars(GlyphCounts())})
         print(
             f"{args.mode}: {len(todo)} rows rendered; text lines found {counts.found}, kept {counts.kept} "
             f"(score >= {args.min_confidence}); rows with no kept text: {counts.rows_without_text}"
@@ -267,6 +292,46 @@ def render_per_image(args, dataset_dir: Path, checked: list[rows.Row], base: Ima
                 "with no area or outside the image",
                 file=sys.stderr,
             )
+
+
+class ControlRenderer:
+    """What one worker needs to make a row's control image: the settings, the base image, an OCR engine."""
+
+    def __init__(self, args, dataset_dir: Path, base: Image.Image | None, font):
+        self.args, self.dataset_dir, self.base, self.font = args, dataset_dir, base, font
+        self.glyph = args.mode in GLYPH_MODES
+        self._ocr = None
+
+    @property
+    def ocr(self):
+        """The OCR engine, built at the first row that needs it (rows with exact labels need none)."""
+        if self._ocr is None:
+            self._ocr = get_ocr(self.args.ocr_backend, **ocr_options(self.args))
+        return self._ocr
+
+
+def render_row(renderer: ControlRenderer, row: rows.Row) -> sharding.Entry:
+    """One row's control image, saved atomically; its row fields (and glyph counts) as a part entry."""
+    args = renderer.args
+    image = open_rgb(row.image.path, row.where)
+    target = conditioning_path_for(row.image.rel, output_folder(args.output_column))
+    fields, counts = {args.output_column: target}, GlyphCounts()
+    if renderer.glyph and row.raw.get("texts_exact"):  # the package says every string: no OCR
+        good = exact_text_lines(row.raw)
+        base = renderer.base if renderer.base is not None else boxes_template(image.size, row.raw["box"])
+        control = render_glyph_control(base, good, renderer.font)
+        counts.found += len(good)
+        counts.kept += len(good)
+    elif renderer.glyph:
+        check_same_size(renderer.base, image, row, args.mode)
+        lines = renderer.ocr.read_batch([np.asarray(image)])[0]
+        good = keep_ocr_lines(lines, image.size, args.min_confidence, counts)
+        control = render_glyph_control(renderer.base, good, renderer.font)
+        fields.update(box=[line.quad for line in good], texts=[line.text for line in good])
+    else:
+        control = canny_control(image, args.low_threshold, args.high_threshold)
+    atomic_save_image(control, renderer.dataset_dir / target)
+    return sharding.Entry(row.row_id, fields, vars(counts) if renderer.glyph else {})
 
 
 def is_done(dataset_dir: Path, row: rows.Row, glyph: bool, column: str = "conditioning_image") -> bool:

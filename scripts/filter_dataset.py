@@ -41,7 +41,10 @@ from skingen.data.dataset import open_rgb, read_rows  # noqa: E402
 from skingen.errors import SkingenError, run_cli  # noqa: E402
 from skingen.evaluate.metrics import binarize_control, canny_control, edge_map_scores  # noqa: E402
 from skingen.fileio import atomic_write_json, atomic_write_text, write_jsonl  # noqa: E402
+from skingen.sharding import WorkerPool  # noqa: E402
 from skingen.skins.layout import LAYOUT_RECORD, load_layout, render_template  # noqa: E402
+
+CHUNK = 32  # rows handed to the workers at a time (the bar moves per chunk)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,9 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=8,
         help="perceptual hashes this close (bits of 192) are near duplicates; -1 turns it off",
     )
+    parser.add_argument("--num_workers", type=int, default=1, help="worker processes measuring the images")
     parser.add_argument("--output_jsonl", help="kept rows; default: <dataset_dir>/train.filtered.jsonl")
     parser.add_argument("--report_dir", help="where filter_report.json/md go; default: the dataset folder")
     args = parse_args_with_config(parser, argv)
+    if args.num_workers < 1:
+        raise SkingenError(f"--num_workers must be at least 1, got {args.num_workers}")
     if args.tolerance is not None and args.tolerance < 0:
         raise SkingenError(f"--tolerance must be >= 0 pixels, got {args.tolerance}")
     return args
@@ -149,66 +155,100 @@ def image_edges(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(canny_control(pixels))[..., 0] > 0
 
 
+def measure_row(measurer: RowMeasurer, job: tuple[int, dict]) -> dict:
+    """The per-image scores of one row (edges against its layout, spread, hashes): independent of other rows,
+    so --num_workers processes measure rows side by side."""
+    index, row = job
+    where = f"{measurer.dataset_dir / 'train.jsonl'} row {index}"
+    rel = row.get("image")
+    if not isinstance(rel, str):
+        raise SkingenError(f'{where}: "image" must be a path relative to the dataset folder, got {rel!r}')
+    image = open_rgb(measurer.dataset_dir / rel, where)
+    outlines, interior = measurer.templates.template(row, image.width, where)
+    found = image_edges(image, outlines.shape)
+    args = measurer.args
+    tolerance = args.tolerance if args.tolerance is not None else max(3, round(outlines.shape[1] / 100))
+    edges = edge_map_scores(found, outlines, tolerance)
+    return {
+        "image": rel,
+        "edges": edges,
+        "layout_recall": edge_map_scores(found, interior, tolerance).recall if interior.any() else None,
+        "std": float(np.asarray(image.convert("L"), dtype=np.float32).std()),
+        "digest": hashlib.sha1(np.asarray(image).tobytes() + str(image.size).encode()).hexdigest(),
+        "phash": perceptual_hash(image),
+    }
+
+
+class RowMeasurer:
+    """What a worker needs to measure rows: the flags, the dataset folder and its layout templates."""
+
+    def __init__(self, args: argparse.Namespace, dataset_dir: Path):
+        self.args, self.dataset_dir = args, dataset_dir
+        self.templates = TemplateCache(args.layout, dataset_dir)
+
+
 def score_rows(rows: list[dict], dataset_dir: Path, args: argparse.Namespace) -> list[dict]:
-    templates = TemplateCache(args.layout, dataset_dir)
-    first_by_pixels: dict[str, str] = {}
-    kept_hashes: list[tuple[int, str]] = []
-    scores = []
-    for index, row in enumerate(tqdm(rows, desc="scoring", unit="img"), start=1):
-        where = f"{dataset_dir / 'train.jsonl'} row {index}"
-        rel = row.get("image")
-        if not isinstance(rel, str):
-            raise SkingenError(f'{where}: "image" must be a path relative to the dataset folder, got {rel!r}')
-        image = open_rgb(dataset_dir / rel, where)
-        outlines, interior = templates.template(row, image.width, where)
-        found = image_edges(image, outlines.shape)
-        tolerance = args.tolerance if args.tolerance is not None else max(3, round(outlines.shape[1] / 100))
-        edges = edge_map_scores(found, outlines, tolerance)
-        layout_recall = edge_map_scores(found, interior, tolerance).recall if interior.any() else None
-        std = float(np.asarray(image.convert("L"), dtype=np.float32).std())
-        digest = hashlib.sha1(np.asarray(image).tobytes() + str(image.size).encode()).hexdigest()
-        phash = perceptual_hash(image)
-        # Nearest earlier distinct image by hash; its distance is reported so a threshold can be chosen.
-        nearest_distance, nearest = min(((hamming(h, phash), other) for h, other in kept_hashes), default=(None, None))
-        duplicate_of = first_by_pixels.get(digest)
-        if duplicate_of is None and nearest is not None and nearest_distance <= args.max_hash_distance:
-            duplicate_of = nearest
-        reasons, why = [], []
-        if layout_recall is not None and layout_recall < args.min_layout_recall:
-            why.append(
-                f"only {layout_recall:.0%} of the layout's lines have an edge (--min_layout_recall {args.min_layout_recall:.0%})"
-            )
-        if edges.f1 < args.min_edge_f1:
-            why.append(f"edge F1 {edges.f1:.3f} < --min_edge_f1 {args.min_edge_f1}")
-        if why:
-            reasons.append("edges")
-        if std < args.min_std:
-            reasons.append("blank")
-            why.append(f"near-uniform (grey-level std {std:.1f} < --min_std {args.min_std})")
-        if duplicate_of is not None:
-            reasons.append("duplicate")
-            why.append(f"duplicate of {duplicate_of}")
-        else:
-            first_by_pixels[digest] = rel
-            kept_hashes.append((phash, rel))
-        scores.append(
-            {
-                "row": index,
-                "image": rel,
-                "edge_f1": round(edges.f1, 4),
-                "edge_precision": round(edges.precision, 4),
-                "edge_recall": round(edges.recall, 4),
-                "layout_recall": None if layout_recall is None else round(layout_recall, 4),
-                "std": round(std, 2),
-                "phash": f"{phash:048x}",
-                "nearest_hash_distance": nearest_distance,
-                "duplicate_of": duplicate_of,
-                "reasons": reasons,
-                "why": why,
-                "kept": not reasons,
-            }
+    """Scores and the keep/drop decision of every row; duplicates are decided in row order (the first is kept)."""
+    seen = SeenImages()
+    jobs = list(enumerate(rows, start=1))
+    with WorkerPool(args.num_workers, measure_row, RowMeasurer, (args, dataset_dir)) as pool:
+        chunks = [jobs[start : start + CHUNK] for start in range(0, len(jobs), CHUNK)]
+        measured = (m for chunk in chunks for m in pool.map(chunk))
+        bar = tqdm(measured, total=len(jobs), desc="scoring", unit="img")
+        return [decide(index, m, seen, args) for (index, _), m in zip(jobs, bar)]
+
+
+class SeenImages:
+    """The rows kept so far, by pixel digest and by perceptual hash: what later rows may duplicate."""
+
+    def __init__(self):
+        self.first_by_pixels: dict[str, str] = {}
+        self.kept_hashes: list[tuple[int, str]] = []
+
+
+def decide(index: int, measured: dict, seen: SeenImages, args: argparse.Namespace) -> dict:
+    """One row's verdict; a row that is no duplicate joins the rows later ones are compared with."""
+    rel, edges, layout_recall, std = measured["image"], measured["edges"], measured["layout_recall"], measured["std"]
+    digest, phash = measured["digest"], measured["phash"]
+    first_by_pixels, kept_hashes = seen.first_by_pixels, seen.kept_hashes
+    # Nearest earlier distinct image by hash; its distance is reported so a threshold can be chosen.
+    nearest_distance, nearest = min(((hamming(h, phash), other) for h, other in kept_hashes), default=(None, None))
+    duplicate_of = first_by_pixels.get(digest)
+    if duplicate_of is None and nearest is not None and nearest_distance <= args.max_hash_distance:
+        duplicate_of = nearest
+    reasons, why = [], []
+    if layout_recall is not None and layout_recall < args.min_layout_recall:
+        why.append(
+            f"only {layout_recall:.0%} of the layout's lines have an edge (--min_layout_recall {args.min_layout_recall:.0%})"
         )
-    return scores
+    if edges.f1 < args.min_edge_f1:
+        why.append(f"edge F1 {edges.f1:.3f} < --min_edge_f1 {args.min_edge_f1}")
+    if why:
+        reasons.append("edges")
+    if std < args.min_std:
+        reasons.append("blank")
+        why.append(f"near-uniform (grey-level std {std:.1f} < --min_std {args.min_std})")
+    if duplicate_of is not None:
+        reasons.append("duplicate")
+        why.append(f"duplicate of {duplicate_of}")
+    else:
+        first_by_pixels[digest] = rel
+        kept_hashes.append((phash, rel))
+    return {
+        "row": index,
+        "image": rel,
+        "edge_f1": round(edges.f1, 4),
+        "edge_precision": round(edges.precision, 4),
+        "edge_recall": round(edges.recall, 4),
+        "layout_recall": None if layout_recall is None else round(layout_recall, 4),
+        "std": round(std, 2),
+        "phash": f"{phash:048x}",
+        "nearest_hash_distance": nearest_distance,
+        "duplicate_of": duplicate_of,
+        "reasons": reasons,
+        "why": why,
+        "kept": not reasons,
+    }
 
 
 def summary_of(scores: list[dict], args: argparse.Namespace) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from skingen.data.dataset import read_checked_rows, read_rows, write_rows
 from skingen.data.rows import CAPTION
 from skingen.data.writing import texts_from_caption
 from skingen.errors import SkingenError
-from skingen.prep.captioning import PROGRESS_FILE, TemplateCaptioner, caption_rows, compose_caption
+from skingen.prep.captioning import TemplateCaptioner, caption_rows, compose_caption
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a keyboard skin of"
@@ -132,7 +131,7 @@ def test_existing_captions_are_kept_unless_overwrite(tmp_path, tiny_blip):
     overwritten = _caption_blip(dataset, tiny_blip, "--overwrite", "--trigger_word", "", "--dtype", "bfloat16")
     assert overwritten[0]["text"].startswith(PROMPT)
     assert all("iflyskin" not in row["text"] for row in overwritten)
-    assert not (dataset / PROGRESS_FILE).exists()
+    assert not (dataset / ".parts").exists()
 
 
 def test_offline_hub_id_fails_with_a_clear_message(tmp_path):
@@ -197,9 +196,9 @@ def test_interrupted_run_resumes_without_recaptioning(tmp_path):
     rows = read_checked_rows(dataset, CAPTION)
     save = lambda r: write_rows(dataset, [row.raw for row in r])  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
-        # save_every is larger than the run: the interruption itself must save the finished batch.
+        # The interruption itself saves the finished batch.
         interrupted = ScriptedCaptioner("first description", interrupt_after=1)
-        caption_rows(rows, dataset, interrupted, save=save, batch_size=1, save_every=100)
+        caption_rows(rows, dataset, interrupted, save=save, batch_size=1)
     on_disk = read_rows(dataset)
     assert on_disk[0]["text"] == "first description, iflyskin" and on_disk[1]["text"] == ""
 
@@ -209,7 +208,7 @@ def test_interrupted_run_resumes_without_recaptioning(tmp_path):
     assert final[0]["text"] == "first description, iflyskin" and all(row["text"] for row in final)
 
 
-def test_interrupted_overwrite_run_resumes_from_its_progress_file(tmp_path):
+def test_interrupted_overwrite_run_resumes_from_its_part_files(tmp_path):
     dataset = _make_dataset(tmp_path / "ds")
     rows = read_rows(dataset)
     for row in rows:
@@ -224,9 +223,9 @@ def test_interrupted_overwrite_run_resumes_from_its_progress_file(tmp_path):
             save=save,
             overwrite=True,
             batch_size=1,
-            save_every=1,
         )
-    assert json.loads((dataset / PROGRESS_FILE).read_text())["done"] == ["images/navy.png", "images/red.png"]
+    assert [row["text"] for row in read_rows(dataset)] == ["new, iflyskin", 'new, iflyskin, writing "前往 搜索"', "old caption"]
+    assert len(list((dataset / ".parts" / "caption").glob("part-*.jsonl"))) == 2
 
     # Resuming captions only the row the interrupted run did not reach.
     resumed = ScriptedCaptioner("newest")
@@ -237,8 +236,8 @@ def test_interrupted_overwrite_run_resumes_from_its_progress_file(tmp_path):
         'new, iflyskin, writing "前往 搜索"',
         "newest, iflyskin",
     ]
-    assert not (dataset / PROGRESS_FILE).exists()
-    # The finished run removed its progress file: the next --overwrite run captions every row again.
+    assert not (dataset / ".parts").exists()
+    # The finished run removed its part files: the next --overwrite run captions every row again.
     again = ScriptedCaptioner("again")
     stats = caption_rows(read_checked_rows(dataset, CAPTION), dataset, again, save=save, overwrite=True)
     assert stats.captioned == 3 and all(row["text"].startswith("again") for row in read_rows(dataset))

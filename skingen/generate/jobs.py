@@ -4,7 +4,7 @@ What to generate comes from a dataset split (each row's caption and conditioning
 ``--prompt`` / ``--control_image`` lists; each row gives ``num_images_per_prompt`` images, each with its
 own seed and its own ``torch.Generator``, so an image depends only on its row and seed, never on the
 batch it was generated in. Images are generated several per pipeline call, saved atomically as
-``images/<row>_s<seed>.png`` and listed in ``results.jsonl`` (rewritten atomically after each batch); a
+``images/<row>_s<seed>.png`` and listed in ``results.jsonl`` (each batch kept as a part file, merged at the end); a
 rerun skips every image already listed there whose file exists, so an interrupted run resumes.
 """
 

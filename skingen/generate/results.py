@@ -113,9 +113,9 @@ class ResultsLog:
     def __init__(self, output_dir: str | os.PathLike, *, overwrite: bool = False):
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / RESULTS_FILE
+        self.overwrite = overwrite
         self.records: dict[str, dict] = {}
         self.lines: dict[str, int] = {}
-        remove_stale_temp_files(self.output_dir, recursive=True)  # images and results.jsonl of a killed run
         if self.path.is_file() and not overwrite:
             for lineno, record in read_jsonl(self.path):
                 if not isinstance(record.get("output"), str):
@@ -143,6 +143,10 @@ class ResultsLog:
                     f"this run asks for {_short(now)}; pass --overwrite to regenerate, or choose another --output_dir"
                 )
         return todo
+
+    def remove_leftovers(self) -> None:
+        """Temp files of a killed run (images, grids, results.jsonl): by the main process, before any image."""
+        remove_stale_temp_files(self.output_dir, recursive=True)
 
     def add(self, record: dict) -> None:
         self.records[record["output"]] = record

@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL import Image
 
+from .. import sharding
 from ..errors import SkingenError
 from ..fileio import atomic_save_image
 from ..skins.atlas import split_atlas
@@ -38,44 +39,76 @@ def generate_all(
     batch_size: int = 4,
     split_layout: str | os.PathLike | None = None,
 ) -> RunSummary:
-    """Generate every pending job in batches of same-size images; after each batch save the images, rewrite
-    ``results.jsonl`` and finish the rows whose images are all there (grid, and skin packages with ``split_layout``).
+    """Generate every pending job in batches of same-size images, the rows split over the launched processes
+    (skingen.sharding); after each batch save the images, keep their records in a part file and finish the rows
+    whose images are all there (grid, and skin packages with ``split_layout``). The main process merges the parts
+    into ``results.jsonl`` at the end (and on Ctrl-C): the records already there in their order, then the new ones
+    in job order, whatever the number of processes.
 
     ``get_pipeline()`` (e.g. loading the models) is called once, and only when something is left to generate.
     """
-    from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise SkingenError(f"--batch_size must be at least 1, got {batch_size}")
+    shard = sharding.shard_for(results.output_dir, "inference", settings_record)
+    shard.group.on_main(lambda: (results.remove_leftovers(), shard.parts.prepare(overwrite=results.overwrite)))
+    listed = dict(results.records)  # results.jsonl as it was: the merge keeps its order
+    for entry in shard.parts.read().values():
+        results.add(entry.fields)
     todo = results.pending(jobs, settings_record)
     summary = RunSummary(skipped=len(jobs) - len(todo))
     layouts = _split_layouts(split_layout, jobs) if split_layout is not None else {}
     finisher = _RowFinisher(jobs, results, layouts, summary)
+    row_position = {row_id: i for i, row_id in enumerate(finisher.row_ids())}
+    block = max(1, batch_size // max((len(row_jobs) for row_jobs in finisher.jobs_of_row.values()), default=1))
+    job_index = {job.output: i for i, job in enumerate(jobs)}
 
     # Stable sort by size: a batch never mixes sizes, and same-size rows keep their order.
-    batches: list[list[ImageJob]] = []
-    for job in sorted(todo, key=lambda job: (job.height, job.width)):
+    batches: list[list[tuple[int, ImageJob]]] = []
+    mine = [job for job in todo if shard.owns(row_position[job.row.row_id], block)]
+    for job in sorted(mine, key=lambda job: (job.height, job.width)):
         last = batches[-1] if batches else None
-        if last and len(last) < batch_size and (last[0].height, last[0].width) == (job.height, job.width):
-            last.append(job)
+        if last and len(last) < batch_size and (last[0][1].height, last[0][1].width) == (job.height, job.width):
+            last.append((job_index[job.output], job))
         else:
-            batches.append([job])
+            batches.append([(job_index[job.output], job)])
 
-    model = get_pipeline() if batches else None
-    with tqdm(total=len(todo), desc="generating", unit="img", disable=not todo) as bar:
-        for batch in batches:
-            images = pipeline.generate_batch(model, batch, settings)
-            for job, image in zip(batch, images):
-                atomic_save_image(image, results.output_dir / job.output)
-                results.add(job_record(job, settings_record))
-                finisher.fresh.add(job.output)
-            summary.generated += len(batch)
-            finisher.finish({job.row.row_id for job in batch})
-            results.save()
-            bar.update(len(batch))
+    model = None
+
+    def generate(batch: list[ImageJob]) -> list[sharding.Entry]:
+        nonlocal model
+        if model is None:
+            model = get_pipeline()
+        images = pipeline.generate_batch(model, batch, settings)
+        for job, image in zip(batch, images):
+            atomic_save_image(image, results.output_dir / job.output)
+            results.add(job_record(job, settings_record))
+            finisher.fresh.add(job.output)
+        summary.generated += len(batch)
+        finisher.finish({job.row.row_id for job in batch})
+        return [sharding.Entry(job.output, results.records[job.output]) for job in batch]
+
+    def merge(entries: dict[str, sharding.Entry]) -> None:
+        merged = dict(listed)
+        for job in jobs:
+            if job.output in entries:
+                merged[job.output] = entries[job.output].fields
+        for job in jobs if layouts else []:
+            if job.output in merged and (results.output_dir / job.package).is_dir():
+                merged[job.output]["package"] = job.package
+        results.records = merged
+        results.save()
+
+    try:
+        shard.run([], generate, batch_size=batch_size, desc="generating", batches=batches)
+    except KeyboardInterrupt:
+        shard.merge_on_interrupt(merge)
+        raise
     # Rows finished by an earlier run may still lack their grid or packages (e.g. --split_elements added now).
-    finisher.finish(finisher.row_ids())
-    results.save()
+    finisher.finish([row_id for row_id, position in row_position.items() if shard.owns(position, block)])
+    shard.finish(merge)
+    totals = shard.group.all_gather((summary.generated, summary.grids, summary.packages))
+    summary.generated, summary.grids, summary.packages = (sum(values) for values in zip(*totals))
     return summary
 
 
@@ -139,7 +172,6 @@ class _RowFinisher:
                         image = image.resize(layout.size, Image.Resampling.LANCZOS)
                     split_atlas(image, layout, package_dir)
                     self.summary.packages += 1
-                self.results.records[job.output]["package"] = job.package
 
 
 def _open_output(path: Path) -> Image.Image:

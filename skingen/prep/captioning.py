@@ -7,7 +7,6 @@ A finished caption reads like the seed's rows:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -17,12 +16,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
+from .. import sharding
 from ..data.images import open_rgb, to_rgb
 from ..data.writing import writing_phrase
 from ..errors import SkingenError
-from ..fileio import atomic_write_json
 
 DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-large"
 DEFAULT_PROMPT = "a keyboard skin of"
@@ -298,9 +296,7 @@ def build_captioner(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Captioning a dataset folder, resumably
-
-PROGRESS_FILE = ".caption_progress.json"
+# Captioning a dataset folder, resumably, over any number of processes
 
 
 @dataclass
@@ -341,66 +337,66 @@ def caption_rows(
     trigger_word: str = TRIGGER_WORD,
     overwrite: bool = False,
     batch_size: int = 8,
-    save_every: int = 8,
     max_writing_texts: int = 0,
+    captioner_settings: dict | None = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
 ) -> CaptionStats:
-    """Fill the caption (``row.raw["text"]``) of the checked rows (:class:`skingen.data.rows.Row`) that need it,
-    calling ``save(rows)`` every ``save_every`` captions and at the end.
+    """Fill the caption (``row.raw["text"]``) of the checked rows (:class:`skingen.data.rows.Row`) that need it; the
+    rows of this process (of the launched processes, times ``num_shards`` job-array shards) go in batches, each kept as a part file,
+    and the main process merges them and calls ``save(rows)`` at the end (and on Ctrl-C).
 
     Without ``overwrite`` a row with a non-empty caption is kept, so rerunning after an interruption
-    resumes. With ``overwrite`` every row is recaptioned; the rows done so far are listed in a progress
-    file in the dataset folder, so an interrupted ``--overwrite`` run also resumes instead of starting over.
+    resumes. With ``overwrite`` every row is recaptioned; the rows done so far are in the part files until the
+    run finishes, so an interrupted ``--overwrite`` run also resumes instead of starting over.
+    ``captioner_settings`` (what shapes a caption: model, prompt, ...) decides which part files are still valid.
     """
     if batch_size < 1:
         raise SkingenError(f"--batch_size must be >= 1, got {batch_size}")
-    dataset_dir = Path(dataset_dir)
-    progress_path = dataset_dir / PROGRESS_FILE
-    done_by_overwrite: set[str] = set()
-    if overwrite and progress_path.is_file():
-        try:
-            done_by_overwrite = set(json.loads(progress_path.read_text(encoding="utf-8"))["done"])
-        except (ValueError, KeyError, TypeError):
-            raise SkingenError(
-                f"{progress_path}: unreadable progress file of an interrupted --overwrite run; delete it to start over"
-            ) from None
-
+    settings = {
+        "captioner": captioner_settings or type(captioner).__name__,
+        "trigger_word": trigger_word,
+        "max_writing_texts": max_writing_texts,
+    }
+    shard = sharding.Shard(sharding.process_group(), sharding.Parts(dataset_dir, "caption", settings), num_shards, shard_index)
+    shard.group.on_main(shard.parts.prepare)
+    finished = shard.parts.read()
+    for row in rows:
+        if row.row_id in finished:
+            row.raw.update(finished[row.row_id].fields)
     if overwrite:
-        todo = [row for row in rows if row.row_id not in done_by_overwrite]
+        todo = [(i, row) for i, row in enumerate(rows) if row.row_id not in finished]
     else:
-        todo = [row for row in rows if not (row.text or "").strip()]
-    stats = CaptionStats(total=len(rows), captioned=len(todo), kept=len(rows) - len(todo))
-    since_save = 0
-    with tqdm(total=len(todo), desc="captioning", unit="img") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            images = [open_rgb(row.image.path, row.where) for row in batch]
-            try:
-                descriptions = captioner.caption(images)
-            except KeyboardInterrupt:
-                # Keep what the finished batches produced, so the rerun starts right here.
-                _checkpoint(rows, save, overwrite, progress_path, done_by_overwrite)
-                raise
-            for row, description in zip(batch, descriptions):
-                named = writing_texts(row.texts, row.box, max_writing_texts)
-                if len(named) < len(row.texts):
-                    stats.rows_with_texts_cut += 1
-                    stats.texts_left_out += len(row.texts) - len(named)
-                row.raw["text"] = compose_caption(description, trigger_word, named)
-                done_by_overwrite.add(row.row_id)
-            since_save += len(batch)
-            bar.update(len(batch))
-            if since_save >= save_every:
-                _checkpoint(rows, save, overwrite, progress_path, done_by_overwrite)
-                since_save = 0
-    if todo:
-        save(rows)
-    if overwrite:
-        progress_path.unlink(missing_ok=True)
-    return stats
+        todo = [(i, row) for i, row in enumerate(rows) if not (row.raw.get("text") or "").strip()]
 
+    def caption_batch(batch: list) -> list[sharding.Entry]:
+        descriptions = captioner.caption([open_rgb(row.image.path, row.where) for row in batch])
+        entries = []
+        for row, description in zip(batch, descriptions):
+            named = writing_texts(row.texts, row.box, max_writing_texts)
+            left_out = len(row.texts) - len(named)
+            caption = compose_caption(description, trigger_word, named)
+            entries.append(sharding.Entry(row.row_id, {"text": caption}, {"cut": int(left_out > 0), "left_out": left_out}))
+        return entries
 
-def _checkpoint(rows, save, overwrite: bool, progress_path: Path, done: set[str]) -> None:
-    # Rows first, then the progress list: a crash in between recaptions a few rows, never skips one.
-    save(rows)
-    if overwrite:
-        atomic_write_json(progress_path, {"done": sorted(done)})
+    def merge(entries: dict[str, sharding.Entry]) -> dict:
+        for row in rows:
+            if row.row_id in entries:
+                row.raw.update(entries[row.row_id].fields)
+        if entries:
+            save(rows)
+        return sharding.sum_notes(entries.values())
+
+    try:
+        shard.run(todo, caption_batch, batch_size=batch_size, desc="captioning")
+    except KeyboardInterrupt:
+        shard.merge_on_interrupt(merge)  # keep what the finished batches produced, so the rerun starts right here
+        raise
+    notes = shard.finish(merge) or {}
+    return CaptionStats(
+        total=len(rows),
+        captioned=len(todo),
+        kept=len(rows) - len(todo),
+        rows_with_texts_cut=notes.get("cut", 0),
+        texts_left_out=notes.get("left_out", 0),
+    )
