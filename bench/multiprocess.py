@@ -7,8 +7,8 @@ OCR use every core, the default), ``torchrun --nproc_per_node 2 script.py`` for 
 torchrun sets; the OCR gets ``--ocr_num_threads 1``). Each time is the whole command; "start-up" is the same
 command again with every row done (imports, reading rows, launching), and "work" is the difference. The outputs
 of the two runs are compared byte for byte. Stages, on synthetic skins (scripts/make_synthetic_skins.py):
-merge_elements (workers), render_glyphs glyph and canny, caption (template captioner), inference (tiny SDXL,
-2 images a row), evaluate (edge F1 + RapidOCR on the text boxes), filter_dataset (workers).
+merge_elements (workers), render_glyphs glyph and canny, caption (template captioner; ``caption_blip``, not in the
+default list: a random BLIP of small shapes), inference (tiny SDXL, 2 images a row), evaluate (edge F1 + RapidOCR on the text boxes), filter_dataset (workers).
 """
 
 from __future__ import annotations
@@ -145,6 +145,14 @@ def main() -> None:
     if "caption" in args.stages:
         results.append(compare("caption template", args.num_skins, "caption.py", caption_argv,
                                copies("caption", glyphed), rows_and_images, env1=env1, env2=one_thread))  # fmt: skip
+    if "caption_blip" in args.stages:  # BLIP's cost per image (random weights, a small BLIP's shapes)
+        from skingen.testing.tiny_blip import build_random_blip
+
+        blip = build_random_blip(tmp / "blip_small", preset="small")
+        blip_argv = lambda n, d: ["--dataset_dir", str(d), "--captioner", "blip", "--model", str(blip),  # noqa: E731
+                                  "--batch_size", "4", "--max_new_tokens", "20"]
+        results.append(compare("caption BLIP (small, random)", args.num_skins, "caption.py", blip_argv,
+                               copies("caption_blip", glyphed), rows_and_images, env1=env1, env2=one_thread))  # fmt: skip
     if {"inference", "evaluate"} & set(args.stages):
         from skingen.testing.tiny_sdxl import build_tiny_sdxl
 

@@ -17,60 +17,19 @@ from skingen.data.rows import CAPTION
 from skingen.data.writing import texts_from_caption
 from skingen.errors import SkingenError
 from skingen.prep.captioning import TemplateCaptioner, caption_rows, compose_caption
+from skingen.testing.tiny_blip import WORDS
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a keyboard skin of"
-WORDS = "a keyboard skin of with the and pink blue cat flower girl hair long on white black".split()
 NEW_TOKENS = 3
 
 
 @pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory) -> Path:
     """A BLIP captioning model with random weights and a WordPiece tokenizer, saved like a hub download."""
-    import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from skingen.testing.tiny_blip import build_random_blip
 
-    out = tmp_path_factory.mktemp("tiny_blip")
-    (out / "vocab.txt").write_text(
-        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n", encoding="utf-8"
-    )
-    tokenizer = BertTokenizer.from_pretrained(str(out))
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's decoder start token, as in the real tokenizer
-    config = BlipConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=64,
-            encoder_hidden_size=32,
-            bos_token_id=tokenizer.bos_token_id,
-            sep_token_id=tokenizer.sep_token_id,
-            eos_token_id=tokenizer.sep_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=32,
-    )
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(config)
-    # Random weights could stop at once ([SEP]) or emit special tokens that decoding drops; forbid them so
-    # every caption continues the prompt by exactly max_new_tokens words.
-    with torch.no_grad():
-        model.text_decoder.cls.predictions.bias[tokenizer.all_special_ids] = -1e4
-    model.save_pretrained(out)
-    BlipProcessor(
-        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
-    ).save_pretrained(out)
-    return out
+    return build_random_blip(tmp_path_factory.mktemp("tiny_blip"), preset="tiny")
 
 
 def _make_dataset(folder: Path) -> Path:

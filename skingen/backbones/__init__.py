@@ -6,21 +6,13 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 from ..errors import SkingenError
+from .registry import FAMILIES, backbone_class
 
-FAMILIES = {"sdxl": "SDXLBackbone", "sd3": "SD3Backbone", "flux": "FluxBackbone", "zimage": "ZImageBackbone",
-            "qwenimage": "QwenImageBackbone"}
-
-
-def backbone_class(family: str):
-    """The Backbone subclass of ``family`` (imported on first use)."""
-    if family not in FAMILIES:
-        raise SkingenError(f"unknown backbone {family!r}; choose one of {', '.join(FAMILIES)}")
-    return getattr(importlib.import_module(f"{__name__}.{family}"), FAMILIES[family])
+__all__ = ["FAMILIES", "backbone_class", "check_controlnet_for_pipeline", "family_of_pipeline"]
 
 
 def family_of_pipeline(folder) -> str | None:

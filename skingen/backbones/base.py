@@ -431,7 +431,7 @@ def read_model_config(source: str, *, cache_dir: str | None = None) -> dict[str,
 
 def denoiser_class_names() -> tuple[str, ...]:
     """The denoiser classes of every registered family (a folder holding one is a base model's part)."""
-    from . import FAMILIES, backbone_class
+    from .registry import FAMILIES, backbone_class
 
     return tuple(backbone_class(name).denoiser_class_name for name in FAMILIES)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SkingenError
-from . import FAMILIES as REGISTRY
-from . import backbone_class
 from .flow_matching import FLOW_SCHEDULERS
+from .registry import FAMILIES as REGISTRY
+from .registry import backbone_class
 
 
 @dataclass(frozen=True)
