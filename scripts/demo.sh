@@ -129,7 +129,8 @@ done
 stage "9/9 evaluate both: layout adherence (Canny F1), text (OCR), diversity (1 - SSIM between seeds)"
 for arm in untrained trained; do
   printf '%s: ' "$arm"
-  run evaluate.py --results_dir "$OUT/$arm" | head -1
+  run evaluate.py --results_dir "$OUT/$arm" > "$OUT/$arm.evaluate.log"
+  head -1 "$OUT/$arm.evaluate.log"
 done
 
 run scripts/demo_report.py --demo_dir "$OUT"

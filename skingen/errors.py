@@ -51,6 +51,14 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except SkingenError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        # The reader of stdout went away (`script.py | head -1`): not a fault of the user's paths; the outputs
+        # are files, written atomically. Quiet, with the status a shell gives a process killed by SIGPIPE.
+        try:  # Python would report the unflushed rest at exit: point stdout at /dev/null first
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        sys.exit(141)
     except OSError as err:
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
         sys.exit(2)

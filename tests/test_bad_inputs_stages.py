@@ -626,3 +626,22 @@ def test_a_full_disk_in_the_safetensors_writer_ends_in_one_error_and_the_run_res
                               "--resume_from_checkpoint", "latest")
     assert code == 0, err
     assert (out / "checkpoint-2").is_dir() and (out / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_a_reader_that_closes_the_pipe_is_not_reported_as_an_error_of_the_users_paths():
+    """`script.py | head -1`: head exits after one line; the script stops quietly (status 141, as SIGPIPE)."""
+    import subprocess
+    import sys
+
+    code = ("from skingen.errors import run_cli\n"
+            "def main(argv):\n"
+            "    for i in range(200000):\n"
+            "        print('line', i)\n"
+            "run_cli(main)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()  # the reader goes away, as head does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert "error" not in err and "Traceback" not in err, err
