@@ -19,7 +19,7 @@ import torch
 
 from ..errors import SkingenError
 from ..train.loss_weighting import offset_noise, perturbed_noise
-from .base import Backbone
+from .base import Backbone, DenoiserOutput
 
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 # Samplers of the flow-matching families (their pipelines pass flow sigmas and FLUX's resolution shift ``mu``).
@@ -97,6 +97,22 @@ class FlowMatchingBackbone(Backbone):
         pixels = batch["conditioning_pixel_values"] * 2.0 - 1.0
         latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
         return self.normalize_latents(latents.float()).to(weight_dtype)
+
+    def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype) -> DenoiserOutput:
+        """One training step's prediction: the velocity at the batch's noisy latents; target noise - x0, and
+        x0 = x_t - sigma * v (SD3 overrides it for diffusers' --precondition_outputs)."""
+        latents, noise, sigmas, noisy = self.flow_step(batch, weight_dtype)
+        timesteps = batch["timesteps"].float()
+        velocity = self.velocity(noisy, timesteps, batch, self.control_latents(batch, weight_dtype), controlnet,
+                                 weight_dtype)
+
+        def estimate_x0(rows):
+            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+            return pick(noisy).float() - pick(sigmas) * pick(velocity).float()
+
+        return DenoiserOutput(model_pred=velocity, target=noise - latents, latents=latents, noisy_latents=noisy,
+                              noise=noise, timesteps=timesteps, estimate_x0=estimate_x0,
+                              signal=(1 - sigmas.flatten()) ** 2, weighting=self.loss_weighting(sigmas))
 
     def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor, controlnet,
                  weight_dtype: torch.dtype) -> torch.Tensor:

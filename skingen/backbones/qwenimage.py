@@ -30,7 +30,7 @@ import torch
 
 from ..errors import SkingenError
 from . import large_transformer
-from .base import DenoiserOutput, VaeLatents, config_mismatches, posterior_mean_std
+from .base import VaeLatents, config_mismatches, posterior_mean_std
 from .flow_matching import FlowMatchingBackbone
 from .flux import pack_latents, unpack_latents
 
@@ -201,20 +201,6 @@ class QwenImageBackbone(FlowMatchingBackbone):
         sigma = (timestep / self.num_train_timesteps).clamp(1e-6, 1.0)
         shifted = self.noise_scheduler.time_shift(mu, 1.0, sigma)
         return shifted * self.num_train_timesteps
-
-    def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype) -> DenoiserOutput:
-        latents, noise, sigmas, noisy = self.flow_step(batch, weight_dtype)
-        timesteps = batch["timesteps"].float()
-        velocity = self.velocity(noisy, timesteps, batch, self.control_latents(batch, weight_dtype), controlnet,
-                                 weight_dtype)
-
-        def estimate_x0(rows):
-            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-            return pick(noisy).float() - pick(sigmas) * pick(velocity).float()
-
-        return DenoiserOutput(model_pred=velocity, target=noise - latents, latents=latents, noisy_latents=noisy,
-                              noise=noise, timesteps=timesteps, estimate_x0=estimate_x0,
-                              signal=(1 - sigmas.flatten()) ** 2, weighting=self.loss_weighting(sigmas))
 
     def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor, controlnet,
                  weight_dtype: torch.dtype) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import SkingenError
 from . import large_transformer
-from .base import DenoiserOutput, config_mismatches
+from .base import config_mismatches
 from .flow_matching import FlowMatchingBackbone
 
 logger = logging.getLogger(__name__)
@@ -199,20 +199,6 @@ class ZImageBackbone(FlowMatchingBackbone):
         """As ``ZImageControlNetPipeline``: the VAE's mode, shifted and scaled, zero-padded to ``control_in_dim``."""
         latents = super().control_latents(batch, weight_dtype)
         return pad_control_channels(latents, self.control_in_dim)
-
-    def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype) -> DenoiserOutput:
-        latents, noise, sigmas, noisy = self.flow_step(batch, weight_dtype)
-        timesteps = batch["timesteps"].float()
-        velocity = self.velocity(noisy, timesteps, batch, self.control_latents(batch, weight_dtype), controlnet,
-                                 weight_dtype)
-
-        def estimate_x0(rows):
-            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-            return pick(noisy).float() - pick(sigmas) * pick(velocity).float()
-
-        return DenoiserOutput(model_pred=velocity, target=noise - latents, latents=latents, noisy_latents=noisy,
-                              noise=noise, timesteps=timesteps, estimate_x0=estimate_x0,
-                              signal=(1 - sigmas.flatten()) ** 2, weighting=self.loss_weighting(sigmas))
 
     def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor, controlnet,
                  weight_dtype: torch.dtype) -> torch.Tensor:
