@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from box_skins import write_box_skins
+from PIL import Image
 from repo_scripts import REPO, load_script
 from safetensors.torch import load_file
 
@@ -35,22 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """4 rows of 80x64 skins with one text box each and short captions (T5 reads them whole)."""
-    root = tmp_path_factory.mktemp("skins")
-    (root / "images").mkdir()
-    (root / "conditioning_images").mkdir()
-    rows = []
-    for i in range(NUM_ROWS):
-        image = Image.new("RGB", (80, 64), (50 * i, 120, 200 - 40 * i))
-        ImageDraw.Draw(image).rectangle((12, 12, 44, 30), fill=(255, 255, 255))
-        image.save(root / "images" / f"{i}.png")
-        control = Image.new("RGB", (80, 64))
-        ImageDraw.Draw(control).rectangle((12, 12, 44, 30), outline=(255, 255, 255))
-        control.save(root / "conditioning_images" / f"{i}.png")
-        rows.append({"text": f'skin {i} writing "前往"', "image": f"images/{i}.png",
-                     "conditioning_image": f"conditioning_images/{i}.png",
-                     "box": [[[12, 12], [44, 12], [44, 30], [12, 30]]]})
-    (root / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return root
+    return write_box_skins(tmp_path_factory.mktemp("skins"), NUM_ROWS)
 
 
 def _base(request, family: str) -> Path:
