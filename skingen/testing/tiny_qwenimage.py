@@ -6,6 +6,8 @@ pipeline drops; ``skingen.qwen_tokenizer``), a ``QwenImageTransformer2DModel`` w
 5-block ControlNet's outputs each feed 2, as the real 5 feed 12 of 60), an ``AutoencoderKLQwenImage`` with the
 real 16 channels, 8x downsampling and ``latents_mean``/``latents_std``, and Qwen-Image's scheduler (dynamic shift).
 ``controlnet=True`` also writes ``QwenImageControlNetModel.from_transformer`` (5 blocks) to ``out_dir/controlnet``.
+``vae=`` builds it around a fitted ``AutoencoderKLQwenImage`` instead (``scripts/fit_tiny_vae.py --backbone
+qwenimage``): the transformer then takes ``4 * z_dim`` packed input channels and predicts ``z_dim``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from .qwen_tokenizer import build_qwen_tokenizer
 from .tiny_models import _check_out_dir, _save
+from .vae_fitting import load_fitted_vae
 
 TINY_QWENIMAGE = {"attention_head_dim": 16, "num_attention_heads": 2, "num_layers": 10, "text_hidden": 32,
                   "controlnet_layers": 5}
@@ -51,12 +54,12 @@ def _qwen25vl_encoder(tokenizer, seed: int):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def tiny_qwenimage_transformer(seed: int):
+def tiny_qwenimage_transformer(seed: int, latent_channels: int = 16):
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(seed)
     return QwenImageTransformer2DModel(
-        patch_size=2, in_channels=64, out_channels=16, num_layers=TINY_QWENIMAGE["num_layers"],
+        patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels,  # 2x2 packed num_layers=TINY_QWENIMAGE["num_layers"],
         attention_head_dim=TINY_QWENIMAGE["attention_head_dim"], num_attention_heads=TINY_QWENIMAGE["num_attention_heads"],
         joint_attention_dim=TINY_QWENIMAGE["text_hidden"], guidance_embeds=False, axes_dims_rope=(8, 4, 4))
 
@@ -70,16 +73,19 @@ def tiny_qwenimage_vae(seed: int):
                                   latents_std=LATENTS_STD)
 
 
-def build_tiny_qwenimage(out_dir: str | os.PathLike, seed: int = 0, controlnet: bool = False) -> Path:
-    """Write a randomly initialised Qwen-Image-shaped pipeline to ``out_dir`` (and ``out_dir/controlnet``)."""
+def build_tiny_qwenimage(out_dir: str | os.PathLike, seed: int = 0, controlnet: bool = False,
+                         vae: str | os.PathLike | None = None) -> Path:
+    """Write a randomly initialised Qwen-Image-shaped pipeline to ``out_dir`` (and ``out_dir/controlnet``).
+    ``vae``: a fitted ``AutoencoderKLQwenImage`` folder to use instead of the random 16-channel one."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageControlNetModel, QwenImagePipeline
 
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, "Qwen-Image")
+    fitted_vae = load_fitted_vae(vae, "qwenimage") if vae is not None else None
     tokenizer = build_qwen_tokenizer()
     text_encoder = _qwen25vl_encoder(tokenizer, seed)
-    transformer = tiny_qwenimage_transformer(seed + 1)
-    vae = tiny_qwenimage_vae(seed + 2)
+    transformer = tiny_qwenimage_transformer(seed + 1, fitted_vae.config.z_dim if fitted_vae else 16)
+    vae = fitted_vae or tiny_qwenimage_vae(seed + 2)
     pipeline = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae,
                                  text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
 

@@ -5,6 +5,8 @@ Qwen tokenizer (chat template, special tokens; ``skingen.qwen_tokenizer``), a ``
 layers (so the Fun ControlNet Union's every-5th-layer places are 0 and 5) and 2 refiner layers, FLUX's 16-channel
 VAE factors and Z-Image-Turbo's flow-matching scheduler (static shift 3). ``controlnet=True`` also writes a
 ``ZImageControlNetModel`` built as a new one is for training (``skingen.backbones.zimage.new_zimage_controlnet``).
+``vae=`` builds it around a fitted FLUX-style VAE instead (``scripts/fit_tiny_vae.py --backbone zimage``): the
+transformer (and the ControlNet's control input) then takes that VAE's latent channels.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from .qwen_tokenizer import build_qwen_tokenizer
 from .tiny_models import _check_out_dir, _save, _vae_16
+from .vae_fitting import load_fitted_vae
 
 TINY_ZIMAGE = {"dim": 32, "n_heads": 2, "n_layers": 6, "n_refiner_layers": 2, "text_hidden": 32, "text_layers": 2}
 
@@ -32,13 +35,13 @@ def _qwen3_encoder(tokenizer, seed: int):
     return Qwen3Model(config)
 
 
-def tiny_zimage_transformer(seed: int):
+def tiny_zimage_transformer(seed: int, latent_channels: int = 16):
     from diffusers import ZImageTransformer2DModel
 
     dim = TINY_ZIMAGE["dim"]
     torch.manual_seed(seed)
     transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=dim, n_layers=TINY_ZIMAGE["n_layers"],
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=dim, n_layers=TINY_ZIMAGE["n_layers"],
         n_refiner_layers=TINY_ZIMAGE["n_refiner_layers"], n_heads=TINY_ZIMAGE["n_heads"],
         n_kv_heads=TINY_ZIMAGE["n_heads"], norm_eps=1e-5, qk_norm=True, cap_feat_dim=TINY_ZIMAGE["text_hidden"],
         rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 4, 4], axes_lens=[1024, 512, 512])
@@ -49,18 +52,21 @@ def tiny_zimage_transformer(seed: int):
     return transformer
 
 
-def build_tiny_zimage(out_dir: str | os.PathLike, seed: int = 0, controlnet: bool = False) -> Path:
-    """Write a randomly initialised Z-Image-shaped pipeline to ``out_dir`` (and ``out_dir/controlnet``)."""
+def build_tiny_zimage(out_dir: str | os.PathLike, seed: int = 0, controlnet: bool = False,
+                      vae: str | os.PathLike | None = None) -> Path:
+    """Write a randomly initialised Z-Image-shaped pipeline to ``out_dir`` (and ``out_dir/controlnet``).
+    ``vae``: a fitted ``AutoencoderKL`` folder with a ``shift_factor`` to use instead of the random 16-channel one."""
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
     from ..backbones.zimage import new_zimage_controlnet
 
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, "Z-Image")
+    fitted_vae = load_fitted_vae(vae, "zimage") if vae is not None else None
     tokenizer = build_qwen_tokenizer()
     text_encoder = _qwen3_encoder(tokenizer, seed)
-    transformer = tiny_zimage_transformer(seed + 1)
-    vae = _vae_16("flux", seed + 2)  # Z-Image uses FLUX.1's VAE
+    transformer = tiny_zimage_transformer(seed + 1, fitted_vae.config.latent_channels if fitted_vae else 16)
+    vae = fitted_vae or _vae_16("flux", seed + 2)  # Z-Image uses FLUX.1's VAE
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     pipeline = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=transformer)

@@ -1,12 +1,30 @@
-"""Fitting a tiny VAE from scratch on skins: the recipe behind ``assets/tiny_skin_vae``.
+"""Fitting a tiny VAE from scratch on skins or layouts: the recipe behind ``assets/tiny_skin_vae``, for the VAE class
+of each family whose tiny builder takes a fitted VAE (``vae=``).
 
 A tiny SDXL's VAE fitted for a minute inside the demo (``skingen.testing.tiny_sdxl.fit_tiny_vae``) decodes blurred,
 textured atlases, and at 128 px that blur hides most of a skin's own edges from the Canny F1. Real SDXL starts
-from a VAE trained once, long, and kept; this is that step for the tiny model: a wider VAE (16-32-32-32; four
-latent channels as SDXL's: with 16, as SD3 and FLUX use, it reconstructs better but the demo's tiny UNet could not
-learn to generate the latents), minibatches of many skins, a one-cycle rate and an image-gradient term for sharp
-edges. It runs for minutes to tens of minutes on CPU, saves a checkpoint as it goes (a second run resumes) and
-writes a diffusers ``AutoencoderKL`` folder plus ``recipe.json``.
+from a VAE trained once, long, and kept; this is that step for the tiny model: a wider VAE (16-32-32-32),
+minibatches of many images, a one-cycle rate and an image-gradient term for sharp edges. It runs for minutes to tens
+of minutes on CPU, saves a checkpoint as it goes (a second run resumes) and writes a diffusers VAE folder plus
+``recipe.json``.
+
+The VAE class and its latent normalisation follow the family (``VaeRecipe.backbone``), measured on the images so
+the latents the denoiser sees have zero mean and unit spread, as the real VAEs' constants were chosen:
+
+- ``sdxl``: ``AutoencoderKL`` with quant convs; ``scaling_factor`` (SDXL's VAE).
+- ``zimage``: ``AutoencoderKL`` without quant convs; ``shift_factor`` and ``scaling_factor`` (FLUX.1's VAE, which
+  Z-Image uses: its pipelines compute ``(z - shift_factor) * scaling_factor``).
+- ``qwenimage``: ``AutoencoderKLQwenImage`` (a causal video VAE fed one frame, ``(B, C, 1, H, W)``) with per-channel
+  ``latents_mean`` / ``latents_std``. Its widths are ``base_dim * dim_mult``: ``block_out_channels`` (16, 32, 32, 32)
+  becomes ``base_dim`` 16, ``dim_mult`` [1, 2, 2, 2]; ``layers_per_block`` is ``num_res_blocks``.
+
+Latent channels: 4 for every family by default, though the real Z-Image (FLUX) and Qwen-Image VAEs have 16. The
+count is a config choice of a tiny pipeline (the builders give the transformer ``in_channels`` = channels, or
+``4 * z_dim`` packed for Qwen-Image), and 4 is what the tiny denoisers learn to generate: with 16 the VAE
+reconstructs better but the demo's tiny UNet could not learn to generate the latents, and the tiny transformers
+(width 32, 2x2 patches) would take 64-value tokens, twice their width, for 64 px images that 4 channels already
+reconstruct (``bench/new_backbones_evidence.py`` records the fit). Everything else is the real classes and loading
+path: the builders load the folder with ``from_pretrained`` and the families' pipelines use it unchanged.
 """
 
 from __future__ import annotations
@@ -24,18 +42,21 @@ import torch
 
 from ..errors import SkingenError
 from ..fileio import AtomicDirectory, atomic_write_bytes
-from .tiny_sdxl import reconstruction_l1, set_unit_latent_scale, vae_reconstruction_loss
 
 CHECKPOINT_NAME = "fit_checkpoint.pt"
 RECIPE_FILE = "recipe.json"
+# The families whose tiny builder takes a fitted VAE folder, and the diffusers class each one's VAE is.
+VAE_CLASSES = {"sdxl": "AutoencoderKL", "zimage": "AutoencoderKL", "qwenimage": "AutoencoderKLQwenImage"}
+BACKBONES = tuple(VAE_CLASSES)
 
 
 @dataclass(frozen=True)
 class VaeRecipe:
-    block_out_channels: tuple[int, ...] = (16, 32, 32, 32)  # four blocks: downsamples by 8, as SDXL's VAE
+    backbone: str = "sdxl"  # whose VAE class and latent normalisation (module docstring)
+    block_out_channels: tuple[int, ...] = (16, 32, 32, 32)  # four blocks: downsamples by 8, as the real VAEs
     latent_channels: int = 4
     layers_per_block: int = 1
-    norm_num_groups: int = 4
+    norm_num_groups: int = 4  # AutoencoderKL's group norm; AutoencoderKLQwenImage normalises with RMS norm
     resolution: int = 128
     steps: int = 2000
     batch_size: int = 8
@@ -48,11 +69,16 @@ class VaeRecipe:
     seed: int = 0
 
     def check(self) -> None:
+        if self.backbone not in VAE_CLASSES:
+            raise SkingenError(f"--backbone {self.backbone!r}: no fitted-VAE recipe; choose one of {', '.join(BACKBONES)}")
         if len(self.block_out_channels) != 4:
             raise SkingenError(f"--block_out_channels needs 4 widths (a VAE that downsamples by 8), got {list(self.block_out_channels)}")
         if any(width < 1 or width % self.norm_num_groups for width in self.block_out_channels):
             raise SkingenError(f"--block_out_channels must be positive multiples of --norm_num_groups "
                                f"({self.norm_num_groups}), got {list(self.block_out_channels)}")
+        if self.backbone == "qwenimage" and any(width % self.block_out_channels[0] for width in self.block_out_channels):
+            raise SkingenError(f"--block_out_channels {list(self.block_out_channels)}: Qwen-Image's VAE has widths "
+                               "base_dim * dim_mult, so every width must be a multiple of the first")
         for name in ("latent_channels", "layers_per_block", "steps", "batch_size", "norm_num_groups"):
             if getattr(self, name) < 1:
                 raise SkingenError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -65,25 +91,128 @@ class VaeRecipe:
 
 
 def build_vae(recipe: VaeRecipe):
-    """A randomly initialised ``AutoencoderKL`` of the recipe's shape (the seed fixes the weights), its posterior's
+    """A randomly initialised VAE of the recipe's family and shape (the seed fixes the weights), its posterior's
     log-variance starting at ``recipe.initial_logvar``."""
-    from diffusers import AutoencoderKL
+    import diffusers
 
     torch.manual_seed(recipe.seed)
-    blocks = len(recipe.block_out_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks,
-        block_out_channels=tuple(recipe.block_out_channels),
-        layers_per_block=recipe.layers_per_block,
-        norm_num_groups=recipe.norm_num_groups,
-        latent_channels=recipe.latent_channels,
-        sample_size=recipe.resolution,
-    )
-    with torch.no_grad():  # quant_conv's second half of outputs is the log-variance
-        vae.quant_conv.bias[recipe.latent_channels:] += recipe.initial_logvar
+    channels, widths = recipe.latent_channels, tuple(recipe.block_out_channels)
+    if recipe.backbone == "qwenimage":
+        vae = diffusers.AutoencoderKLQwenImage(
+            base_dim=widths[0], z_dim=channels, dim_mult=[width // widths[0] for width in widths],
+            num_res_blocks=recipe.layers_per_block, temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * channels, latents_std=[1.0] * channels)
+        moments = vae.quant_conv
+    else:
+        quant_convs = recipe.backbone == "sdxl"  # FLUX's VAE (Z-Image's) has none
+        vae = diffusers.AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(widths),
+            up_block_types=("UpDecoderBlock2D",) * len(widths), block_out_channels=widths,
+            layers_per_block=recipe.layers_per_block, norm_num_groups=recipe.norm_num_groups,
+            latent_channels=channels, sample_size=recipe.resolution, use_quant_conv=quant_convs,
+            use_post_quant_conv=quant_convs, shift_factor=None if quant_convs else 0.0)
+        moments = vae.quant_conv if quant_convs else vae.encoder.conv_out
+    with torch.no_grad():  # the last conv before the posterior: its second half of outputs is the log-variance
+        moments.bias[channels:] += recipe.initial_logvar
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One interface over image and single-frame video VAEs
+
+
+def is_video_vae(vae) -> bool:
+    return type(vae).__name__ == "AutoencoderKLQwenImage"
+
+
+def posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation ``(N, C, h, w)`` of the posterior of ``pixels`` ``(N, 3, H, W)`` in [-1, 1]."""
+    if is_video_vae(vae):
+        dist = vae.encode(pixels.unsqueeze(2)).latent_dist
+        return dist.mean.squeeze(2), dist.std.squeeze(2)
+    dist = vae.encode(pixels).latent_dist
+    return dist.mean, dist.std
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Raw (unnormalised) latents ``(N, C, h, w)`` decoded to ``(N, 3, H, W)``."""
+    if is_video_vae(vae):
+        return vae.decode(latents.unsqueeze(2)).sample.squeeze(2)
+    return vae.decode(latents).sample
+
+
+def vae_round_trip(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """``pixels`` encoded (posterior mean) and decoded by ``vae``, without gradients."""
+    with torch.no_grad():
+        return decode(vae, posterior(vae, pixels)[0])
+
+
+def reconstruction_l1(vae, pixels: torch.Tensor) -> float:
+    """Mean absolute error in [-1, 1] of ``pixels`` encoded (posterior mean) and decoded by ``vae``."""
+    return (vae_round_trip(vae, pixels) - pixels).abs().mean().item()
+
+
+def vae_reconstruction_loss(
+    vae, pixels: torch.Tensor, generator: torch.Generator, kl_weight: float = 1e-6, gradient_weight: float = 0.0
+) -> torch.Tensor:
+    """L1 + L2 reconstruction through a sampled latent (as training encodes), ``kl_weight`` times the KL term and
+    ``gradient_weight`` times the L1 error of the image's horizontal and vertical differences (sharper edges:
+    the pixel losses alone average an uncertain edge into a blur, which Canny then misses)."""
+    mean, std = posterior(vae, pixels)
+    decoded = decode(vae, mean + std * torch.randn(mean.shape, generator=generator))
+    error = decoded - pixels
+    variance = std.pow(2)
+    kl = 0.5 * (mean.pow(2) + variance - 1.0 - variance.clamp_min(1e-12).log()).sum(dim=(1, 2, 3))
+    loss = error.abs().mean() + error.pow(2).mean() + kl_weight * kl.mean()
+    if gradient_weight:
+        for dim in (-1, -2):
+            loss = loss + gradient_weight * (decoded.diff(dim=dim) - pixels.diff(dim=dim)).abs().mean()
+    return loss
+
+
+def set_latent_normalisation(vae, pixels: torch.Tensor) -> dict:
+    """Set the family's normalisation so the normalised latents of ``pixels`` (posterior means) have zero mean and
+    unit standard deviation: ``scaling_factor`` alone (SDXL, how SD/SDXL chose theirs), ``shift_factor`` and
+    ``scaling_factor`` (FLUX-style, as SD3's and FLUX's), or per-channel ``latents_mean`` / ``latents_std``
+    (Qwen-Image). Returns what it set."""
+    with torch.no_grad():
+        latents = posterior(vae, pixels)[0]
+    if is_video_vae(vae):
+        per_channel = latents.transpose(0, 1).flatten(1)
+        values = {"latents_mean": per_channel.mean(dim=1).tolist(),
+                  "latents_std": per_channel.std(dim=1).clamp_min(1e-6).tolist()}
+    elif vae.config.shift_factor is None:
+        values = {"scaling_factor": 1.0 / max(latents.std().item(), 1e-6)}
+    else:
+        values = {"shift_factor": latents.mean().item(), "scaling_factor": 1.0 / max(latents.std().item(), 1e-6)}
+    vae.register_to_config(**values)
+    return values
+
+
+def load_fitted_vae(vae_dir: str | os.PathLike, backbone: str):
+    """A VAE folder for ``backbone``'s tiny builder: the family's class, downsampling by 8 (as the real VAEs and
+    the ControlNets' control embeddings), with the normalisation the family's pipelines read."""
+    import diffusers
+
+    vae_dir, expected = Path(vae_dir), VAE_CLASSES[backbone]
+    hint = f"fit one with `python scripts/fit_tiny_vae.py --backbone {backbone}`"
+    try:
+        config = json.loads((vae_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise SkingenError(f"{vae_dir / 'config.json'}: not readable ({error}); give a diffusers VAE folder ({hint})") from None
+    if config.get("_class_name") != expected:
+        raise SkingenError(f"{vae_dir}: a {config.get('_class_name')}, but the {backbone} pipeline uses a {expected}; {hint}")
+    if backbone == "zimage" and config.get("shift_factor") is None:
+        raise SkingenError(f"{vae_dir}: no shift_factor (an SDXL-style VAE); Z-Image's pipelines shift the latents "
+                           f"as FLUX's VAE does; {hint}")
+    try:
+        vae = getattr(diffusers, expected).from_pretrained(vae_dir, torch_dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise SkingenError(f"{vae_dir}: not a loadable {expected} ({error}); {hint}") from None
+    factor = 2 ** len(vae.config.temperal_downsample if is_video_vae(vae) else vae.config.block_out_channels[1:])
+    if factor != 8:
+        raise SkingenError(f"{vae_dir}: this VAE downsamples by {factor}; the tiny {backbone} pipeline needs one that "
+                           "downsamples by 8 (four block_out_channels)")
     return vae
 
 
@@ -145,8 +274,10 @@ def fit_vae_from_scratch(
     sample = pixels[:64]  # what the L1 and the latent scale are measured on
     vae = build_vae(recipe)
     optimizer = torch.optim.Adam(vae.parameters(), lr=recipe.learning_rate)
+    total = max(recipe.steps, 2)
+    # 5% warm-up, at least 2 steps: OneCycleLR divides by zero when the warm-up is exactly one step (20 steps).
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=recipe.learning_rate, total_steps=max(recipe.steps, 2), pct_start=0.05
+        optimizer, max_lr=recipe.learning_rate, total_steps=total, pct_start=max(0.05, 2 / total)
     )
     state = FitState(vae, optimizer, schedule, torch.Generator().manual_seed(recipe.seed))
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME
@@ -171,14 +302,14 @@ def fit_vae_from_scratch(
         if state.step % checkpointing_steps == 0 and state.step < recipe.steps:
             state.save(checkpoint, recipe)
     vae.eval()
-    set_unit_latent_scale(vae, sample)
+    normalisation = set_latent_normalisation(vae, sample)
     record = {
         "recipe": asdict(recipe),
         "images": len(pixels),
         "initial_l1": state.initial_l1,  # mean absolute error in [-1, 1] on up to 64 of the images
         "final_l1": reconstruction_l1(vae, sample),
         "seconds": round(state.seconds, 1),
-        "scaling_factor": float(vae.config.scaling_factor),
+        "latent_normalisation": normalisation,
     }
     with AtomicDirectory(out_dir) as tmp_dir:
         vae.save_pretrained(tmp_dir, safe_serialization=True)
