@@ -254,3 +254,108 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path):
     with pytest.raises(SkingenError, match="unreadable checkpoint"):
         fit_vae_from_scratch(tmp_path / "vae", square_images(), VaeRecipe(**SMALL, steps=2),
                              checkpoint_dir=tmp_path / "partial")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fitted VAEs for the Z-Image and Qwen-Image tiny pipelines
+
+FLOW_PIPELINES = {"zimage": ("ZImagePipeline", "build_tiny_zimage"),
+                  "qwenimage": ("QwenImagePipeline", "build_tiny_qwenimage")}
+
+
+def layout_images(count: int = 6, size: int = 32) -> list[torch.Tensor]:
+    """Canvases of several colours, each with two key rectangles of another colour at places of their own."""
+    images = []
+    for i in range(count):
+        image = torch.full((3, size, size), -0.8 + 0.25 * (i % 4))
+        image[:, 3 + 2 * i: 11 + 2 * i, 2 + i: 14 + i] = torch.tensor([0.9, 0.1 * i, -0.5])[:, None, None]
+        image[:, 18: 26, 20 - i: 30 - i] = 0.6
+        images.append(image)
+    return images
+
+
+def tiny_pipeline(backbone: str, out_dir, vae=None):
+    import importlib
+
+    import diffusers
+
+    pipeline_class, builder = FLOW_PIPELINES[backbone]
+    getattr(importlib.import_module(f"skingen.testing.tiny_{backbone}"), builder)(out_dir, controlnet=True, vae=vae)
+    return getattr(diffusers, pipeline_class).from_pretrained(out_dir)
+
+
+@pytest.mark.parametrize("backbone", sorted(FLOW_PIPELINES))
+def test_a_fitted_vae_loads_in_its_familys_pipeline_and_reconstructs_layouts_better_than_the_random_one(tmp_path, backbone):
+    """Fitted for the family (its VAE class, latent normalisation measured on the images), the folder becomes the
+    tiny pipeline's VAE through the builder and the pipeline's from_pretrained, the transformer takes its channels,
+    and it reconstructs the layouts better than the random VAE of the plain tiny pipeline; the pipeline generates."""
+    from skingen.testing.vae_fitting import posterior, reconstruction_l1
+
+    images = layout_images()
+    record = fit_vae_from_scratch(tmp_path / "vae", images, VaeRecipe(**SMALL, backbone=backbone, steps=40),
+                                  checkpoint_dir=tmp_path / "vae.partial")
+    fitted = tiny_pipeline(backbone, tmp_path / "fitted", vae=tmp_path / "vae")
+    random_vae = tiny_pipeline(backbone, tmp_path / "random").vae
+    pixels = torch.stack(images)
+    assert reconstruction_l1(fitted.vae, pixels) < 0.7 * reconstruction_l1(random_vae, pixels)
+    assert record["final_l1"] < record["initial_l1"]
+
+    with torch.no_grad():
+        latents = posterior(fitted.vae, pixels)[0]
+    config = fitted.vae.config
+    if backbone == "zimage":  # as the pipelines normalise: (z - shift_factor) * scaling_factor
+        assert type(fitted.vae).__name__ == "AutoencoderKL" and config.latent_channels == 4
+        assert fitted.transformer.config.in_channels == 4
+        normalised = (latents - config.shift_factor) * config.scaling_factor
+        assert abs(normalised.mean().item()) < 1e-3 and normalised.std().item() == pytest.approx(1.0, abs=1e-3)
+    else:  # per channel: (z - latents_mean) / latents_std
+        assert type(fitted.vae).__name__ == "AutoencoderKLQwenImage" and config.z_dim == 4
+        assert fitted.transformer.config.in_channels == 16 and fitted.transformer.config.out_channels == 4
+        mean, std = torch.tensor(config.latents_mean), torch.tensor(config.latents_std)
+        per_channel = ((latents - mean[None, :, None, None]) / std[None, :, None, None]).transpose(0, 1).flatten(1)
+        assert per_channel.mean(dim=1).abs().max().item() < 1e-3
+        assert per_channel.std(dim=1).sub(1).abs().max().item() < 1e-3
+    image = fitted(prompt="a keyboard skin", height=32, width=32, num_inference_steps=2, max_sequence_length=32,
+                   output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+
+
+def test_a_tiny_builder_names_a_vae_of_another_family(tmp_path):
+    from skingen.testing.tiny_qwenimage import build_tiny_qwenimage
+    from skingen.testing.tiny_zimage import build_tiny_zimage
+
+    fit_vae_from_scratch(tmp_path / "sdxl_vae", square_images(), VaeRecipe(**SMALL, steps=2),
+                         checkpoint_dir=tmp_path / "sdxl_vae.partial")
+    with pytest.raises(SkingenError, match="no shift_factor"):
+        build_tiny_zimage(tmp_path / "zimage", vae=tmp_path / "sdxl_vae")
+    with pytest.raises(SkingenError, match="AutoencoderKL folder, but the qwenimage pipeline's VAE is AutoencoderKLQwenImage"):
+        build_tiny_qwenimage(tmp_path / "qwenimage", vae=tmp_path / "sdxl_vae")
+    with pytest.raises(SkingenError, match="not readable"):
+        build_tiny_zimage(tmp_path / "zimage", vae=tmp_path / "missing")
+    assert not (tmp_path / "zimage").exists() and not (tmp_path / "qwenimage").exists()
+
+
+def test_script_fits_a_qwenimage_vae_on_images_and_their_controls(tmp_path):
+    from diffusers import AutoencoderKLQwenImage
+    from PIL import Image
+
+    dataset = tmp_path / "layouts"
+    for folder in ("images", "conditioning_images"):
+        (dataset / folder).mkdir(parents=True)
+    rows = []
+    for index, image in enumerate(layout_images(count=3)):
+        Image.fromarray(((image + 1) * 127.5).byte().permute(1, 2, 0).numpy()).save(dataset / "images" / f"{index}.png")
+        Image.new("RGB", (32, 32)).save(dataset / "conditioning_images" / f"{index}.png")
+        rows.append(json.dumps({"text": "a skin", "image": f"images/{index}.png",
+                                "conditioning_image": f"conditioning_images/{index}.png"}) + "\n")
+    (dataset / "train.jsonl").write_text("".join(rows), encoding="utf-8")
+    script = load_script("scripts/fit_tiny_vae.py")
+    script.main(["--backbone", "qwenimage", "--dataset_dir", str(dataset), "--conditioning_images", "--resolution", "32",
+                 "--block_out_channels", "4", "4", "8", "8", "--max_train_steps", "3", "--train_batch_size", "2",
+                 "--output_dir", str(tmp_path / "vae")])
+    record = json.loads((tmp_path / "vae" / "recipe.json").read_text(encoding="utf-8"))
+    assert record["images"] == 6 and record["recipe"]["backbone"] == "qwenimage"
+    assert len(AutoencoderKLQwenImage.from_pretrained(tmp_path / "vae").config.latents_std) == 4
+    with pytest.raises(SkingenError, match="multiple of the first"):
+        script.main(["--backbone", "qwenimage", "--dataset_dir", str(dataset), "--block_out_channels", "8", "12", "16",
+                     "16", "--output_dir", str(tmp_path / "other")])

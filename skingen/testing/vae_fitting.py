@@ -201,7 +201,8 @@ def load_fitted_vae(vae_dir: str | os.PathLike, backbone: str):
     except (OSError, json.JSONDecodeError) as error:
         raise SkingenError(f"{vae_dir / 'config.json'}: not readable ({error}); give a diffusers VAE folder ({hint})") from None
     if config.get("_class_name") != expected:
-        raise SkingenError(f"{vae_dir}: a {config.get('_class_name')}, but the {backbone} pipeline uses a {expected}; {hint}")
+        raise SkingenError(f"{vae_dir}: {config.get('_class_name')} folder, but the {backbone} pipeline's VAE is "
+                           f"{expected}; {hint}")
     if backbone == "zimage" and config.get("shift_factor") is None:
         raise SkingenError(f"{vae_dir}: no shift_factor (an SDXL-style VAE); Z-Image's pipelines shift the latents "
                            f"as FLUX's VAE does; {hint}")
@@ -214,6 +215,25 @@ def load_fitted_vae(vae_dir: str | os.PathLike, backbone: str):
         raise SkingenError(f"{vae_dir}: this VAE downsamples by {factor}; the tiny {backbone} pipeline needs one that "
                            "downsamples by 8 (four block_out_channels)")
     return vae
+
+
+def load_conditioning_images(dataset_dirs: Sequence[str | os.PathLike], resolution: int) -> list[torch.Tensor]:
+    """Every train row's ``conditioning_image`` of each dataset folder as (3, R, R) in [-1, 1]: Z-Image's and
+    Qwen-Image's ControlNets take the control through the VAE, so its fit should see controls too."""
+    from ..data.dataset import read_rows
+    from ..data.images import open_rgb
+    from ..train.batches import training_pixels
+
+    images = []
+    for dataset_dir in dataset_dirs:
+        folder = Path(dataset_dir)
+        for index, row in enumerate(read_rows(folder), start=1):
+            where = f"{folder / 'train.jsonl'}:{index}"
+            control = row.get("conditioning_image")
+            if not isinstance(control, str):
+                raise SkingenError(f'{where}: "conditioning_image" must be a path relative to {folder}, got {control!r}')
+            images.append(training_pixels(open_rgb(folder / control, where), resolution)[0])
+    return images
 
 
 @dataclass
@@ -275,9 +295,9 @@ def fit_vae_from_scratch(
     vae = build_vae(recipe)
     optimizer = torch.optim.Adam(vae.parameters(), lr=recipe.learning_rate)
     total = max(recipe.steps, 2)
-    # 5% warm-up, at least 2 steps: OneCycleLR divides by zero when the warm-up is exactly one step (20 steps).
+    # 5% warm-up; OneCycleLR divides by zero when that is exactly one step (20 steps in all): two steps then.
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=recipe.learning_rate, total_steps=total, pct_start=max(0.05, 2 / total)
+        optimizer, max_lr=recipe.learning_rate, total_steps=total, pct_start=0.1 if total == 20 else 0.05
     )
     state = FitState(vae, optimizer, schedule, torch.Generator().manual_seed(recipe.seed))
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME
