@@ -51,6 +51,9 @@ PROMPT = "a keyboard skin"
 # nothing in 300 steps at 5e-3 with the widths of assets/tiny_skin_vae: half the width and 3e-3 do.
 VAE_WIDTHS = {"zimage": (16, 32, 32, 32), "qwenimage": (8, 16, 16, 16)}
 VAE_LEARNING_RATE = {"zimage": 5e-3, "qwenimage": 3e-3}
+# Key outlines 3 px wide, drawn inside the key (its edge is the outer line, within edge F1's 2 px of every line
+# pixel): through the tiny VAE (8x down, 4 channels) 1 px outlines came back as black (L1 0.066 vs 0.073 for black).
+CONTROL_LINE_WIDTH = 3
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def write_layouts(root: Path, seed: int, splits: dict[str, tuple[LayoutStyle, in
             image, control = Image.new("RGB", (SIZE, SIZE), background), Image.new("RGB", (SIZE, SIZE))
             for box in key_boxes(rng, style):
                 ImageDraw.Draw(image).rectangle(box, fill=fill)
-                ImageDraw.Draw(control).rectangle(box, outline=(255, 255, 255))
+                ImageDraw.Draw(control).rectangle(box, outline=(255, 255, 255), width=CONTROL_LINE_WIDTH)
             name = f"{split}_{index}.png"
             image.save(root / "images" / name)
             control.save(root / "conditioning_images" / name)
@@ -138,7 +141,7 @@ def fitted_vae(family: str, corpus: Path, out: Path, steps: int) -> dict:
                        steps=steps, batch_size=8, learning_rate=VAE_LEARNING_RATE[family])
     if (out / RECIPE_FILE).is_file():
         record = json.loads((out / RECIPE_FILE).read_text(encoding="utf-8"))
-        if record.get("recipe") == asdict(recipe):
+        if record.get("recipe") == json.loads(json.dumps(asdict(recipe))):  # as saved: tuples become lists
             return {**record, "reused": True}
     rows = rows_of(corpus, "train")
     images = pixels_of(corpus, rows, "image") + pixels_of(corpus, rows, "conditioning_image")
@@ -158,9 +161,8 @@ def pretrained_base(family: str, vae: Path, corpus: Path, out: Path, steps: int)
 
     settings = PretrainSettings(backbone=family, pretrained_vae=str(vae), vae_fit_steps=0, resolution=SIZE,
                                 max_train_steps=steps, train_batch_size=16, learning_rate=1e-3)
-    record = pretrain_tiny_base(out, [corpus], settings)
-    return {"steps": steps, "reused": record.get("reused"), "seconds": record.get("seconds"),
-            "fit": record.get("unet_fit") or record.get("denoiser_fit")}
+    record = pretrain_tiny_base(out, corpus, settings)
+    return {"steps": steps, "reused": record["reused"], "seconds": record["seconds"], "fit": record["denoiser_fit"]}
 
 
 def untrained_controlnet(family: str, base: Path) -> Path:
@@ -192,7 +194,8 @@ def untrained_controlnet(family: str, base: Path) -> Path:
 # Per seed: the ControlNet and its figures
 
 
-def train(family: str, base: Path, data: Path, out: Path, seed: int, steps: int) -> dict[int, dict[str, float]]:
+def train(family: str, base: Path, data: Path, out: Path, seed: int, steps: int,
+          learning_rate: float) -> dict[int, dict[str, float]]:
     from skingen.train.loop import train as run_training
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -201,7 +204,7 @@ def train(family: str, base: Path, data: Path, out: Path, seed: int, steps: int)
     script = load_script(f"train_controlnet_{family}.py")
     args = script.parse_args([
         "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir", str(out),
-        "--resolution", str(SIZE), "--train_batch_size", "8", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+        "--resolution", str(SIZE), "--train_batch_size", "8", "--learning_rate", str(learning_rate), "--lr_warmup_steps", "0",
         "--max_train_steps", str(steps), "--seed", str(seed), "--report_to", "none", "--max_sequence_length", "32",
         "--validation_split", "validation", "--validation_loss_timesteps", *TIMESTEPS, "--validation_loss_rows", "8",
         "--validation_steps", str(steps), "--checkpointing_steps", str(steps + 1),
@@ -255,7 +258,7 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, base: Path, work:
     write_layouts(data, 100 + seed, {"train": (LAYOUTS_A, args.train_rows), "heldout_a": (LAYOUTS_A, 8),
                                      "validation": (LAYOUTS_B, 8)})
     start = time.perf_counter()
-    losses = train(family, base, data, work / f"{family}-{seed}-run", seed, args.steps)
+    losses = train(family, base, data, work / f"{family}-{seed}-run", seed, args.steps, args.learning_rate)
     minutes = (time.perf_counter() - start) / 60
     before, after = losses[0], losses[args.steps]
     key = next(k for k in before if k.startswith("val_loss"))  # the mean over the fixed timesteps
@@ -300,6 +303,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base_steps", type=int, default=400, help="base pre-training steps (0: a random base)")
     parser.add_argument("--train_rows", type=int, default=64, help="family-A rows each ControlNet trains on")
     parser.add_argument("--steps", type=int, default=150, help="ControlNet training steps per seed")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="ControlNet learning rate")
     parser.add_argument("--sampling_steps", type=int, default=8)
     parser.add_argument("--out", default=None, help="write the per-seed values and the fits as JSON here")
     return parser.parse_args(argv)
