@@ -299,13 +299,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work_dir", default="work/new_backbones_evidence",
                         help="where the corpus, the fitted VAEs and the bases are cached, and the runs written")
     parser.add_argument("--corpus_rows", type=int, default=256, help="family-A layouts the VAE and the base fit on")
-    parser.add_argument("--vae_steps", type=int, default=600)
+    parser.add_argument("--vae_steps", type=int, default=800)
     parser.add_argument("--base_steps", type=int, default=400, help="base pre-training steps (0: a random base)")
     parser.add_argument("--train_rows", type=int, default=64, help="family-A rows each ControlNet trains on")
-    parser.add_argument("--steps", type=int, default=150, help="ControlNet training steps per seed")
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="ControlNet learning rate")
+    parser.add_argument("--steps", type=int, default=600, help="ControlNet training steps per seed")
+    parser.add_argument("--learning_rate", type=float, default=2e-3, help="ControlNet learning rate")
     parser.add_argument("--sampling_steps", type=int, default=8)
-    parser.add_argument("--out", default=None, help="write the per-seed values and the fits as JSON here")
+    parser.add_argument("--out", default=None, help="write the per-seed values and the fits as JSON here (the "
+                        "entries of families not run this time are kept)")
     return parser.parse_args(argv)
 
 
@@ -330,12 +331,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         for seed in args.seeds:
             rows.append(run_seed(family, seed, args, base_dir, work))
             print(json.dumps(rows[-1]), flush=True)
-    print(summary(rows))
     if args.out:
-        from skingen.fileio import atomic_write_json
-
-        atomic_write_json(Path(args.out), {"settings": vars(args), "fits": fits, "runs": rows})
+        rows = save_results(Path(args.out), args, fits, rows)
+    print(summary(rows))
     return rows
+
+
+def save_results(path: Path, args: argparse.Namespace, fits: dict, rows: list[dict]) -> list[dict]:
+    """Write this run's families to ``path``, keeping the other families an earlier run wrote there (so the
+    families can run as separate processes); returns every family's rows."""
+    from skingen.fileio import atomic_write_json
+
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    kept = {family: entry for family, entry in saved.get("families", {}).items() if family not in args.families}
+    for family in args.families:
+        kept[family] = {"settings": vars(args), "fit": fits[family], "runs": [r for r in rows if r["family"] == family]}
+    atomic_write_json(path, {"families": kept})
+    return [run for entry in kept.values() for run in entry["runs"]]
 
 
 if __name__ == "__main__":
