@@ -9,13 +9,13 @@ import struct
 import zlib
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageOps
-
 from repo_scripts import tiny_training_argv
+
+import datasets
 from skingen.backbones import backbone_class
 from skingen.data.caches import TextEmbeddingCache
 from skingen.data.dataset import normalized_rows

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 
-import datasets
 from PIL import Image
+
+import datasets
 
 from .dataset import (
     check_loader_flags,
