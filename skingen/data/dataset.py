@@ -6,7 +6,8 @@ Every form comes out with the same columns (see docs/architecture.md, "Dataset r
 Each row is checked by :func:`skingen.data.rows.check_row` up front, so a bad row is reported with its file and
 line before training starts. Preparation stages read the rows they rewrite with :func:`read_checked_rows`
 (the same check, with the fields the stage needs) and write them back with :func:`write_rows`.
-Image opening lives in :mod:`skingen.data.images`, validate/convert/split in :mod:`skingen.data.ops`.
+Training reads the checked rows themselves (:mod:`skingen.data.training_rows`, from the same scans); image opening
+lives in :mod:`skingen.data.images` and :mod:`skingen.data.decoding`, validate/convert/split in :mod:`skingen.data.ops`.
 """
 
 from __future__ import annotations
