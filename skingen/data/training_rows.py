@@ -85,7 +85,8 @@ class TrainingRows(Sequence):
             for row in self.rows:
                 yield {"bytes": None, "path": row.image.path}
             return
-        yield from self._image_view.cast_column("image", datasets.Image(decode=False))["image"]
+        for stored in self._image_view.cast_column("image", datasets.Image(decode=False)):  # one row's bytes at a time
+            yield stored["image"]
 
 
 def load_rows(
