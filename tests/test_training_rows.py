@@ -113,6 +113,7 @@ def test_two_column_samples_are_each_rows_images_placed_in_its_bucket_with_its_b
     raw = [json.loads(line) for line in (root / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [row.row_id for row in rows] == [r["image"] for r in raw]
     assert [row.where for row in rows] == [f"{root / 'train.jsonl'}:{n}" for n in range(1, 6)]
+    assert [ref["path"] for ref in rows.image_refs()] == [str(root / r["image"]) for r in raw]  # latent cache keys
 
     captions = [r["text"] for r in raw]
     text_cache = TextEmbeddingCache(tmp_path / "cache", "test")
@@ -206,6 +207,9 @@ def test_a_hub_dataset_with_two_conditioning_columns_reads_its_images_from_the_d
         assert rows.sizes[index] == rows.image(index).size == _shown(root / record["image"]).size
         assert [np.asarray(image).tolist() for image in rows.conditioning_images(index)] == [
             np.asarray(_shown(root / record[column])).tolist() for column in COLUMNS]
+    records = [json.loads(line) for line in (root / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    # The latent cache identifies an image by its stored bytes
+    assert [ref["bytes"] for ref in rows.image_refs()] == [(root / r["image"]).read_bytes() for r in records]
     assert stored.column_names[:3] == ["image", "conditioning_image", "conditioning_image_1"]
     with pytest.raises(SkingenError, match=r"no column 'edges' \(--conditioning_image_column\)"):
         normalized_rows(_hub_style(root), extra_conditioning_columns=("edges",))
