@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 from PIL import Image
 
@@ -30,14 +31,15 @@ from .rows import Row
 
 
 class TrainingRows(Sequence):
-    """Checked rows (``rows[i]`` is a :class:`Row`) and their decoded images.
+    """Checked rows (``rows[i]`` is a :class:`Row`, without its ``raw`` dict) and their decoded images.
 
     ``stored``: the normalised hub dataset whose row ``i`` holds row ``i``'s images (columns ``image``,
     ``conditioning_image``, ``conditioning_image_1``, ...); None for a dataset folder (images read from files).
     """
 
     def __init__(self, rows: list[Row], stored: datasets.Dataset | None = None):
-        self.rows = rows
+        # Training reads the checked fields only: the rows' raw JSON would more than double their memory.
+        self.rows = [replace(row, raw={}) for row in rows]
         self.conditioning_count = len(rows[0].conditioning_images) if rows else 1
         self.stored = stored
         if stored is not None:
