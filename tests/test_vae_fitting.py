@@ -289,6 +289,7 @@ def test_a_fitted_vae_loads_in_its_familys_pipeline_and_reconstructs_layouts_bet
     """Fitted for the family (its VAE class, latent normalisation measured on the images), the folder becomes the
     tiny pipeline's VAE through the builder and the pipeline's from_pretrained, the transformer takes its channels,
     and it reconstructs the layouts better than the random VAE of the plain tiny pipeline; the pipeline generates."""
+    from skingen.testing.tiny_qwenimage import TINY_QWENIMAGE
     from skingen.testing.vae_fitting import posterior, reconstruction_l1
 
     images = layout_images()
@@ -311,6 +312,7 @@ def test_a_fitted_vae_loads_in_its_familys_pipeline_and_reconstructs_layouts_bet
     else:  # per channel: (z - latents_mean) / latents_std
         assert type(fitted.vae).__name__ == "AutoencoderKLQwenImage" and config.z_dim == 4
         assert fitted.transformer.config.in_channels == 16 and fitted.transformer.config.out_channels == 4
+        assert fitted.transformer.config.num_layers == TINY_QWENIMAGE["num_layers"]  # the tiny size, not the default
         mean, std = torch.tensor(config.latents_mean), torch.tensor(config.latents_std)
         per_channel = ((latents - mean[None, :, None, None]) / std[None, :, None, None]).transpose(0, 1).flatten(1)
         assert per_channel.mean(dim=1).abs().max().item() < 1e-3

@@ -59,7 +59,8 @@ def tiny_qwenimage_transformer(seed: int, latent_channels: int = 16):
 
     torch.manual_seed(seed)
     return QwenImageTransformer2DModel(
-        patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels,  # 2x2 packed num_layers=TINY_QWENIMAGE["num_layers"],
+        patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels,  # latents packed 2x2
+        num_layers=TINY_QWENIMAGE["num_layers"],
         attention_head_dim=TINY_QWENIMAGE["attention_head_dim"], num_attention_heads=TINY_QWENIMAGE["num_attention_heads"],
         joint_attention_dim=TINY_QWENIMAGE["text_hidden"], guidance_embeds=False, axes_dims_rope=(8, 4, 4))
 
