@@ -5,7 +5,8 @@
 
 Figures and what it took: docs/backbones.md ("Evidence on the tiny pipelines"). Z-Image, 3 seeds: held-out
 flow-matching loss 1.397 +- 0.030 -> 1.191 +- 0.037, edge F1 of generated held-out layouts of family B
-0.560 +- 0.030 -> 0.615 +- 0.045 (up in every seed), of held-out family A 0.298 -> 0.547. QWEN_SUMMARY
+0.560 +- 0.030 -> 0.615 +- 0.045 (up in every seed), of held-out family A 0.298 -> 0.547. Qwen-Image: not shown; its fitted tiny VAE decodes flat images
+(edge F1 of its own round trips 0.010), so its samples' edge F1 (0.006 -> 0.041) says nothing.
 
 Per family, once (cached in --work_dir): a corpus of layout family A (``LAYOUTS_A``: 2-4 key rectangles scattered
 on a background, any contrasting colours; the control is their outlines, as a Canny control) drawn from its own seed; a tiny
