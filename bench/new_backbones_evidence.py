@@ -168,31 +168,6 @@ def pretrained_base(family: str, vae: Path, corpus: Path, out: Path, steps: int)
     return {"steps": steps, "reused": record["reused"], "seconds": record["seconds"], "fit": record["denoiser_fit"]}
 
 
-def untrained_controlnet(family: str, base: Path) -> Path:
-    """``<base>/controlnet``: a new ControlNet of the base's transformer, as the trainer makes one (zero-initialised
-    outputs: it leaves the base's prediction as it is)."""
-    if (base / "controlnet" / "config.json").is_file():
-        return base / "controlnet"
-    if family == "zimage":
-        from diffusers import ZImageTransformer2DModel
-
-        from skingen.backbones.zimage import new_zimage_controlnet
-
-        controlnet = new_zimage_controlnet(ZImageTransformer2DModel.from_pretrained(base / "transformer"))
-    else:
-        from diffusers import QwenImageControlNetModel, QwenImageTransformer2DModel
-
-        from skingen.testing.tiny_qwenimage import TINY_QWENIMAGE
-
-        transformer = QwenImageTransformer2DModel.from_pretrained(base / "transformer")
-        controlnet = QwenImageControlNetModel.from_transformer(
-            transformer, num_layers=TINY_QWENIMAGE["controlnet_layers"],
-            attention_head_dim=transformer.config.attention_head_dim,
-            num_attention_heads=transformer.config.num_attention_heads)
-    controlnet.save_pretrained(base / "controlnet", safe_serialization=True)
-    return base / "controlnet"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Per seed: the ControlNet and its figures
 
@@ -266,7 +241,8 @@ def run_seed(family: str, seed: int, args: argparse.Namespace, base: Path, work:
     before, after = losses[0], losses[args.steps]
     key = next(k for k in before if k.startswith("val_loss"))  # the mean over the fixed timesteps
     splits = ("validation", "heldout_a")
-    untrained = generated_edge_f1(family, base, untrained_controlnet(family, base), data, splits, seed, args.sampling_steps)
+    # <base>/controlnet: the untrained ControlNet both base paths write (zero-initialised outputs: the base as it is)
+    untrained = generated_edge_f1(family, base, base / "controlnet", data, splits, seed, args.sampling_steps)
     trained = generated_edge_f1(family, base, work / f"{family}-{seed}-run", data, splits, seed, args.sampling_steps)
     return {"family": family, "seed": seed, "steps": args.steps, "train_minutes": minutes,
             "heldout_loss_untrained": before[key], "heldout_loss_trained": after[key],
