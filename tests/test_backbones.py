@@ -301,9 +301,9 @@ def test_flux_packing_matches_diffusers():
 
 
 def test_inference_side_check_reads_the_family_from_the_pipeline_folder(tiny_sdxl_dir, tiny_sd3_dir, tiny_flux_dir):
-    from skingen.backbones import check_controlnet_for_pipeline, family_of_pipeline
+    from skingen.backbones.pipelines import check_controlnet_for_pipeline, family_of_pipeline
 
-    assert [family_of_pipeline(d) for d in (tiny_sdxl_dir, tiny_sd3_dir, tiny_flux_dir)] == ["sdxl", "sd3", "flux"]
+    assert [family_of_pipeline(d).name for d in (tiny_sdxl_dir, tiny_sd3_dir, tiny_flux_dir)] == ["sdxl", "sd3", "flux"]
     assert check_controlnet_for_pipeline(tiny_flux_dir / "controlnet", tiny_flux_dir) == str(tiny_flux_dir / "controlnet")
     with pytest.raises(SkingenError, match=r"controlnet: a FluxControlNetModel, but the base model .* is SD3"):
         check_controlnet_for_pipeline(tiny_flux_dir / "controlnet", tiny_sd3_dir, flag="--controlnet")

@@ -103,6 +103,19 @@ def family_of_pipeline(pretrained_model_name_or_path: str | os.PathLike, *, revi
     raise SkingenError(f"{where}: pipeline class {class_name!r} is not supported; skingen generates with {known}")
 
 
+def check_controlnet_for_pipeline(controlnet_name_or_path, pipeline_folder, *, flag: str = "--controlnet_model_name_or_path",
+                                  cache_dir: str | None = None) -> str:
+    """The ControlNet architecture check for a local base pipeline folder (inference uses it as training does):
+    raises ``SkingenError`` naming the ControlNet folder when it is not a ControlNet of the pipeline's family or
+    does not fit its denoiser. Returns the resolved ControlNet source."""
+    from .base import check_controlnet_source, read_model_config
+
+    backbone = backbone_class(family_of_pipeline(pipeline_folder).name)
+    denoiser_config = read_model_config(str(Path(pipeline_folder).expanduser() / backbone.denoiser_subfolder))
+    return check_controlnet_source(backbone, controlnet_name_or_path, denoiser_config, source_of_base=str(pipeline_folder),
+                                   flag=flag, cache_dir=cache_dir)
+
+
 def family_of_controlnet(controlnet: Any) -> Family:
     """The family a ControlNet model (or multi-ControlNet wrapper) belongs to, by its diffusers class."""
     names = {type(controlnet).__name__, type(getattr(controlnet, "_orig_mod", controlnet)).__name__}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..backbones import check_controlnet_for_pipeline, pipelines
+from ..backbones import pipelines
 from ..backbones.base import load_part
 from ..errors import SkingenError
 from .jobs import ImageJob, SamplingSettings, controls_for, load_control_image
@@ -89,7 +89,7 @@ def load_controlnet_pipeline(
     for path in controlnet_model_name_or_path:
         if local_base.is_dir():
             # Training's architecture check: the family's ControlNet class, sizes that fit the base's denoiser.
-            check_controlnet_for_pipeline(path, local_base, flag="--controlnet")
+            pipelines.check_controlnet_for_pipeline(path, local_base, flag="--controlnet")
         else:  # a hub id: the family from the ControlNet's own config
             pipelines.check_controlnet_family(family, path)
     pipeline = load_family_pipeline(family, pretrained_model_name_or_path, controlnet_model_name_or_path,

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ...backbones import backbone_class, family_of_pipeline
+from ...backbones import backbone_class
 from ...backbones.flow_matching import FlowMatchingBackbone
+from ...backbones.pipelines import family_of_pipeline
 from ...errors import SkingenError
 from ...prep.ocr import BACKENDS
 from .rewards import parse_reward_weights
@@ -34,7 +35,7 @@ def family_from_argv(argv) -> str:
             "pretrained_model_name_or_path")
     family = known.backbone
     if family is None and known.pretrained_model_name_or_path is not None:
-        family = family_of_pipeline(known.pretrained_model_name_or_path)
+        family = family_of_pipeline(known.pretrained_model_name_or_path).name
     if family is None:
         raise SkingenError("which model family? give a local --pretrained_model_name_or_path folder (its "
                            "model_index.json says) or --backbone sd3|flux|zimage|qwenimage for a hub id")
