@@ -94,11 +94,15 @@ def test_resume_after_stop_matches_uninterrupted_run(tiny_sdxl_dir, dataset, tmp
     assert _max_difference(load_file(stopped / "unet" / WEIGHTS), load_file(stopped / "ema/unet" / WEIGHTS)) > 1e-6
 
 
-def test_two_processes_match_one_process_with_same_global_batch(tiny_sdxl_dir, dataset, tmp_path):
+def test_two_processes_match_one_process_with_same_global_batch(request, dataset, tmp_path):
     steps = ["--max_train_steps", 2, "--proportion_empty_prompts", 0.3]
-    _train(_argv("sdxl", tiny_sdxl_dir, dataset, tmp_path / "one", *steps))
-    runs = [["train_text_to_image.py", _argv("sdxl", tiny_sdxl_dir, dataset, tmp_path / "two", *steps,
-                                             "--train_batch_size", 1)]]
+    families = ("sdxl", "zimage")  # a UNet, and a transformer with parameters not every step uses (pad tokens)
+    runs = []
+    for family in families:
+        base = request.getfixturevalue(f"tiny_{family}_dir")
+        _train(_argv(family, base, dataset, tmp_path / f"{family}-one", *steps))
+        runs.append(["train_text_to_image.py", _argv(family, base, dataset, tmp_path / f"{family}-two", *steps,
+                                                     "--train_batch_size", 1)])
     (tmp_path / "runs.json").write_text(json.dumps(runs), encoding="utf-8")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
@@ -106,10 +110,12 @@ def test_two_processes_match_one_process_with_same_global_batch(tiny_sdxl_dir, d
                str(REPO / "tests" / "two_process_runs.py"), str(tmp_path / "runs.json")]
     finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    one, two = load_file(tmp_path / "one" / "unet" / WEIGHTS), load_file(tmp_path / "two" / "unet" / WEIGHTS)
-    base = load_file(tiny_sdxl_dir / "unet" / WEIGHTS)
-    # Same data and noise, gradients averaged across the processes by DDP: only float rounding differs.
-    assert _max_difference(two, one) < 1e-4 < _max_difference(one, base)
+    for family in families:
+        subfolder = DENOISER[family][0]
+        one, two = (load_file(tmp_path / f"{family}-{n}" / subfolder / WEIGHTS) for n in ("one", "two"))
+        base = load_file(request.getfixturevalue(f"tiny_{family}_dir") / subfolder / WEIGHTS)
+        # Same data and noise, gradients averaged across the processes by DDP: only float rounding differs.
+        assert _max_difference(two, one) < 1e-4 < _max_difference(one, base)
 
 
 def test_rows_without_conditioning_images_train(tiny_sdxl_dir, tmp_path):

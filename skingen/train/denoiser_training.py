@@ -10,12 +10,14 @@ diffusers' layout, so the folder can replace the base pipeline's own. Checkpoint
 ``transformer``) instead of ``checkpoint-N/controlnet``.
 
 Conditioning images may be in the rows and are not read by the step. The row reader needs one per row, so without
-``--conditioning_image_column`` the target image stands in for it (rows of a plain text-to-image dataset load).
+``--conditioning_image_column`` the target image stands in for it (rows of a plain text-to-image dataset load); the
+training samples then carry one black pixel instead of decoding it (:func:`without_controls`).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,3 +101,19 @@ def trainable_denoiser(backbone) -> torch.nn.Module:
     denoiser = place_model(backbone.denoiser, "cpu", torch.float32)
     denoiser.requires_grad_(True)
     return denoiser
+
+
+def without_controls(rows):
+    """``rows`` with every conditioning image replaced by one black pixel: the step reads none, and decoding a
+    full-size image per sample would cost more than a tiny model's step."""
+    from PIL import Image
+
+    from ..data.dataset import RGBImage
+    from .batches import conditioning_keys
+
+    black = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(black, format="PNG")
+    pixel = {"bytes": black.getvalue(), "path": None}
+    for key in conditioning_keys(rows):
+        rows = rows.remove_columns(key).add_column(key, [pixel] * len(rows), feature=RGBImage())
+    return rows

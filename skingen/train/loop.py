@@ -68,6 +68,7 @@ from .denoiser_training import (
     trained_subfolder,
     trains_denoiser,
     weights_folder,
+    without_controls,
 )
 from .ema import WeightsEMA
 from .extra_losses import ExtraLoss, build_extra_losses
@@ -118,8 +119,9 @@ def train(args: argparse.Namespace, extra_loss: ExtraLoss | None = None, *,
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     output_dir = Path(args.output_dir)
-    # SD3's ControlNet has parameters a step does not use (its last block's text stream), which DDP must be told.
-    unused = backbone_class(getattr(args, "backbone", "sdxl")).ddp_find_unused_parameters
+    # SD3's ControlNet has parameters a step does not use (its last block's text stream), which DDP must be told; so
+    # may a trained denoiser (Z-Image's pad tokens serve only captions and images that need padding).
+    unused = backbone_class(getattr(args, "backbone", "sdxl")).ddp_find_unused_parameters or trains_denoiser(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -334,6 +336,8 @@ def _training_samples(run: Run, rows, cache_root: Path) -> TrainingSamples:
     """``rows`` as training samples: where each image goes at training size, its latents cached (counted in
     ``run.cache_stats``) under ``--cache_latents``."""
     args = run.args
+    if run.trains_denoiser:
+        rows = without_controls(rows)
     placements = row_placements(args, rows)
     resample = interpolation_filter(args.image_interpolation_mode)
     latent_cache = latent_keys = None
