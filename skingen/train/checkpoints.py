@@ -29,6 +29,7 @@ from ..fileio import AtomicDirectory, atomic_write_json, fsync_path
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
 CONTROLNET_SUBFOLDER = "controlnet"
+TRAINED_SUBFOLDERS = (CONTROLNET_SUBFOLDER, "unet", "transformer")  # a ControlNet, or the denoiser itself
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
 
@@ -165,9 +166,11 @@ def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str | 
         checkpoints = list_checkpoints(output_dir)
         if checkpoints:
             require_safe_loading()
-        if checkpoints and not (checkpoints[-1][1] / subfolder).is_dir():
+        other_models = [name for name in TRAINED_SUBFOLDERS if name != subfolder]
+        if checkpoints and not (checkpoints[-1][1] / subfolder).is_dir() and \
+                any((checkpoints[-1][1] / name).is_dir() for name in other_models):
             raise SkingenError(f"--resume_from_checkpoint latest: {checkpoints[-1][1]} holds no {subfolder}/ (it was "
-                               "saved by another kind of training run); choose another --output_dir")
+                               "saved by a run that trained another model); choose another --output_dir")
         return checkpoints[-1][1] if checkpoints else None
     for candidate in (Path(resume_from), Path(output_dir) / resume_from):
         if candidate.is_dir():
