@@ -198,19 +198,20 @@ class LatentCache:
         """Encode and store each job ``(key, row_id, index)``; ``load_pixels(index)`` gives
         ``(pixel_values in [-1, 1], original (h, w), crop (top, left))``, ``encode(pixels)`` the latent
         distribution's parameters (the backbone's ``latent_space.encode_parameters``)."""
-        bar = tqdm(total=len(jobs), desc="Caching VAE latents", disable=not progress)
-        for start in range(0, len(jobs), batch_size):
-            chunk = list(jobs[start : start + batch_size])
-            loaded = [load_pixels(index) for _, _, index in chunk]
-            params = encode(torch.stack([p for p, _, _ in loaded]))
-            for (key, row_id, _), (_, original, crop), latent_dist in zip(chunk, loaded, params):
-                _write_entry(
-                    self.path(key),
-                    {"latent_dist": latent_dist},
-                    {"row_id": row_id, "original_size": json.dumps(list(original)), "crop_top_left": json.dumps(list(crop))},
-                )
-            bar.update(len(chunk))
-        bar.close()
+        # Closed also when an image fails to decode, so the error is printed on a line of its own.
+        with tqdm(total=len(jobs), desc="Caching VAE latents", disable=not progress) as bar:
+            for start in range(0, len(jobs), batch_size):
+                chunk = list(jobs[start : start + batch_size])
+                loaded = [load_pixels(index) for _, _, index in chunk]
+                params = encode(torch.stack([p for p, _, _ in loaded]))
+                for (key, row_id, _), (_, original, crop), latent_dist in zip(chunk, loaded, params):
+                    _write_entry(
+                        self.path(key),
+                        {"latent_dist": latent_dist},
+                        {"row_id": row_id, "original_size": json.dumps(list(original)),
+                         "crop_top_left": json.dumps(list(crop))},
+                    )
+                bar.update(len(chunk))
 
     def load(self, key: str) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         from safetensors import safe_open

@@ -6,7 +6,8 @@ Every form comes out with the same columns (see docs/architecture.md, "Dataset r
 Each row is checked by :func:`skingen.data.rows.check_row` up front, so a bad row is reported with its file and
 line before training starts. Preparation stages read the rows they rewrite with :func:`read_checked_rows`
 (the same check, with the fields the stage needs) and write them back with :func:`write_rows`.
-Image opening lives in :mod:`skingen.data.images`, validate/convert/split in :mod:`skingen.data.ops`.
+Training reads the checked rows themselves (:mod:`skingen.data.training_rows`, from the same scans); image opening
+lives in :mod:`skingen.data.images` and :mod:`skingen.data.decoding`, validate/convert/split in :mod:`skingen.data.ops`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import datasets
 
 from ..errors import SkingenError
 from ..fileio import iter_jsonl, read_jsonl, write_jsonl
+from .decoding import DECODE_FIX, ImageDecodeError, RGBImage, decoded_row  # noqa: F401  (re-exported)
 from .images import IMAGE_READ_ERRORS, open_rgb, to_rgb  # noqa: F401  (open_rgb/to_rgb: re-exported for older imports)
-from .rows import TRAINING, BadRow, FolderImages, Problem, Row, RowSpec, StoredImages, check_row
+from .rows import TRAINING, BadRow, FolderImages, ImageRef, Problem, Row, RowSpec, StoredImages, check_row
 
 SPLITS = ("train", "validation")
 ON_BAD_SAMPLE = ("error", "skip")
@@ -49,45 +51,6 @@ LAYOUT_HELP = (
     "paths relative to the folder) or a Hugging Face ImageFolder metadata.jsonl (file_name, "
     "conditioning_image_file_name, text)"
 )
-
-
-class ImageDecodeError(SkingenError):
-    """An image of a loaded dataset that no longer decodes (truncated after its row was checked)."""
-
-    def __init__(self, path: str | None, reason: str):
-        self.path, self.reason = path, reason
-        super().__init__(f"{path or 'an image of the dataset'}: does not decode ({reason}); {DECODE_FIX}")
-
-
-DECODE_FIX = "`python dataset_tool.py validate DIR` decodes every image and lists the broken ones"
-
-
-def decoded_row(view: datasets.Dataset, index: int, where: str) -> dict:
-    """Row ``index`` of ``view`` with its images decoded; an image that no longer decodes is an error naming the
-    row (``where``: ``file:line``) and the image, relative to the rows file's folder when it lies inside it."""
-    try:
-        return view[index]
-    except ImageDecodeError as err:
-        shown = err.path
-        rows_folder = Path(where.rsplit(":", 1)[0]).parent
-        if shown and rows_folder in Path(shown).parents:
-            shown = Path(shown).relative_to(rows_folder).as_posix()
-        raise SkingenError(f"{where}: {shown}: does not decode ({err.reason}); {DECODE_FIX}") from None
-
-
-class RGBImage(datasets.Image):
-    """A ``datasets.Image`` feature that decodes to RGB through :func:`skingen.data.images.to_rgb`.
-
-    It is an ``Image`` feature (``isinstance`` holds, ``cast_column``/``map``/``filter``/``select`` keep it), so
-    users see an ordinary lazily decoded image column. Saved with ``save_to_disk`` it reloads as a plain ``Image``.
-    A file that no longer decodes (truncated after the rows were checked) is a SkingenError naming it.
-    """
-
-    def decode_example(self, value, token_per_repo_id=None):
-        try:
-            return to_rgb(super().decode_example(value, token_per_repo_id=token_per_repo_id))
-        except IMAGE_READ_ERRORS as err:
-            raise ImageDecodeError(value.get("path") if isinstance(value, dict) else None, str(err)) from None
 
 
 def row_features() -> datasets.Features:
@@ -241,7 +204,7 @@ def scan_folder(
     caption_column: str | None = None,
     max_samples: int | None = None,
     spec: RowSpec = TRAINING,
-    extra_conditioning_keys: tuple[str, ...] = (),
+    extra_conditioning_keys: tuple[str | tuple[str, ...], ...] = (),
 ) -> ScanResult:
     """Check every row of one split of a dataset folder for a stage (``spec``; stops after ``max_samples`` good
     rows). A row without an image path (where the stage allows it) is named ``<file stem>_<line>``."""
@@ -281,19 +244,23 @@ def scan_folder(
 
 
 def _scan_loaded(
-    dataset: datasets.Dataset, keys: dict[str, tuple[str, ...]], source: str, max_samples: int | None
+    dataset: datasets.Dataset,
+    keys: dict[str, tuple[str, ...]],
+    source: str,
+    max_samples: int | None,
+    extra_conditioning_keys: tuple[str, ...] = (),
 ) -> tuple[ScanResult, list[int]]:
-    """Check the rows of a loaded dataset; also returns the indices of the good rows."""
+    """Check the rows of a loaded dataset; also returns the indices of the good rows. The good rows' images keep
+    their stored path only: their pixels stay in the dataset (read by row number), not in the rows."""
+    image_keys = list(dict.fromkeys([keys["image"][0], keys["conditioning_image"][0], *extra_conditioning_keys]))
     columns = [
         c
-        for c in dict.fromkeys(
-            [keys["image"][0], keys["conditioning_image"][0], keys["text"][0], "box", "texts", "row_id"]
-        )
+        for c in dict.fromkeys([*image_keys, keys["text"][0], "box", "texts", "row_id"])
         if c in dataset.column_names
     ]
     # Read images as stored ({'bytes', 'path'}) so checking the rows decodes no pixels.
     view = dataset.select_columns(columns)
-    for key in (keys["image"][0], keys["conditioning_image"][0]):
+    for key in image_keys:
         if isinstance(view.features[key], datasets.Image):
             view = view.cast_column(key, datasets.Image(decode=False))
     result = ScanResult(source=source)
@@ -310,17 +277,26 @@ def _scan_loaded(
             return path or f"row-{index:08d}"
 
         try:
-            row = check_row(obj, None, f"{source} row {index}", keys=keys, images=images, default_row_id=row_id)
+            row = check_row(obj, None, f"{source} row {index}", keys=keys, images=images, default_row_id=row_id,
+                            extra_conditioning_keys=extra_conditioning_keys)
         except BadRow as bad:
             result.bad.append(bad)
             continue
         if row.row_id in seen and not obj.get("row_id"):
             row.row_id = f"row-{index:08d}"  # stored paths are not always unique (e.g. bare file names)
+        row.image = _without_bytes(row.image)
+        row.conditioning_images = tuple(_without_bytes(ref) for ref in row.conditioning_images)
         before = len(result.good)
         result.add(row, seen)
         if len(result.good) > before:
             good_indices.append(index)
     return result, good_indices
+
+
+def _without_bytes(ref: ImageRef | None) -> ImageRef | None:
+    if ref is None or not isinstance(ref.path, dict):
+        return ref
+    return ImageRef({"path": ref.path.get("path"), "bytes": None}, ref.rel, ref.size)
 
 
 def problem_counts(bad: list[BadRow]) -> Counter:
@@ -399,28 +375,10 @@ def load_skin_dataset(
     override the default keys as in diffusers. ``on_bad_sample="skip"`` drops bad rows and prints what was dropped;
     ``max_samples`` keeps the first N good rows; ``dataset_config_name`` is the hub dataset's configuration.
     """
-    check_on_bad_sample(on_bad_sample)
-    if max_samples is not None and max_samples < 1:
-        raise SkingenError(f"--max_train_samples must be at least 1, got {max_samples}")
-    if (train_data_dir is None) == (dataset_name is None):
-        raise SkingenError(
-            "give exactly one of --train_data_dir (a local dataset folder) or --dataset_name (a hub dataset)"
-        )
+    check_loader_flags(train_data_dir, dataset_name, on_bad_sample, max_samples)
     if dataset_name is not None:
-        try:
-            loaded = datasets.load_dataset(
-                dataset_name,
-                dataset_config_name,
-                split=split,
-                cache_dir=None if cache_dir is None else str(cache_dir),
-            )
-        except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
-            raise SkingenError(
-                f"--dataset_name {dataset_name}: could not load its {split!r} split ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); for a local folder use --train_data_dir"
-            ) from None
         return normalize_dataset(
-            loaded,
+            load_hub_split(dataset_name, dataset_config_name, split, cache_dir),
             image_column=image_column,
             conditioning_image_column=conditioning_image_column,
             caption_column=caption_column,
@@ -438,10 +396,43 @@ def load_skin_dataset(
         max_samples=max_samples,
     )
     enforce_bad_rows(scan, on_bad_sample)
+    return rows_dataset(scan.good)
+
+
+def check_loader_flags(train_data_dir, dataset_name, on_bad_sample: str, max_samples: int | None) -> None:
+    check_on_bad_sample(on_bad_sample)
+    if max_samples is not None and max_samples < 1:
+        raise SkingenError(f"--max_train_samples must be at least 1, got {max_samples}")
+    if (train_data_dir is None) == (dataset_name is None):
+        raise SkingenError(
+            "give exactly one of --train_data_dir (a local dataset folder) or --dataset_name (a hub dataset)"
+        )
+
+
+def load_hub_split(
+    dataset_name: str, dataset_config_name: str | None, split: str, cache_dir: str | os.PathLike | None
+) -> datasets.Dataset:
+    """One split of a hub dataset (``datasets.load_dataset``), or an error saying why it could not be loaded."""
+    try:
+        return datasets.load_dataset(
+            dataset_name,
+            dataset_config_name,
+            split=split,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+        )
+    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise SkingenError(
+            f"--dataset_name {dataset_name}: could not load its {split!r} split ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); for a local folder use --train_data_dir"
+        ) from None
+
+
+def rows_dataset(rows: list[Row]) -> datasets.Dataset:
+    """Checked rows of a dataset folder as a ``datasets.Dataset`` with the loader's columns (images by path)."""
     columns = {
-        "image": [row.image.path for row in scan.good],
-        "conditioning_image": [row.conditioning_image.path for row in scan.good],
-        **_meta_columns(scan.good),
+        "image": [row.image.path for row in rows],
+        "conditioning_image": [row.conditioning_image.path for row in rows],
+        **_meta_columns(rows),
     }
     return datasets.Dataset.from_dict(columns, features=row_features())
 
@@ -455,52 +446,79 @@ def normalize_dataset(
     on_bad_sample: str = "error",
     max_samples: int | None = None,
     source: str = "dataset",
+    extra_conditioning_columns: tuple[str, ...] = (),
 ) -> datasets.Dataset:
     """Check and normalise an already-loaded ``datasets.Dataset`` (e.g. from the hub) to the loader's columns.
 
     Image columns may be ``Image`` features or path strings; ``box``/``texts``/``row_id`` columns are used when
-    present. Images stay in the dataset's own storage and are decoded lazily.
+    present. Images stay in the dataset's own storage and are decoded lazily. ``extra_conditioning_columns``
+    become ``conditioning_image_1``, ``conditioning_image_2``, ... (a row needs an image in each).
     """
+    return normalized_rows(
+        dataset,
+        image_column=image_column,
+        conditioning_image_column=conditioning_image_column,
+        caption_column=caption_column,
+        on_bad_sample=on_bad_sample,
+        max_samples=max_samples,
+        source=source,
+        extra_conditioning_columns=extra_conditioning_columns,
+    )[0]
+
+
+def normalized_rows(
+    dataset: datasets.Dataset,
+    *,
+    image_column: str | None = None,
+    conditioning_image_column: str | None = None,
+    caption_column: str | None = None,
+    on_bad_sample: str = "error",
+    max_samples: int | None = None,
+    source: str = "dataset",
+    extra_conditioning_columns: tuple[str, ...] = (),
+) -> tuple[datasets.Dataset, list[Row]]:
+    """:func:`normalize_dataset`, with the checked rows (row ``i`` is row ``i`` of the returned dataset)."""
     check_on_bad_sample(on_bad_sample)
     if isinstance(dataset, datasets.DatasetDict):
         raise SkingenError(
             f"{source}: got a DatasetDict with splits {list(dataset)}; pass one split (e.g. dataset['train'])"
         )
     keys = role_keys("hub", image_column, conditioning_image_column, caption_column)
-    absent = [(role, candidates[0]) for role, candidates in keys.items() if candidates[0] not in dataset.column_names]
+    named = [(role, candidates[0]) for role, candidates in keys.items()]
+    named += [("conditioning_image", column) for column in extra_conditioning_columns]
+    absent = [(role, name) for role, name in named if name not in dataset.column_names]
     if absent:
-        named = ", ".join(f"{name!r} ({FLAG_OF_ROLE[role]})" for role, name in absent)
+        listed = ", ".join(f"{name!r} ({FLAG_OF_ROLE[role]})" for role, name in absent)
         raise SkingenError(
-            f"{source}: no column {named}; its columns are {dataset.column_names}; "
+            f"{source}: no column {listed}; its columns are {dataset.column_names}; "
             "name the right ones with --image_column, --conditioning_image_column and --caption_column"
         )
-    if keys["image"][0] == keys["conditioning_image"][0]:
+    image_keys = [keys["image"][0], keys["conditioning_image"][0], *extra_conditioning_columns]
+    if len(set(image_keys)) != len(image_keys):
         raise SkingenError(
-            f"{source}: the image and conditioning image columns must differ, both are {keys['image'][0]!r}"
+            f"{source}: the image and conditioning image columns must differ, they are {image_keys}"
+            if len(image_keys) > 2
+            else f"{source}: the image and conditioning image columns must differ, both are {keys['image'][0]!r}"
         )
-    scan, good_indices = _scan_loaded(dataset, keys, source, max_samples)
+    scan, good_indices = _scan_loaded(dataset, keys, source, max_samples, tuple(extra_conditioning_columns))
     enforce_bad_rows(scan, on_bad_sample)
 
-    image_key, cond_key = keys["image"][0], keys["conditioning_image"][0]
-    kept = dataset.select_columns(list(dict.fromkeys([image_key, cond_key])))
+    kept = dataset.select_columns(image_keys)
     if len(scan.good) != len(dataset):
         kept = kept.select(good_indices).flatten_indices()
-    images = _rename_images(kept, image_key, cond_key)
+    names = ["image", "conditioning_image", *(f"conditioning_image_{n}" for n in range(1, len(image_keys) - 1))]
+    # Through temporary names, so swapped columns (image_column="conditioning_image") rename cleanly.
+    kept = kept.rename_columns({key: f"__skingen_{name}" for key, name in zip(image_keys, names)})
+    images = kept.rename_columns({f"__skingen_{name}": name for name in names})
     meta_features = datasets.Features(
         {k: v for k, v in row_features().items() if k in ("text", "box", "texts", "row_id", "where")}
     )
     meta = datasets.Dataset.from_dict(_meta_columns(scan.good), features=meta_features)
     combined = datasets.concatenate_datasets([images, meta], axis=1)
     # Cast last: concatenation rebuilds features from the Arrow schema, which knows only plain Image.
-    for key in ("image", "conditioning_image"):
-        combined = combined.cast_column(key, RGBImage())
-    return combined
-
-
-def _rename_images(kept: datasets.Dataset, image_key: str, cond_key: str) -> datasets.Dataset:
-    # Through temporary names, so swapped columns (image_column="conditioning_image") rename cleanly.
-    kept = kept.rename_columns({image_key: "__skingen_image", cond_key: "__skingen_conditioning_image"})
-    return kept.rename_columns({"__skingen_image": "image", "__skingen_conditioning_image": "conditioning_image"})
+    for name in names:
+        combined = combined.cast_column(name, RGBImage())
+    return combined, scan.good
 
 
 # ---------------------------------------------------------------------------------------------------------------

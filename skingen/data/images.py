@@ -4,6 +4,7 @@ size probe for row checks and a full decode for ``dataset_tool.py validate``."""
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -67,15 +68,36 @@ def open_rgb(path: str | os.PathLike, where: str | None = None) -> Image.Image:
 def oriented_size(image: Image.Image) -> tuple[int, int]:
     """Size as displayed: EXIF orientations 5-8 swap width and height."""
     width, height = image.size
-    if image.format == "PNG" and "exif" not in image.info:
-        # A PNG's EXIF may follow the pixel data, and reading it would decode the whole image; the box check can
-        # miss such a rare rotation (decoding still applies it).
-        return width, height
     try:
-        orientation = image.getexif().get(EXIF_ORIENTATION)
+        if image.format == "PNG" and "exif" not in image.info:
+            # A PNG's EXIF may follow the pixel data: find it by skipping over the chunks, not by decoding them.
+            orientation = _late_png_orientation(image.fp)
+        else:
+            orientation = image.getexif().get(EXIF_ORIENTATION)
     except Exception:  # a broken EXIF block only loses the orientation, as in viewers
         orientation = None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _late_png_orientation(fp) -> int | None:
+    """The EXIF orientation of a PNG's ``eXIf`` chunk found after the image data (None when there is none)."""
+    position = fp.tell()
+    try:
+        fp.seek(8)  # past the signature
+        while True:
+            header = fp.read(8)
+            if len(header) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"eXIf":
+                exif = Image.Exif()
+                exif.load(fp.read(length))
+                return exif.get(EXIF_ORIENTATION)
+            if kind == b"IEND":
+                return None
+            fp.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    finally:
+        fp.seek(position)
 
 
 class UnreadableImage(Exception):

@@ -92,7 +92,8 @@ class BadRow(SkingenError):
 
 @dataclass(frozen=True)
 class ImageRef:
-    path: Any  # absolute path string (folders) or the stored image value (loaded datasets)
+    path: Any  # absolute path string (folders) or the stored image value (loaded datasets; after the scan only
+    # its stored path: the training rows read the pixels from the dataset by row number)
     rel: str | None  # relative to the dataset folder (folders only)
     size: tuple[int, int]  # (w, h) as displayed
 
@@ -330,7 +331,7 @@ def check_row(
     *,
     spec: RowSpec = TRAINING,
     keys: dict[str, tuple[str, ...]] | None = None,
-    extra_conditioning_keys: Sequence[str] = (),
+    extra_conditioning_keys: Sequence[str | tuple[str, ...]] = (),
     images: FolderImages | StoredImages | None = None,
     default_row_id: Callable[[ImageRef | None], str] | None = None,
 ) -> Row:
@@ -339,7 +340,8 @@ def check_row(
     ``dataset_dir``: the folder image paths are relative to (``images`` may bring a shared :class:`FolderImages`
     for it, or :class:`StoredImages` for a loaded dataset). ``keys``: the row keys of each role
     (``image``, ``conditioning_image``, ``text``; several candidates allowed, the first present is used).
-    ``extra_conditioning_keys``: further conditioning images (one per extra ControlNet), required like the first.
+    ``extra_conditioning_keys``: further conditioning images (one per extra ControlNet), required like the first;
+    each a key or a tuple of candidate keys (the first present is used).
     """
     if not isinstance(raw, dict):
         raise BadRow(where, [Problem("invalid JSON", f"expected a JSON object, got {type(raw).__name__}")])
@@ -347,8 +349,10 @@ def check_row(
     images = images if images is not None else FolderImages(dataset_dir)
     problems: list[Problem] = []
     found = {role: _first_present(raw, keys[role]) for role in (IMAGE, CONDITIONING, TEXT) if spec.reads(role)}
+    extra = [(key,) if isinstance(key, str) else tuple(key) for key in extra_conditioning_keys]
+    extra_found = [(candidates[0], _first_present(raw, candidates)) for candidates in extra]
     missing = [keys[role][0] for role, key in found.items() if key is None and role in spec.required]
-    missing += [key for key in extra_conditioning_keys if raw.get(key) is None]
+    missing += [name for name, key in extra_found if key is None]
     if missing:
         present = ", ".join(sorted(raw)) or "none"
         problems.append(
@@ -371,7 +375,7 @@ def check_row(
 
     located: dict[str, ImageRef] = {}
     for role, key in [(r, found.get(r)) for r in (IMAGE, CONDITIONING)] + [
-        (f"{CONDITIONING}:{k}", k) for k in extra_conditioning_keys
+        (f"{CONDITIONING}:{name}", key) for name, key in extra_found
     ]:
         if key is None or raw.get(key) is None:
             continue
@@ -402,7 +406,7 @@ def check_row(
         row_id = default_row_id(image) if default_row_id else where
     conditioning = tuple(
         located[role]
-        for role in [CONDITIONING] + [f"{CONDITIONING}:{k}" for k in extra_conditioning_keys]
+        for role in [CONDITIONING] + [f"{CONDITIONING}:{name}" for name, _ in extra_found]
         if role in located
     )
     return Row(

@@ -12,90 +12,43 @@ import argparse
 import hashlib
 import math
 from collections.abc import Sequence
-from io import BytesIO
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-import datasets
-
 from ..data.caches import LatentCache, TextEmbeddingCache
-from ..data.dataset import decoded_row, load_skin_dataset
-from ..errors import SkingenError
+from ..data.training_rows import TrainingRows, load_rows
 from .buckets import Placement, bucket_placement, bucket_sizes, nearest_bucket, square_placement
 from .loss_weighting import LossOptions
 from .options import conditioning_columns
-
-EXIF_ORIENTATION = 0x0112
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rows
 
 
 def load_training_rows(args: argparse.Namespace, split: str = "train", max_samples: int | None = None
-                       ) -> datasets.Dataset:
-    """The rows of ``split`` the data flags name, with skingen's columns (see ``skingen.data.dataset.load_skin_dataset``);
-    ``max_samples`` caps a split other than ``train`` (which ``--max_train_samples`` caps).
+                       ) -> TrainingRows:
+    """The checked rows of ``split`` the data flags name (see ``skingen.data.training_rows``); ``max_samples`` caps a
+    split other than ``train`` (which ``--max_train_samples`` caps).
 
-    With several ``--conditioning_image_column``, the first one fills ``conditioning_image`` and the others
-    ``conditioning_image_1``, ``conditioning_image_2``, ... (each read by the same row reader); a row is kept
-    when every column has a usable image for it.
+    With several ``--conditioning_image_column``, the first one fills a row's first conditioning image and the
+    others the further ones, all checked in one scan; a row is kept when every column has a usable image for it.
     """
-    columns = conditioning_columns(args)
-    loaded = [
-        load_skin_dataset(
-            args.train_data_dir, args.dataset_name, image_column=args.image_column,
-            conditioning_image_column=column, caption_column=args.caption_column,
-            on_bad_sample=args.on_bad_sample, cache_dir=args.cache_dir,
-            max_samples=max_samples if split != "train" else args.max_train_samples,
-            dataset_config_name=args.dataset_config_name, split=split,
-        )
-        for column in columns
-    ]
-    if len(loaded) == 1:
-        return loaded[0]
-    positions = [{row_id: i for i, row_id in enumerate(rows["row_id"])} for rows in loaded]
-    shared = [row_id for row_id in loaded[0]["row_id"] if all(row_id in index for index in positions[1:])]
-    if not shared:
-        raise SkingenError(f"no row has an image in every --conditioning_image_column {columns}; check the column names")
-    parts = [loaded[0].select([positions[0][row_id] for row_id in shared])]
-    for number, (rows, index) in enumerate(zip(loaded[1:], positions[1:]), start=1):
-        extra = rows.select([index[row_id] for row_id in shared]).select_columns(["conditioning_image"])
-        parts.append(extra.rename_column("conditioning_image", f"conditioning_image_{number}"))
-    return datasets.concatenate_datasets(parts, axis=1)
+    return load_rows(
+        args.train_data_dir, args.dataset_name, image_column=args.image_column,
+        conditioning_image_columns=conditioning_columns(args), caption_column=args.caption_column,
+        on_bad_sample=args.on_bad_sample, cache_dir=args.cache_dir,
+        max_samples=max_samples if split != "train" else args.max_train_samples,
+        dataset_config_name=args.dataset_config_name, split=split,
+    )
 
 
-def conditioning_keys(dataset: datasets.Dataset) -> list[str]:
-    """The dataset's conditioning image columns in channel order."""
-    extra = sorted((c for c in dataset.column_names if c.startswith("conditioning_image_") and c[19:].isdigit()),
-                   key=lambda c: int(c[19:]))
-    return ["conditioning_image", *extra]
-
-
-def image_sizes(dataset: datasets.Dataset) -> list[tuple[int, int]]:
-    """Each row's image ``(width, height)`` as displayed, from the file header where it can be read cheaply."""
-    refs = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))["image"]
-    sizes = []
-    for row, ref in enumerate(refs):
-        source = BytesIO(ref["bytes"]) if ref.get("bytes") else ref.get("path")
-        try:
-            with Image.open(source) as image:
-                width, height = image.size
-                rotated = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)  # shown turned by 90 degrees
-                sizes.append((height, width) if rotated else (width, height))
-        except (OSError, TypeError, ValueError):
-            # Stored in a form only the decoder reads (or a file that no longer decodes: its row is named).
-            where = dataset.select_columns(["where"])[row]["where"]
-            sizes.append(decoded_row(dataset.select_columns(["image"]), row, where)["image"].size)
-    return sizes
-
-
-def row_placements(args: argparse.Namespace, dataset: datasets.Dataset) -> list[Placement]:
+def row_placements(args: argparse.Namespace, rows: TrainingRows) -> list[Placement]:
     """Where each row's image goes at training size: its aspect-ratio bucket with ``--enable_bucket``, else the
-    centre-cropped ``--resolution`` square."""
-    sizes = image_sizes(dataset)
+    centre-cropped ``--resolution`` square (from each row's checked, displayed image size)."""
+    sizes = rows.sizes
     if not args.enable_bucket:
         return [square_placement(width, height, args.resolution) for width, height in sizes]
     buckets = bucket_sizes(args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
@@ -277,20 +230,13 @@ class TrainingSamples(torch.utils.data.Dataset):
     ``resolution`` square, or the row's placement target (its aspect-ratio bucket).
     """
 
-    def __init__(self, dataset, *, resolution: int, text_cache: TextEmbeddingCache, latent_cache: LatentCache | None,
+    def __init__(self, rows: TrainingRows, *, resolution: int, text_cache: TextEmbeddingCache, latent_cache: LatentCache | None,
                  latent_keys: Sequence[str] | None, latent_shape: tuple[int, int, int], backbone,
                  proportion_empty_prompts: float, load_pixel_values: bool,
                  placements: Sequence[Placement] | None = None, bucketed: bool = False,
                  resample: int = Image.BILINEAR, conditioning_dropout: Sequence[float] | None = None,
                  loss_options: LossOptions | None = None):
-        self.images = dataset.select_columns(["image"])
-        self.conditioning_keys = conditioning_keys(dataset)
-        self.conditioning_images = dataset.select_columns(self.conditioning_keys)
-        self.captions = list(dataset["text"])
-        self.boxes = list(dataset["box"])
-        self.texts = list(dataset["texts"])
-        self.row_ids = list(dataset["row_id"])
-        self.wheres = list(dataset["where"])
+        self.rows = rows
         self.resolution = resolution
         self.text_cache = text_cache
         self.latent_cache, self.latent_keys = latent_cache, latent_keys
@@ -301,11 +247,11 @@ class TrainingSamples(torch.utils.data.Dataset):
         self.placements = list(placements) if placements is not None else None
         self.bucketed = bucketed
         self.resample = resample
-        self.conditioning_dropout = list(conditioning_dropout or [0.0] * len(self.conditioning_keys))
+        self.conditioning_dropout = list(conditioning_dropout or [0.0] * rows.conditioning_count)
         self.loss_options = loss_options or LossOptions()
 
     def __len__(self) -> int:
-        return len(self.row_ids)
+        return len(self.rows)
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         row, seed = item
@@ -352,24 +298,25 @@ class TrainingSamples(torch.utils.data.Dataset):
             sample["latent_dist"], original, crop = self.latent_cache.load(self.latent_keys[row])
         if self.load_pixel_values:
             sample["pixel_values"], original, crop = training_pixels(
-                decoded_row(self.images, row, self.wheres[row])["image"], self.resolution, placement, self.resample)
+                self.rows.image(row), self.resolution, placement, self.resample)
         if placement is not None:
             original, crop = placement.original, placement.crop
-        controls = decoded_row(self.conditioning_images, row, self.wheres[row])
+        controls = self.rows.conditioning_images(row)
         sample["conditioning_pixel_values"] = torch.cat([
-            torch.zeros((3, *target)) if drop else image_to_tensor(self._place(controls[key], target), normalize=False)
-            for key, drop in zip(self.conditioning_keys, conditioning_dropped)
+            torch.zeros((3, *target)) if drop else image_to_tensor(self._place(control, target), normalize=False)
+            for control, drop in zip(controls, conditioning_dropped)
         ])
 
-        caption = "" if dropped else self.captions[row]
+        checked = self.rows[row]
+        caption = "" if dropped else checked.text
         sample.update(self.text_cache.load(caption))
         sample.update(self.backbone.sample_conditioning(original, crop, target))
         height, width = original
         resized = placement.resized if placement is not None else square_placement(width, height, self.resolution).resized
         sample["boxes"], sample["texts"] = place_boxes(
-            self.boxes[row], self.texts[row], Placement(original, resized, tuple(crop), target))
+            checked.box, checked.texts, Placement(original, resized, tuple(crop), target))
         sample["captions"] = caption
-        sample["row_ids"] = self.row_ids[row]
+        sample["row_ids"] = checked.row_id
         sample["sample_seeds"] = seed
         return sample
 

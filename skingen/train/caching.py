@@ -12,6 +12,7 @@ import torch
 
 from ..backbones.base import Backbone
 from ..data.caches import LatentCache, TextEmbeddingCache, fill_sharded, image_signature, model_fingerprint
+from ..data.training_rows import TrainingRows
 from ..errors import SkingenError
 from .batches import latent_cache_tag
 
@@ -55,9 +56,8 @@ def report_truncated_captions(backbone: Backbone, captions: Sequence[str], accel
                        + " (shorten them, e.g. caption.py --max_writing_texts)")
 
 
-def cache_latents(args, accelerator, dataset, backbone, dtype, cache_root: Path, sizes: Sequence, load_pixels):
-    import datasets
-
+def cache_latents(args, accelerator, rows: TrainingRows, backbone, dtype, cache_root: Path, sizes: Sequence,
+                  load_pixels):
     vae = backbone.vae
 
     separate_vae = args.pretrained_vae_model_name_or_path is not None
@@ -66,9 +66,8 @@ def cache_latents(args, accelerator, dataset, backbone, dtype, cache_root: Path,
         revision=args.revision, variant=None if separate_vae else args.variant,
         subfolders=() if separate_vae else ("vae",),
     ), latent_cache_tag(args))
-    refs = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))["image"]
-    row_ids = list(dataset["row_id"])
-    keys = [LatentCache.key(row_id, image_signature(ref)) for row_id, ref in zip(row_ids, refs)]
+    row_ids = [row.row_id for row in rows]
+    keys = [LatentCache.key(row_id, image_signature(ref)) for row_id, ref in zip(row_ids, rows.image_refs())]
     missing = main_process_value(accelerator, lambda: [i for i, key in enumerate(keys) if not cache.is_cached(key)])
     if missing:
         place_model(vae, accelerator.device, dtype)

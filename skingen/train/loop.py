@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 
 from ..backbones import backbone_class
 from ..backbones.base import Backbone
-from ..data.dataset import decoded_row
 from ..errors import SkingenError
 from .args import build_arg_parser, parse_training_args, validate_training_args  # noqa: F401 (the trainers' API)
 from .batches import (
@@ -313,11 +312,11 @@ def fill_caches(run: Run, extra_captions: Sequence[str] = ()) -> None:
     models where the loop needs them."""
     args, accelerator, backbone = run.args, run.accelerator, run.backbone
     cache_root = Path(args.embeddings_cache_dir) if args.embeddings_cache_dir else run.output_dir / "cache"
-    captions = set(run.dataset["text"]) | (set(run.held_out["text"]) if run.held_out is not None else set())
+    captions = set(run.dataset.captions) | (set(run.held_out.captions) if run.held_out is not None else set())
     # "" also serves validation as the negative prompt.
     captions |= {pair.prompt for pair in run.pairs} | ({""} if args.proportion_empty_prompts > 0 or run.pairs else set())
     captions |= set(extra_captions)
-    report_truncated_captions(backbone, sorted(set(run.dataset["text"])), accelerator)
+    report_truncated_captions(backbone, sorted(set(run.dataset.captions)), accelerator)
     run.text_cache, run.cache_stats = cache_text_embeddings(args, accelerator, backbone, captions, run.weight_dtype,
                                                              cache_root)
     backbone.drop_text_encoders()  # no longer needed anywhere
@@ -342,11 +341,9 @@ def _training_samples(run: Run, rows, cache_root: Path) -> TrainingSamples:
     resample = interpolation_filter(args.image_interpolation_mode)
     latent_cache = latent_keys = None
     if args.cache_latents:
-        images, wheres = rows.select_columns(["image"]), rows["where"]
         latent_cache, latent_keys, latent_stats = cache_latents(
             args, run.accelerator, rows, run.backbone, run.vae_dtype, cache_root, [p.target for p in placements],
-            load_pixels=lambda row: training_pixels(decoded_row(images, row, wheres[row])["image"], args.resolution,
-                                                    placements[row], resample))
+            load_pixels=lambda row: training_pixels(rows.image(row), args.resolution, placements[row], resample))
         for key, value in latent_stats.items():
             run.cache_stats[key] = run.cache_stats.get(key, 0) + value
     vae_scale = run.backbone.vae_scale_factor

@@ -18,7 +18,7 @@ from ..data.caches import TextEmbeddingCache
 from ..data.dataset import open_rgb
 from ..errors import SkingenError
 from ..fileio import atomic_save_image, atomic_write_text
-from .batches import conditioning_keys, load_training_rows, resize_and_center_crop
+from .batches import load_training_rows, resize_and_center_crop
 from .conditioning import stack_conditions
 from .options import interpolation_filter
 
@@ -53,11 +53,11 @@ def load_validation_pairs(args: argparse.Namespace) -> list[ValidationPair]:
         return [ValidationPair(prompt, first, rest) for prompt, (first, *rest) in zip(prompts, controls)]
     if args.validation_split is not None:
         rows = load_training_rows(args, split=args.validation_split, max_samples=args.validation_rows)
-        keys = conditioning_keys(rows)
         pairs = []
-        for row in rows.select_columns(["text", *keys]):
-            first, *rest = (resize_and_center_crop(row[key], args.resolution, resample)[0] for key in keys)
-            pairs.append(ValidationPair(row["text"], first, rest))
+        for index, row in enumerate(rows):
+            first, *rest = (resize_and_center_crop(image, args.resolution, resample)[0]
+                            for image in rows.conditioning_images(index))
+            pairs.append(ValidationPair(row.text, first, rest))
         return pairs
     return []
 

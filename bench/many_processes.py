@@ -1,6 +1,6 @@
 """Each sharded stage with 1 and 2 processes, and the worker pools with 1 and 2 workers, as a Markdown table.
 
-    python bench/multiprocess.py --num_skins 16 --resolution 512 --inference_rows 16
+    python bench/many_processes.py --num_skins 16 --resolution 512 --inference_rows 16
 
 Every run is a fresh command line, as a user starts it: ``python script.py`` for one process (torch and the
 OCR use every core, the default), ``torchrun --nproc_per_node 2 script.py`` for two (one thread each, as
