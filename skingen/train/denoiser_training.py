@@ -17,13 +17,14 @@ training samples then carry one black pixel instead of decoding it (:func:`witho
 from __future__ import annotations
 
 import argparse
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ..backbones import FAMILIES, backbone_class
+from ..data.training_rows import TrainingRows
 from ..errors import require
 from .args import build_arg_parser, parse_training_args
 from .caching import place_model
@@ -103,17 +104,16 @@ def trainable_denoiser(backbone) -> torch.nn.Module:
     return denoiser
 
 
-def without_controls(rows):
-    """``rows`` with every conditioning image replaced by one black pixel: the step reads none, and decoding a
+class RowsWithoutControls(TrainingRows):
+    """Training rows whose every conditioning image is one black pixel: the step reads none, and decoding a
     full-size image per sample would cost more than a tiny model's step."""
-    from PIL import Image
 
-    from ..data.dataset import RGBImage
-    from .batches import conditioning_keys
+    def __init__(self, rows: TrainingRows):
+        super().__init__(rows.rows, rows.stored)
 
-    black = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(black, format="PNG")
-    pixel = {"bytes": black.getvalue(), "path": None}
-    for key in conditioning_keys(rows):
-        rows = rows.remove_columns(key).add_column(key, [pixel] * len(rows), feature=RGBImage())
-    return rows
+    def conditioning_images(self, index: int) -> list[Image.Image]:
+        return [Image.new("RGB", (1, 1))] * self.conditioning_count
+
+
+def without_controls(rows: TrainingRows) -> TrainingRows:
+    return RowsWithoutControls(rows)
