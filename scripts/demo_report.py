@@ -195,7 +195,7 @@ def base_summary(demo_dir: Path, layouts: list[str]) -> list[str]:
         return ["- base model: no pretrain.json found (not pre-trained by scripts/pretrain_tiny_base.py)"]
     record = json.loads(path.read_text(encoding="utf-8"))
     seen = " / ".join(layouts) or "unknown layout"
-    vae, unet, settings = record["vae_fit"], record["unet_fit"], record["settings"]
+    vae, unet, settings = record["vae_fit"], record["denoiser_fit"], record["settings"]
     if settings.get("pretrained_vae"):
         vae_note = f"VAE {settings['pretrained_vae']} (fitted beforehand)"
         if vae is not None:

@@ -113,7 +113,7 @@ def test_report_without_results_is_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_pretrained_base_is_cached_by_its_settings(tmp_path, cjk_font):
+def test_pretrained_base_is_cached_by_its_settings(tmp_path, cjk_font, fresh_accelerate_state):
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     skins, corpus, base = tmp_path / "skins", tmp_path / "corpus", tmp_path / "base"
@@ -121,6 +121,8 @@ def test_pretrained_base_is_cached_by_its_settings(tmp_path, cjk_font):
                    cwd=REPO, check=True, capture_output=True)
     subprocess.run([sys.executable, "merge_elements.py", "--packages_dir", str(skins), "--layout", "full_keyboard",
                     "--resolution", "512", "--output_dir", str(corpus)], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "caption.py", "--dataset_dir", str(corpus), "--captioner", "template"], cwd=REPO,
+                   check=True, capture_output=True)
     script = load_script("scripts/pretrain_tiny_base.py")
     argv = ["--dataset_dir", str(corpus), "--output_dir", str(base), "--resolution", "64", "--vae_fit_steps", "2",
             "--max_train_steps", "3", "--train_batch_size", "2"]

@@ -209,7 +209,7 @@ def test_committed_vae_carries_more_signal_than_noise_in_every_latent_channel(tm
     assert (signal > 2 * noise).all(), f"signal {signal.tolist()} vs noise {noise.tolist()}"
 
 
-def test_pretraining_around_a_fitted_vae_keeps_it_and_caches_by_its_bytes(tmp_path):
+def test_pretraining_around_a_fitted_vae_keeps_it_and_caches_by_its_bytes(tmp_path, fresh_accelerate_state):
     """``--pretrained_vae_model_name_or_path`` with ``--vae_fit_steps 0``: the base's VAE is that VAE, unchanged;
     another VAE (other bytes) is not served from the cache; 0 steps without a VAE is refused."""
     import subprocess
@@ -221,6 +221,8 @@ def test_pretraining_around_a_fitted_vae_keeps_it_and_caches_by_its_bytes(tmp_pa
     subprocess.run([sys.executable, "merge_elements.py", "--packages_dir", str(tmp_path / "skins"), "--layout",
                     "key_elements", "--resolution", "512", "--output_dir", str(tmp_path / "corpus")],
                    cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "caption.py", "--dataset_dir", str(tmp_path / "corpus"), "--captioner", "template"],
+                   cwd=REPO, check=True, capture_output=True)  # the training loop reads captioned rows
     for name, steps in (("vae_a", 2), ("vae_b", 3)):
         fit_vae_from_scratch(tmp_path / name, square_images(), VaeRecipe(**SMALL, steps=steps),
                              checkpoint_dir=tmp_path / f"{name}.partial")

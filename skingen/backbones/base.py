@@ -317,8 +317,10 @@ class Backbone(abc.ABC):
         return self.latent_space.normalize(latents)
 
     @abc.abstractmethod
-    def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype) -> DenoiserOutput:
-        """ControlNet + frozen denoiser on the batch: prediction, target and what the losses need."""
+    def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype, denoiser=None) -> DenoiserOutput:
+        """ControlNet + frozen denoiser on the batch: prediction, target and what the losses need. With
+        ``controlnet=None`` the denoiser alone (training the denoiser itself; the control is not read); ``denoiser``:
+        the module to call instead of ``self.denoiser`` (accelerate's wrapper of it when it is the trained one)."""
 
     # -- the ControlNet -------------------------------------------------------------------------------------
 
@@ -338,8 +340,9 @@ class Backbone(abc.ABC):
                          layout_help=self.controlnet_help(), cache_dir=self.common["cache_dir"])
 
     def enable_gradient_checkpointing(self, controlnet) -> None:
-        """``--gradient_checkpointing`` on the ControlNet and the frozen denoiser."""
-        controlnet.enable_gradient_checkpointing()
+        """``--gradient_checkpointing`` on the ControlNet (None: none is trained) and the denoiser."""
+        if controlnet is not None:
+            controlnet.enable_gradient_checkpointing()
         self.denoiser.enable_gradient_checkpointing()
 
     @classmethod

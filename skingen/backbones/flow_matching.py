@@ -98,13 +98,13 @@ class FlowMatchingBackbone(Backbone):
         latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
         return self.normalize_latents(latents.float()).to(weight_dtype)
 
-    def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype) -> DenoiserOutput:
+    def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype, denoiser=None) -> DenoiserOutput:
         """One training step's prediction: the velocity at the batch's noisy latents; target noise - x0, and
         x0 = x_t - sigma * v (SD3 overrides it for diffusers' --precondition_outputs)."""
         latents, noise, sigmas, noisy = self.flow_step(batch, weight_dtype)
         timesteps = batch["timesteps"].float()
-        velocity = self.velocity(noisy, timesteps, batch, self.control_latents(batch, weight_dtype), controlnet,
-                                 weight_dtype)
+        velocity = self.velocity(noisy, timesteps, batch, self.step_control(batch, controlnet, weight_dtype), controlnet,
+                                 weight_dtype, denoiser)
 
         def estimate_x0(rows):
             pick = (lambda t: t) if rows is None else (lambda t: t[rows])
@@ -114,11 +114,17 @@ class FlowMatchingBackbone(Backbone):
                               noise=noise, timesteps=timesteps, estimate_x0=estimate_x0,
                               signal=(1 - sigmas.flatten()) ** 2, weighting=self.loss_weighting(sigmas))
 
-    def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor, controlnet,
-                 weight_dtype: torch.dtype) -> torch.Tensor:
+    def step_control(self, batch: dict, controlnet, weight_dtype: torch.dtype) -> torch.Tensor | None:
+        """The control latents of a training step; None without a ControlNet (nothing reads them)."""
+        return None if controlnet is None else self.control_latents(batch, weight_dtype)
+
+    def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor | None,
+                 controlnet, weight_dtype: torch.dtype, denoiser=None) -> torch.Tensor:
         """The velocity ``noise - x0`` that ControlNet + denoiser predict at ``noisy`` ``(B, C, h, w)`` and
         ``timesteps`` (sigma x num_train_timesteps), for cached prompt entries ``prompts`` and control latents
-        ``control`` (:meth:`control_latents`). The training step (:meth:`forward`) and samplers call it."""
+        ``control`` (:meth:`control_latents`); with ``controlnet=None`` the denoiser's own (``control`` unread).
+        ``denoiser``: the module to call instead of ``self.denoiser`` (accelerate's wrapper when it trains). The
+        training step (:meth:`forward`) and samplers call it."""
         raise NotImplementedError(f"{self.title}: no velocity call")
 
     def save_denoiser_lora(self, output_dir) -> Path:

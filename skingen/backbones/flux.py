@@ -152,8 +152,8 @@ class FluxBackbone(FlowMatchingBackbone):
 
     # -- the step -------------------------------------------------------------------------------------------
 
-    def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor, controlnet,
-                 weight_dtype: torch.dtype) -> torch.Tensor:
+    def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor | None,
+                 controlnet, weight_dtype: torch.dtype, denoiser=None) -> torch.Tensor:
         height, width = noisy.shape[-2:]
         prompt_embeds = prompts["prompt_embeds"].to(weight_dtype)
         pooled = prompts["pooled_prompt_embeds"].to(weight_dtype)
@@ -165,8 +165,10 @@ class FluxBackbone(FlowMatchingBackbone):
         common = {"hidden_states": pack_latents(noisy), "timestep": timesteps / self.num_train_timesteps,
                   "guidance": guidance, "pooled_projections": pooled, "encoder_hidden_states": prompt_embeds,
                   "txt_ids": text_ids, "img_ids": image_ids, "return_dict": False}
-        double, single = controlnet(controlnet_cond=pack_latents(control), **common)
-        velocity_tokens = self.denoiser(
+        double = single = None  # without a ControlNet: the transformer alone
+        if controlnet is not None:
+            double, single = controlnet(controlnet_cond=pack_latents(control), **common)
+        velocity_tokens = (denoiser or self.denoiser)(
             controlnet_block_samples=None if double is None else [s.to(weight_dtype) for s in double],
             controlnet_single_block_samples=None if single is None else [s.to(weight_dtype) for s in single],
             **common)[0]

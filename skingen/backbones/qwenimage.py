@@ -202,15 +202,17 @@ class QwenImageBackbone(FlowMatchingBackbone):
         shifted = self.noise_scheduler.time_shift(mu, 1.0, sigma)
         return shifted * self.num_train_timesteps
 
-    def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor, controlnet,
-                 weight_dtype: torch.dtype) -> torch.Tensor:
+    def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor | None,
+                 controlnet, weight_dtype: torch.dtype, denoiser=None) -> torch.Tensor:
         height, width = noisy.shape[-2:]
         embeds, mask = self.batch_prompts(prompts["prompt_embeds"].to(weight_dtype), prompts["prompt_embeds_mask"])
         common = {"hidden_states": pack_latents(noisy), "timestep": timesteps / self.num_train_timesteps,
                   "encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask,
                   "img_shapes": [(1, height // 2, width // 2)] * noisy.shape[0], "return_dict": False}
-        samples = controlnet(controlnet_cond=pack_latents(control), **common)
-        velocity_tokens = self.denoiser(controlnet_block_samples=[s.to(weight_dtype) for s in samples], **common)[0]
+        samples = None  # without a ControlNet: the transformer alone
+        if controlnet is not None:
+            samples = [s.to(weight_dtype) for s in controlnet(controlnet_cond=pack_latents(control), **common)]
+        velocity_tokens = (denoiser or self.denoiser)(controlnet_block_samples=samples, **common)[0]
         return unpack_latents(velocity_tokens, height, width)
 
     def pipeline_sigmas(self, num_steps: int) -> np.ndarray | None:

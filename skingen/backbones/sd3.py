@@ -114,11 +114,11 @@ class SD3Backbone(FlowMatchingBackbone):
 
     # -- the step -------------------------------------------------------------------------------------------
 
-    def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype) -> DenoiserOutput:
+    def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype, denoiser=None) -> DenoiserOutput:
         latents, noise, sigmas, noisy = self.flow_step(batch, weight_dtype)
         timesteps = batch["timesteps"].float()
-        velocity = self.velocity(noisy, timesteps, batch, self.control_latents(batch, weight_dtype), controlnet,
-                                 weight_dtype)
+        velocity = self.velocity(noisy, timesteps, batch, self.step_control(batch, controlnet, weight_dtype), controlnet,
+                                 weight_dtype, denoiser)
         if self.args.precondition_outputs:
             model_pred, target = velocity * (-sigmas) + noisy, latents
         else:
@@ -135,16 +135,18 @@ class SD3Backbone(FlowMatchingBackbone):
                               timesteps=timesteps, estimate_x0=estimate_x0, signal=(1 - sigmas.flatten()) ** 2,
                               weighting=self.loss_weighting(sigmas))
 
-    def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor, controlnet,
-                 weight_dtype: torch.dtype) -> torch.Tensor:
+    def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor | None,
+                 controlnet, weight_dtype: torch.dtype, denoiser=None) -> torch.Tensor:
         prompt_embeds = prompts["prompt_embeds"].to(weight_dtype)
         pooled = prompts["pooled_prompt_embeds"].to(weight_dtype)
-        samples = controlnet(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
-                             pooled_projections=pooled, controlnet_cond=control, return_dict=False)[0]
-        return self.denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
-                             pooled_projections=pooled,
-                             block_controlnet_hidden_states=[sample.to(weight_dtype) for sample in samples],
-                             return_dict=False)[0]
+        samples = None
+        if controlnet is not None:
+            samples = controlnet(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
+                                 pooled_projections=pooled, controlnet_cond=control, return_dict=False)[0]
+            samples = [sample.to(weight_dtype) for sample in samples]
+        return (denoiser or self.denoiser)(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
+                                           pooled_projections=pooled, block_controlnet_hidden_states=samples,
+                                           return_dict=False)[0]
 
     # -- the ControlNet -------------------------------------------------------------------------------------
 

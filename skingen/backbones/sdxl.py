@@ -151,7 +151,7 @@ class SDXLBackbone(Backbone):
 
     # -- the step -------------------------------------------------------------------------------------------
 
-    def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype) -> DenoiserOutput:
+    def forward(self, batch: dict, controlnet, weight_dtype: torch.dtype, denoiser=None) -> DenoiserOutput:
         scheduler = self.noise_scheduler
         latents = self.clean_latents(batch, weight_dtype)
         options = self.loss_options
@@ -162,14 +162,16 @@ class SDXLBackbone(Backbone):
         prompt_embeds = batch["prompt_embeds"].to(weight_dtype)
         added = {"text_embeds": batch["pooled_prompt_embeds"].to(weight_dtype),
                  "time_ids": batch["time_ids"].to(weight_dtype)}
-        down_samples, mid_sample = controlnet(
-            noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
-            controlnet_cond=batch["conditioning_pixel_values"].to(weight_dtype), return_dict=False,
-        )
-        model_pred = self.denoiser(
-            noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
-            down_block_additional_residuals=[s.to(weight_dtype) for s in down_samples],
-            mid_block_additional_residual=mid_sample.to(weight_dtype),
+        residuals = {}
+        if controlnet is not None:  # None: the UNet alone (text-to-image training of the UNet itself)
+            down_samples, mid_sample = controlnet(
+                noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added,
+                controlnet_cond=batch["conditioning_pixel_values"].to(weight_dtype), return_dict=False,
+            )
+            residuals = {"down_block_additional_residuals": [s.to(weight_dtype) for s in down_samples],
+                         "mid_block_additional_residual": mid_sample.to(weight_dtype)}
+        model_pred = (denoiser or self.denoiser)(
+            noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added, **residuals,
         ).sample
         prediction_type = scheduler.config.prediction_type
         if prediction_type == "epsilon":

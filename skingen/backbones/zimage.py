@@ -200,14 +200,17 @@ class ZImageBackbone(FlowMatchingBackbone):
         latents = super().control_latents(batch, weight_dtype)
         return pad_control_channels(latents, self.control_in_dim)
 
-    def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor, controlnet,
-                 weight_dtype: torch.dtype) -> torch.Tensor:
+    def velocity(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: dict, control: torch.Tensor | None,
+                 controlnet, weight_dtype: torch.dtype, denoiser=None) -> torch.Tensor:
         model_time = 1.0 - timesteps / self.num_train_timesteps  # the pipeline's (1000 - t) / 1000
         captions = self.caption_features(prompts, weight_dtype)
         frames = list(noisy.unsqueeze(2).unbind(0))  # (C, 1, h, w) per sample
-        hints = controlnet(frames, model_time, captions, control.unsqueeze(2))  # (B, C, 1, h, w), as the pipeline
-        output = self.denoiser(frames, model_time, captions, return_dict=False,
-                               controlnet_block_samples={k: v.to(weight_dtype) for k, v in hints.items()})[0]
+        hints = None  # without a ControlNet: the transformer alone
+        if controlnet is not None:
+            hints = controlnet(frames, model_time, captions, control.unsqueeze(2))  # (B, C, 1, h, w), as the pipeline
+            hints = {k: v.to(weight_dtype) for k, v in hints.items()}
+        output = (denoiser or self.denoiser)(frames, model_time, captions, return_dict=False,
+                                             controlnet_block_samples=hints)[0]
         return -torch.stack(output).squeeze(2)  # the transformer predicts x0 - noise
 
     def pipeline_sigmas(self, num_steps: int) -> np.ndarray | None:
@@ -234,7 +237,7 @@ class ZImageBackbone(FlowMatchingBackbone):
         return controlnet
 
     def enable_gradient_checkpointing(self, controlnet) -> None:
-        if "gradient_checkpointing" not in controlnet.__dict__:  # diffusers' class never sets it
+        if controlnet is not None and "gradient_checkpointing" not in controlnet.__dict__:  # diffusers' class never sets it
             controlnet.gradient_checkpointing = False
         super().enable_gradient_checkpointing(controlnet)
 

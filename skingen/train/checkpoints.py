@@ -1,11 +1,13 @@
-"""Training checkpoints: atomic ``checkpoint-N`` folders, retention, resuming, and the final ControlNet weights.
+"""Training checkpoints: atomic ``checkpoint-N`` folders, retention, resuming, and the final weights of the trained
+model (a ControlNet, or the denoiser itself when the loop trains a base model).
 
 A checkpoint is written by ``accelerator.save_state`` into a temporary folder that is renamed to
 ``checkpoint-N`` only once every process has finished writing, so a kill during a save leaves the previous
 checkpoints untouched and never a half-written one under a final name. Layout (as diffusers' trainer, so
 ``checkpoint-N/controlnet`` loads with ``ControlNetModel.from_pretrained``):
 
-    checkpoint-N/controlnet/{config.json, diffusion_pytorch_model.safetensors}
+    checkpoint-N/controlnet/{config.json, diffusion_pytorch_model.safetensors}   (unet/ or transformer/ when the
+                                                                                 denoiser itself is trained)
     checkpoint-N/optimizer.bin, scheduler.bin, random_states_<rank>.pkl, [scaler.pt]
     checkpoint-N/training_state.json     (ours: global step, seed, data order, non-finite step counts)
 """
@@ -27,6 +29,7 @@ from ..fileio import AtomicDirectory, atomic_write_json, fsync_path
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
 CONTROLNET_SUBFOLDER = "controlnet"
+TRAINED_SUBFOLDERS = (CONTROLNET_SUBFOLDER, "unet", "transformer")  # a ControlNet, or the denoiser itself
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
 
@@ -67,14 +70,15 @@ def recover_interrupted_saves(output_dir: str | os.PathLike) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def register_controlnet_hooks(accelerator) -> None:
-    """Make ``save_state``/``load_state`` store the ControlNet in diffusers format under ``controlnet/``."""
+def register_controlnet_hooks(accelerator, subfolder: str = CONTROLNET_SUBFOLDER) -> None:
+    """Make ``save_state``/``load_state`` store the trained model in diffusers format under ``subfolder``
+    (``controlnet/``; the denoiser's own folder name, ``unet/`` or ``transformer/``, when it is the trained model)."""
     from accelerate.utils import DistributedType
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / CONTROLNET_SUBFOLDER)
+                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / subfolder)
         weights.clear()  # saved above; accelerate would otherwise write a second copy
 
     def load_hook(models, input_dir):
@@ -82,7 +86,7 @@ def register_controlnet_hooks(accelerator) -> None:
             return  # DeepSpeed restores its own engine checkpoint
         while models:
             model = accelerator.unwrap_model(models.pop())
-            loaded = type(model).from_pretrained(input_dir, subfolder=CONTROLNET_SUBFOLDER)  # any backbone's class
+            loaded = type(model).from_pretrained(input_dir, subfolder=subfolder)  # any backbone's class
             model.load_state_dict(loaded.state_dict())
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -149,8 +153,10 @@ def write_failure(err: Exception) -> str | None:
     return None
 
 
-def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
-    """The folder ``--resume_from_checkpoint`` names: ``latest`` (None when there is none yet) or a path.
+def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str | None,
+                              subfolder: str = CONTROLNET_SUBFOLDER) -> Path | None:
+    """The folder ``--resume_from_checkpoint`` names: ``latest`` (None when there is none yet) or a path; the
+    checkpoint must hold the trained model's ``subfolder``.
 
     A path may be given as is or relative to ``output_dir`` (diffusers accepts the bare ``checkpoint-N``).
     """
@@ -160,13 +166,18 @@ def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str | 
         checkpoints = list_checkpoints(output_dir)
         if checkpoints:
             require_safe_loading()
+        other_models = [name for name in TRAINED_SUBFOLDERS if name != subfolder]
+        if checkpoints and not (checkpoints[-1][1] / subfolder).is_dir() and \
+                any((checkpoints[-1][1] / name).is_dir() for name in other_models):
+            raise SkingenError(f"--resume_from_checkpoint latest: {checkpoints[-1][1]} holds no {subfolder}/ (it was "
+                               "saved by a run that trained another model); choose another --output_dir")
         return checkpoints[-1][1] if checkpoints else None
     for candidate in (Path(resume_from), Path(output_dir) / resume_from):
         if candidate.is_dir():
-            if not _CHECKPOINT_NAME.fullmatch(candidate.name) or not (candidate / CONTROLNET_SUBFOLDER).is_dir():
+            if not _CHECKPOINT_NAME.fullmatch(candidate.name) or not (candidate / subfolder).is_dir():
                 raise SkingenError(
-                    f"--resume_from_checkpoint {resume_from}: {candidate} is not a training checkpoint "
-                    f"(expected a folder named checkpoint-N holding {CONTROLNET_SUBFOLDER}/ and optimizer state)"
+                    f"--resume_from_checkpoint {resume_from}: {candidate} is not a training checkpoint of this run's "
+                    f"model (expected a folder named checkpoint-N holding {subfolder}/ and optimizer state)"
                 )
             require_safe_loading()
             return candidate
@@ -202,7 +213,7 @@ def read_training_state(path: Path) -> dict:
     return {"global_step": int(_CHECKPOINT_NAME.fullmatch(path.name).group(1))}
 
 
-def save_controlnet_weights(controlnet, output_dir: str | os.PathLike) -> Path:
+def save_controlnet_weights(controlnet, output_dir: str | os.PathLike) -> Path:  # any diffusers model
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` into ``output_dir`` (atomically per file).
 
     The weights are moved into place before the config, so a folder whose config.json is present always
@@ -222,7 +233,7 @@ def save_controlnet_weights(controlnet, output_dir: str | os.PathLike) -> Path:
         if reason is None:
             raise
         raise SkingenError(
-            f"{output_dir}: the ControlNet weights could not be written: {reason}; the checkpoints and any earlier "
+            f"{output_dir}: the trained weights could not be written: {reason}; the checkpoints and any earlier "
             "weights there are kept. Free some space, then rerun with --resume_from_checkpoint latest"
         ) from None
     return output_dir

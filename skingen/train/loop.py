@@ -1,5 +1,6 @@
-"""The one ControlNet training loop of every backbone (``train_controlnet_sdxl.py``, ``_sd3.py``, ``_flux.py`` and
-the text-loss trainer); what is particular to SDXL, SD3 or FLUX lives in ``skingen.backbones``.
+"""The one training loop of every backbone (``train_controlnet_sdxl.py``, ``_sd3.py``, ``_flux.py``, ``_zimage.py``,
+``_qwenimage.py``, the text-loss trainer, and ``train_text_to_image.py``, which trains the denoiser itself:
+``skingen.train.denoiser_training``); what is particular to a family lives in ``skingen.backbones``.
 
 Flags follow diffusers' ``examples/controlnet/train_controlnet_{sdxl,sd3,flux}.py``; what differs:
 
@@ -60,6 +61,14 @@ from .checkpoints import (
     save_controlnet_weights,
 )
 from .conditioning import kaiming_conditioning_encoder, match_conditioning_channels
+from .denoiser_training import (
+    check_denoiser_args,
+    trainable_denoiser,
+    trained_subfolder,
+    trains_denoiser,
+    weights_folder,
+    without_controls,
+)
 from .ema import WeightsEMA
 from .extra_losses import ExtraLoss, build_extra_losses
 from .lora import LoraState, add_lora, average_gradients
@@ -109,8 +118,9 @@ def train(args: argparse.Namespace, extra_loss: ExtraLoss | None = None, *,
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     output_dir = Path(args.output_dir)
-    # SD3's ControlNet has parameters a step does not use (its last block's text stream), which DDP must be told.
-    unused = backbone_class(getattr(args, "backbone", "sdxl")).ddp_find_unused_parameters
+    # SD3's ControlNet has parameters a step does not use (its last block's text stream), which DDP must be told; so
+    # may a trained denoiser (Z-Image's pad tokens serve only captions and images that need padding).
+    unused = backbone_class(getattr(args, "backbone", "sdxl")).ddp_find_unused_parameters or trains_denoiser(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -142,7 +152,7 @@ class Run:
     dataset: Any
     pairs: list
     backbone: Backbone
-    controlnet: Any
+    model: Any  # the trained model: the ControlNet, or the backbone's denoiser (accelerate's wrapper after prepare)
     weight_dtype: torch.dtype
     vae_dtype: torch.dtype
     extra_losses: tuple[ExtraLoss, ...]
@@ -165,6 +175,19 @@ class Run:
     def device(self):
         return self.accelerator.device
 
+    @property
+    def trains_denoiser(self) -> bool:
+        return trains_denoiser(self.args)
+
+    @property
+    def controlnet(self):
+        """The trained ControlNet; None when the denoiser itself is trained."""
+        return None if self.trains_denoiser else self.model
+
+    @controlnet.setter
+    def controlnet(self, controlnet) -> None:  # the GRPO trainer prepares its own
+        self.model = controlnet
+
     def validate(self, step: int) -> None:
         """Sample the validation grid (main process only), with the EMA weights under ``--use_ema``."""
         controlnet = self.accelerator.unwrap_model(self.controlnet)
@@ -185,8 +208,8 @@ class Run:
         values = fixed_timestep_losses(
             self.loss_samples, rows=range(min(args.validation_loss_rows, len(self.loss_samples))),
             timesteps=args.validation_loss_timesteps, seed=self.seed, batch_size=args.train_batch_size,
-            device=self.device, controlnet=self.accelerator.unwrap_model(self.controlnet), backbone=self.backbone,
-            weight_dtype=self.weight_dtype, extra_losses=self.extra_losses, step=step)
+            device=self.device, controlnet=self.controlnet and self.accelerator.unwrap_model(self.controlnet),
+            backbone=self.backbone, weight_dtype=self.weight_dtype, extra_losses=self.extra_losses, step=step)
         self.validation_losses[step] = values
         logger.info(f"step {step}: losses at fixed timesteps {args.validation_loss_timesteps}: "
                     + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
@@ -194,10 +217,12 @@ class Run:
 
 
 def set_up(args, accelerator, extra_losses: tuple[ExtraLoss, ...]) -> Run:
-    """Output folder, resume point, seed, rows, validation pairs and models (the ControlNet on CPU, fp32)."""
+    """Output folder, resume point, seed, rows, validation pairs and models (the trained one on CPU, fp32)."""
     from accelerate.utils import set_seed
 
     _setup_logging(accelerator)
+    if trains_denoiser(args):
+        check_denoiser_args(args)
     output_dir = Path(args.output_dir)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise SkingenError("--mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision bf16 or no")
@@ -205,7 +230,7 @@ def set_up(args, accelerator, extra_losses: tuple[ExtraLoss, ...]) -> Run:
         output_dir.mkdir(parents=True, exist_ok=True)
         recover_interrupted_saves(output_dir)
     accelerator.wait_for_everyone()
-    resume_path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+    resume_path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint, trained_subfolder(args))
     if args.resume_from_checkpoint and resume_path is None:
         logger.info(f"no checkpoint in {output_dir} yet; starting a new run")
     saved_state = read_training_state(resume_path) if resume_path else {}
@@ -222,9 +247,9 @@ def set_up(args, accelerator, extra_losses: tuple[ExtraLoss, ...]) -> Run:
         # Fixed-timestep losses on held-out rows when there is a split to hold out (as kohya's validation loss).
         held_out = (load_training_rows(args, split=args.validation_split, max_samples=args.validation_loss_rows)
                     if args.validation_loss_timesteps and args.validation_split else None)
-    pairs = load_validation_pairs(args)
+    pairs = [] if trains_denoiser(args) else load_validation_pairs(args)  # grids of ControlNets only
 
-    # Models. Only the ControlNet trains; the rest are frozen and kept in the mixed-precision dtype, except the
+    # Models. Only the ControlNet (or the denoiser itself) trains; the rest are frozen and kept in the mixed-precision dtype, except the
     # VAE, which stays fp32 unless an fp16-safe VAE was given (SDXL's own VAE overflows in fp16). The ControlNet
     # given to fine-tune is checked against the base model before anything is cached.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -247,22 +272,17 @@ def set_up(args, accelerator, extra_losses: tuple[ExtraLoss, ...]) -> Run:
     if any(t >= num_train_timesteps for t in args.validation_loss_timesteps or ()):
         raise SkingenError(f"--validation_loss_timesteps {args.validation_loss_timesteps}: the scheduler has timesteps "
                            f"0..{num_train_timesteps - 1}")
-    # Trainable weights stay fp32 even under mixed precision (an fp16 ControlNet is upcast).
-    controlnet = place_model(backbone.create_controlnet(args.controlnet_model_name_or_path), "cpu", torch.float32)
-    if not backbone.encodes_conditioning:  # SD3/FLUX ControlNets read one image through the VAE
-        new = args.controlnet_model_name_or_path is None
-        controlnet = match_conditioning_channels(controlnet, len(conditioning_columns(args)), new=new)
-        if new and args.controlnet_conditioning_init == "kaiming":
-            controlnet = kaiming_conditioning_encoder(controlnet, seed=seed)
     for frozen in backbone.frozen_models():
         frozen.requires_grad_(False)
-    controlnet.train()
-    if args.enable_xformers_memory_efficient_attention:
-        denoiser.enable_xformers_memory_efficient_attention()
-        controlnet.enable_xformers_memory_efficient_attention()
-    if args.enable_npu_flash_attention:  # check_option_args made sure an NPU is there
-        denoiser.enable_npu_flash_attention()
-        controlnet.enable_npu_flash_attention()
+    # Trainable weights stay fp32 even under mixed precision (an fp16 ControlNet is upcast).
+    model = trainable_denoiser(backbone) if trains_denoiser(args) else _new_controlnet(args, backbone, seed)
+    model.train()
+    controlnet = None if model is denoiser else model
+    for module in (denoiser, *([controlnet] if controlnet is not None else [])):
+        if args.enable_xformers_memory_efficient_attention:
+            module.enable_xformers_memory_efficient_attention()
+        if args.enable_npu_flash_attention:  # check_option_args made sure an NPU is there
+            module.enable_npu_flash_attention()
     if args.gradient_checkpointing:
         backbone.enable_gradient_checkpointing(controlnet)
     if args.allow_tf32:
@@ -271,8 +291,19 @@ def set_up(args, accelerator, extra_losses: tuple[ExtraLoss, ...]) -> Run:
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
     return Run(args=args, accelerator=accelerator, output_dir=output_dir, seed=seed, resume_path=resume_path,
                saved_state=saved_state, dataset=dataset, held_out=held_out, pairs=pairs, backbone=backbone,
-               controlnet=controlnet, weight_dtype=weight_dtype, vae_dtype=vae_dtype, extra_losses=extra_losses,
+               model=model, weight_dtype=weight_dtype, vae_dtype=vae_dtype, extra_losses=extra_losses,
                repo_id=repo_id)
+
+
+def _new_controlnet(args, backbone: Backbone, seed: int):
+    """The ControlNet to train, fp32 on the CPU: loaded, or initialised from the denoiser."""
+    controlnet = place_model(backbone.create_controlnet(args.controlnet_model_name_or_path), "cpu", torch.float32)
+    if not backbone.encodes_conditioning:  # SD3/FLUX ControlNets read one image through the VAE
+        new = args.controlnet_model_name_or_path is None
+        controlnet = match_conditioning_channels(controlnet, len(conditioning_columns(args)), new=new)
+        if new and args.controlnet_conditioning_init == "kaiming":
+            controlnet = kaiming_conditioning_encoder(controlnet, seed=seed)
+    return controlnet
 
 
 def fill_caches(run: Run, extra_captions: Sequence[str] = ()) -> None:
@@ -294,7 +325,7 @@ def fill_caches(run: Run, extra_captions: Sequence[str] = ()) -> None:
     vae_on_device = not args.cache_latents or bool(run.extra_losses) or backbone.encodes_conditioning
     place_model(backbone.vae, run.device if vae_on_device else "cpu", run.vae_dtype)
     if not backbone.denoiser_quantized:  # a quantized denoiser is already on its device, in its own dtypes
-        place_model(backbone.denoiser, run.device, run.weight_dtype)
+        place_model(backbone.denoiser, run.device, torch.float32 if run.trains_denoiser else run.weight_dtype)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -304,6 +335,8 @@ def _training_samples(run: Run, rows, cache_root: Path) -> TrainingSamples:
     """``rows`` as training samples: where each image goes at training size, its latents cached (counted in
     ``run.cache_stats``) under ``--cache_latents``."""
     args = run.args
+    if run.trains_denoiser:
+        rows = without_controls(rows)
     placements = row_placements(args, rows)
     resample = interpolation_filter(args.image_interpolation_mode)
     latent_cache = latent_keys = None
@@ -340,7 +373,7 @@ def prepare_optimization(run: Run) -> None:
     learning_rate = args.learning_rate * (accumulation * plan.global_batch_size if args.scale_lr else 1)
     if args.unet_lora_rank:  # trained with the ControlNet; the UNet's own weights stay frozen
         run.lora_parameters = add_lora(run.backbone.denoiser, args.unet_lora_rank)
-    optimizer = _make_optimizer(args, [{"params": list(run.controlnet.parameters())},
+    optimizer = _make_optimizer(args, [{"params": list(run.model.parameters())},
                                        *([{"params": run.lora_parameters}] if run.lora_parameters else [])], learning_rate)
     lr_scheduler = get_scheduler(  # accelerate steps a prepared scheduler once per process
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * processes,
@@ -349,14 +382,15 @@ def prepare_optimization(run: Run) -> None:
     )
     if args.torch_compile:
         run.backbone.denoiser.compile()
-        run.controlnet.compile()
+        if run.controlnet is not None:
+            run.controlnet.compile()
     if accelerator.state.deepspeed_plugin is not None:  # no dataloader goes through prepare to tell it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    run.controlnet, run.optimizer, run.lr_scheduler = accelerator.prepare(run.controlnet, optimizer, lr_scheduler)
-    register_controlnet_hooks(accelerator)
+    run.model, run.optimizer, run.lr_scheduler = accelerator.prepare(run.model, optimizer, lr_scheduler)
+    register_controlnet_hooks(accelerator, trained_subfolder(args))
     # Checkpoints hold these as accelerate custom states, in this order.
     if args.use_ema:
-        run.ema = WeightsEMA(accelerator.unwrap_model(run.controlnet), decay=args.ema_decay,
+        run.ema = WeightsEMA(accelerator.unwrap_model(run.model), decay=args.ema_decay,
                              update_after_step=args.ema_update_after_step, device=run.device, foreach=args.foreach_ema)
         accelerator.register_for_checkpointing(run.ema)
     if run.lora_parameters:
@@ -389,41 +423,42 @@ def train_loop(run: Run, on_step: Callable[[int, dict[str, float]], None] | None
     inject_nan = set(args.debug_inject_nan_at_step or ())
     names = ("loss", "loss_diffusion") + tuple(f"loss_{loss.name}" for loss in run.extra_losses)
     window = LossWindow(names)
-    trained = [*run.controlnet.parameters(), *run.lora_parameters]
+    trained = [*run.model.parameters(), *run.lora_parameters]
+    denoiser = run.model if run.trains_denoiser else None  # called through accelerate's wrapper when trained
 
     if state.global_step == 0 and (start_values := run.validation_loss(0)):
         accelerator.log(start_values, step=0)
 
-    for batch in loader:
-        batch = batch_to_device(batch, run.device)
-        with accelerator.accumulate(run.controlnet):
-            losses = compute_losses(batch, controlnet=run.controlnet, backbone=run.backbone, weight_dtype=run.weight_dtype,
-                                    extra_losses=run.extra_losses, step=state.global_step)
-            loss = losses.loss * float("nan") if state.global_step + 1 in inject_nan else losses.loss
-            parts = {"loss": loss, "loss_diffusion": losses.loss_diffusion, **losses.extras}
-            finite = window.add(accelerator, parts, 1.0 / (plan.processes * plan.accumulation))
-            window.extra_logs = dict(losses.extra_logs)
-            if finite:
-                accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if window.finite:
-                    average_gradients(accelerator, run.lora_parameters)  # the ControlNet's are averaged by DDP
-                    accelerator.clip_grad_norm_(trained, args.max_grad_norm)
-                    run.optimizer.step()
-                run.lr_scheduler.step()
-                run.optimizer.zero_grad(set_to_none=args.set_grads_to_none)
-                if run.ema is not None:
-                    run.ema.step(accelerator.unwrap_model(run.controlnet))
-        if not accelerator.sync_gradients:
-            continue
-        state.record_step(window.finite)
-        progress.update(1)
-        if not window.finite:
-            logger.warning(f"step {state.global_step}: loss is not finite; skipped the update "
-                           f"({state.nonfinite_in_a_row} in a row)")
-        _after_step(run, window.logs(), progress, on_step)
-        window.reset()
-    progress.close()
+    with progress:  # closed on an error too, so the error starts its own line
+        for batch in loader:
+            batch = batch_to_device(batch, run.device)
+            with accelerator.accumulate(run.model):
+                losses = compute_losses(batch, controlnet=run.controlnet, backbone=run.backbone, weight_dtype=run.weight_dtype,
+                                        extra_losses=run.extra_losses, step=state.global_step, denoiser=denoiser)
+                loss = losses.loss * float("nan") if state.global_step + 1 in inject_nan else losses.loss
+                parts = {"loss": loss, "loss_diffusion": losses.loss_diffusion, **losses.extras}
+                finite = window.add(accelerator, parts, 1.0 / (plan.processes * plan.accumulation))
+                window.extra_logs = dict(losses.extra_logs)
+                if finite:
+                    accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if window.finite:
+                        average_gradients(accelerator, run.lora_parameters)  # the ControlNet's are averaged by DDP
+                        accelerator.clip_grad_norm_(trained, args.max_grad_norm)
+                        run.optimizer.step()
+                    run.lr_scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+                    if run.ema is not None:
+                        run.ema.step(accelerator.unwrap_model(run.model))
+            if not accelerator.sync_gradients:
+                continue
+            state.record_step(window.finite)
+            progress.update(1)
+            if not window.finite:
+                logger.warning(f"step {state.global_step}: loss is not finite; skipped the update "
+                               f"({state.nonfinite_in_a_row} in a row)")
+            _after_step(run, window.logs(), progress, on_step)
+            window.reset()
 
 
 def _after_step(run: Run, logs: dict[str, float], progress, on_step) -> None:
@@ -454,22 +489,24 @@ def _after_step(run: Run, logs: dict[str, float], progress, on_step) -> None:
 
 
 def finish(run: Run) -> TrainingResult:
-    """Save the ControlNet, the last validation grid and the model card; upload if asked."""
+    """Save the trained model (a ControlNet in OUTPUT_DIR, a denoiser in OUTPUT_DIR/unet or /transformer), the last
+    validation grid and the model card (of a ControlNet); upload if asked."""
     args, accelerator, state = run.args, run.accelerator, run.state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        controlnet = accelerator.unwrap_model(run.controlnet)
-        save_controlnet_weights(_in_save_dtype(controlnet, args), run.output_dir)
+        model = accelerator.unwrap_model(run.model)
+        save_controlnet_weights(_in_save_dtype(model, args), weights_folder(args, run.output_dir))
         if run.ema is not None:
-            run.ema.save(controlnet, run.output_dir, save_controlnet_weights)
+            run.ema.save(model, run.output_dir, lambda ema, folder: save_controlnet_weights(ema, weights_folder(args, folder)))
         if run.lora_parameters:
             run.backbone.save_denoiser_lora(run.output_dir)
         if run.pairs and run.last_validated != state.global_step:
             run.validate(state.global_step)
-        card_args = argparse.Namespace(**{**vars(args), "seed": run.seed})
-        write_model_card(card_args, global_step=state.global_step, num_rows=state.plan.num_rows,
-                         num_processes=state.plan.processes, mixed_precision=accelerator.mixed_precision,
-                         grid=run.grids[-1] if run.grids else None)
+        if not run.trains_denoiser:  # the card describes a ControlNet
+            card_args = argparse.Namespace(**{**vars(args), "seed": run.seed})
+            write_model_card(card_args, global_step=state.global_step, num_rows=state.plan.num_rows,
+                             num_processes=state.plan.processes, mixed_precision=accelerator.mixed_precision,
+                             grid=run.grids[-1] if run.grids else None)
         if run.repo_id is not None:
             from huggingface_hub import upload_folder
 

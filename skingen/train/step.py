@@ -1,5 +1,5 @@
-"""One training step's losses: the backbone's ControlNet + frozen denoiser, its diffusion loss and the extra losses;
-and the same at fixed timesteps and noise for the validation losses (``--validation_loss_timesteps``)."""
+"""One training step's losses: the backbone's ControlNet + frozen denoiser (or the trained denoiser alone), its
+diffusion loss and the extra losses; and the same at fixed timesteps and noise for the validation losses (``--validation_loss_timesteps``)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class StepLosses:
 
 def fixed_timestep_losses(samples: TrainingSamples, *, rows: Sequence[int], timesteps: Sequence[int], seed: int,
                           batch_size: int, device, controlnet, backbone: Backbone, weight_dtype: torch.dtype,
-                          extra_losses: Sequence[ExtraLoss], step: int) -> dict[str, float]:
+                          extra_losses: Sequence[ExtraLoss], step: int, denoiser=None) -> dict[str, float]:
     """The losses of ``rows`` at each of ``timesteps``, with each row's noise fixed by ``seed`` (the same at every
     call), no caption dropout and no gradients: ``val_loss_diffusion``, ``val_loss_<extra>`` and ``val_<log>`` for
     the extra loss's logs, each a mean over the (row, timestep) pairs that produced it."""
@@ -41,7 +41,7 @@ def fixed_timestep_losses(samples: TrainingSamples, *, rows: Sequence[int], time
             batch = collate_samples([samples.sample(row, sample_seed(seed, -2, row), fixed_timestep=timestep)
                                      for row, timestep in chunk])
             losses = compute_losses(batch_to_device(batch, device), controlnet=controlnet, backbone=backbone,
-                                    weight_dtype=weight_dtype, extra_losses=extra_losses, step=step)
+                                    weight_dtype=weight_dtype, extra_losses=extra_losses, step=step, denoiser=denoiser)
             values = {"loss_diffusion": losses.loss_diffusion.item(), **losses.extra_logs,
                       **{name: value.item() for name, value in losses.extras.items()}}
             for key, value in values.items():
@@ -51,9 +51,10 @@ def fixed_timestep_losses(samples: TrainingSamples, *, rows: Sequence[int], time
 
 
 def compute_losses(batch: dict, *, controlnet, backbone: Backbone, weight_dtype: torch.dtype,
-                   extra_losses: Sequence[ExtraLoss], step: int) -> StepLosses:
-    """One forward pass: the backbone's ControlNet + frozen denoiser and its diffusion loss, plus the extra losses."""
-    output = backbone.forward(batch, controlnet, weight_dtype)
+                   extra_losses: Sequence[ExtraLoss], step: int, denoiser=None) -> StepLosses:
+    """One forward pass: the backbone's ControlNet + frozen denoiser and its diffusion loss, plus the extra losses.
+    ``controlnet=None``: the denoiser alone, called through ``denoiser`` when given (the trained, wrapped one)."""
+    output = backbone.forward(batch, controlnet, weight_dtype, denoiser=denoiser)
     loss_diffusion = output.diffusion_loss()
     extras, extra_logs = {}, {}
     for extra_loss in extra_losses:
