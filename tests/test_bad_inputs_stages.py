@@ -582,13 +582,14 @@ def train_sdxl(base: Path, dataset: Path, out: Path, capsys, *extra) -> tuple[in
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state", "one_torch_thread")
-def test_training_names_the_row_of_an_image_that_does_not_decode_while_caching_latents(tiny_sdxl_dir, tmp_path,
-                                                                                        capsys):
+@pytest.mark.parametrize("latents", ["--cache_latents", "--no_cache_latents"])
+def test_training_names_the_row_of_an_image_that_does_not_decode(tiny_sdxl_dir, tmp_path, capsys, latents):
+    """While caching latents, or in the first steps when images are encoded at each step: one error line of its
+    own (the progress bar is closed first), naming the row and the image."""
     root = make_dataset(tmp_path / "ds", n=3)
     truncated_png(root / "images" / "1.png")  # its header reads, so the rows check passes; the pixels do not
     before = digest(root)
-    code, _, err = train_sdxl(tiny_sdxl_dir, root, tmp_path / "out", capsys, "--max_train_steps", 1,
-                              "--cache_latents")
+    code, _, err = train_sdxl(tiny_sdxl_dir, root, tmp_path / "out", capsys, "--max_train_steps", 3, latents)
     assert code == 2 and "Traceback" not in err, err
     assert f"error: {root / 'train.jsonl'}:2: images/1.png: does not decode (" in err
     assert "dataset_tool.py validate" in err and sum(line.startswith("error:") for line in err.splitlines()) == 1

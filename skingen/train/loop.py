@@ -429,36 +429,36 @@ def train_loop(run: Run, on_step: Callable[[int, dict[str, float]], None] | None
     if state.global_step == 0 and (start_values := run.validation_loss(0)):
         accelerator.log(start_values, step=0)
 
-    for batch in loader:
-        batch = batch_to_device(batch, run.device)
-        with accelerator.accumulate(run.model):
-            losses = compute_losses(batch, controlnet=run.controlnet, backbone=run.backbone, weight_dtype=run.weight_dtype,
-                                    extra_losses=run.extra_losses, step=state.global_step, denoiser=denoiser)
-            loss = losses.loss * float("nan") if state.global_step + 1 in inject_nan else losses.loss
-            parts = {"loss": loss, "loss_diffusion": losses.loss_diffusion, **losses.extras}
-            finite = window.add(accelerator, parts, 1.0 / (plan.processes * plan.accumulation))
-            window.extra_logs = dict(losses.extra_logs)
-            if finite:
-                accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if window.finite:
-                    average_gradients(accelerator, run.lora_parameters)  # the ControlNet's are averaged by DDP
-                    accelerator.clip_grad_norm_(trained, args.max_grad_norm)
-                    run.optimizer.step()
-                run.lr_scheduler.step()
-                run.optimizer.zero_grad(set_to_none=args.set_grads_to_none)
-                if run.ema is not None:
-                    run.ema.step(accelerator.unwrap_model(run.model))
-        if not accelerator.sync_gradients:
-            continue
-        state.record_step(window.finite)
-        progress.update(1)
-        if not window.finite:
-            logger.warning(f"step {state.global_step}: loss is not finite; skipped the update "
-                           f"({state.nonfinite_in_a_row} in a row)")
-        _after_step(run, window.logs(), progress, on_step)
-        window.reset()
-    progress.close()
+    with progress:  # closed on an error too, so the error starts its own line
+        for batch in loader:
+            batch = batch_to_device(batch, run.device)
+            with accelerator.accumulate(run.model):
+                losses = compute_losses(batch, controlnet=run.controlnet, backbone=run.backbone, weight_dtype=run.weight_dtype,
+                                        extra_losses=run.extra_losses, step=state.global_step, denoiser=denoiser)
+                loss = losses.loss * float("nan") if state.global_step + 1 in inject_nan else losses.loss
+                parts = {"loss": loss, "loss_diffusion": losses.loss_diffusion, **losses.extras}
+                finite = window.add(accelerator, parts, 1.0 / (plan.processes * plan.accumulation))
+                window.extra_logs = dict(losses.extra_logs)
+                if finite:
+                    accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if window.finite:
+                        average_gradients(accelerator, run.lora_parameters)  # the ControlNet's are averaged by DDP
+                        accelerator.clip_grad_norm_(trained, args.max_grad_norm)
+                        run.optimizer.step()
+                    run.lr_scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+                    if run.ema is not None:
+                        run.ema.step(accelerator.unwrap_model(run.model))
+            if not accelerator.sync_gradients:
+                continue
+            state.record_step(window.finite)
+            progress.update(1)
+            if not window.finite:
+                logger.warning(f"step {state.global_step}: loss is not finite; skipped the update "
+                               f"({state.nonfinite_in_a_row} in a row)")
+            _after_step(run, window.logs(), progress, on_step)
+            window.reset()
 
 
 def _after_step(run: Run, logs: dict[str, float], progress, on_step) -> None:
