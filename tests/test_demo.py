@@ -277,7 +277,7 @@ def test_report_says_what_the_base_was_pretrained_on(fake_demo, layout, says):
     (fake_demo / "base").mkdir(exist_ok=True)
     record = {"key": "k", "settings": {"preset": "tiny", "pretrained_vae": None, "resolution": 64, "max_train_steps": 2},
               "datasets": [str(corpus)], "images": 1, "vae_fit": {"initial_l1": 0.5, "final_l1": 0.2},
-              "unet_fit": {"first_loss": 0.4, "last_loss": 0.1}, "seconds": 1.0}
+              "denoiser_fit": {"first_loss": 0.4, "last_loss": 0.1}, "seconds": 1.0}
     (fake_demo / "base" / "pretrain.json").write_text(json.dumps(record), encoding="utf-8")
     load_script("scripts/demo_report.py").main(["--demo_dir", str(fake_demo)])
     report = (fake_demo / "report.md").read_text(encoding="utf-8")
