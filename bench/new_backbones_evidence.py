@@ -53,7 +53,7 @@ PROMPT = "a keyboard skin"
 # Qwen-Image's video VAE runs 3-D convolutions (3x the work of the 2-D ones) and its per-pixel RMS norm learned
 # nothing in 300 steps at 5e-3 with the widths of assets/tiny_skin_vae: half the width and 3e-3 do.
 VAE_WIDTHS = {"zimage": (16, 32, 32, 32), "qwenimage": (8, 16, 16, 16)}
-VAE_LEARNING_RATE = {"zimage": 5e-3, "qwenimage": 3e-3}
+VAE_LEARNING_RATE = {"zimage": 5e-3, "qwenimage": 2e-4}  # RMS-normed Qwen-Image VAE: at 1e-3 and above its latents collapse to one
 # Key outlines 3 px wide, drawn inside the key (its edge is the outer line, within edge F1's 2 px of every line
 # pixel): through the tiny VAE (8x down, 4 channels) 1 px outlines came back black (L1 0.066; all-black: 0.064).
 CONTROL_LINE_WIDTH = 3
