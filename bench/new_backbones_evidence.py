@@ -53,7 +53,10 @@ PROMPT = "a keyboard skin"
 # Qwen-Image's video VAE runs 3-D convolutions (3x the work of the 2-D ones) and its per-pixel RMS norm learned
 # nothing in 300 steps at 5e-3 with the widths of assets/tiny_skin_vae: half the width and 3e-3 do.
 VAE_WIDTHS = {"zimage": (16, 32, 32, 32), "qwenimage": (8, 16, 16, 16)}
-VAE_LEARNING_RATE = {"zimage": 5e-3, "qwenimage": 2e-4}  # RMS-normed Qwen-Image VAE: at 1e-3 and above its latents collapse to one
+# The RMS-normed Qwen-Image VAE collapses to one latent at rates of 1e-3 and above, and a posterior as wide as the
+# images' latent spread (log-variance -6) hides that spread in noise: 1e-4 and -12 (docs/backbones.md).
+VAE_LEARNING_RATE = {"zimage": 5e-3, "qwenimage": 1e-4}
+VAE_INITIAL_LOGVAR = {"zimage": -6.0, "qwenimage": -12.0}
 # Key outlines 3 px wide, drawn inside the key (its edge is the outer line, within edge F1's 2 px of every line
 # pixel): through the tiny VAE (8x down, 4 channels) 1 px outlines came back black (L1 0.066; all-black: 0.064).
 CONTROL_LINE_WIDTH = 3
@@ -141,7 +144,8 @@ def fitted_vae(family: str, corpus: Path, out: Path, steps: int) -> dict:
     from skingen.testing.vae_fitting import RECIPE_FILE, VaeRecipe, fit_vae_from_scratch
 
     recipe = VaeRecipe(backbone=family, block_out_channels=VAE_WIDTHS[family], latent_channels=4, resolution=SIZE,
-                       steps=steps, batch_size=8, learning_rate=VAE_LEARNING_RATE[family])
+                       steps=steps, batch_size=8, learning_rate=VAE_LEARNING_RATE[family],
+                       initial_logvar=VAE_INITIAL_LOGVAR[family])
     if (out / RECIPE_FILE).is_file():
         record = json.loads((out / RECIPE_FILE).read_text(encoding="utf-8"))
         if record.get("recipe") == json.loads(json.dumps(asdict(recipe))):  # as saved: tuples become lists
