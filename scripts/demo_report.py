@@ -213,7 +213,7 @@ def vae_reconstructor(vae_dir: Path, size: tuple[int, int]):
     """image path -> the image at ``size`` encoded and decoded by the VAE in ``vae_dir`` (posterior mode)."""
     from diffusers import AutoencoderKL
 
-    from skingen.testing.tiny_sdxl import vae_round_trip
+    from skingen.testing.vae_fitting import vae_round_trip
     from skingen.train.batches import image_to_tensor, tensor_to_image
 
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()

@@ -437,33 +437,15 @@ def rows_dataset(rows: list[Row]) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=row_features())
 
 
-def normalize_dataset(
-    dataset: datasets.Dataset,
-    *,
-    image_column: str | None = None,
-    conditioning_image_column: str | None = None,
-    caption_column: str | None = None,
-    on_bad_sample: str = "error",
-    max_samples: int | None = None,
-    source: str = "dataset",
-    extra_conditioning_columns: tuple[str, ...] = (),
-) -> datasets.Dataset:
+def normalize_dataset(dataset: datasets.Dataset, **options) -> datasets.Dataset:
     """Check and normalise an already-loaded ``datasets.Dataset`` (e.g. from the hub) to the loader's columns.
 
     Image columns may be ``Image`` features or path strings; ``box``/``texts``/``row_id`` columns are used when
-    present. Images stay in the dataset's own storage and are decoded lazily. ``extra_conditioning_columns``
-    become ``conditioning_image_1``, ``conditioning_image_2``, ... (a row needs an image in each).
+    present. Images stay in the dataset's own storage and are decoded lazily. ``options`` are those of
+    :func:`normalized_rows` (the column flags, ``on_bad_sample``, ``max_samples``, ``source`` and
+    ``extra_conditioning_columns``, which become ``conditioning_image_1``, ``conditioning_image_2``, ...).
     """
-    return normalized_rows(
-        dataset,
-        image_column=image_column,
-        conditioning_image_column=conditioning_image_column,
-        caption_column=caption_column,
-        on_bad_sample=on_bad_sample,
-        max_samples=max_samples,
-        source=source,
-        extra_conditioning_columns=extra_conditioning_columns,
-    )[0]
+    return normalized_rows(dataset, **options)[0]
 
 
 def normalized_rows(

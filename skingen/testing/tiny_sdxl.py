@@ -282,34 +282,6 @@ def count_parameters(module: torch.nn.Module) -> int:
 # Fitting a tiny VAE
 
 
-def vae_round_trip(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """``pixels`` (N, 3, H, W) in [-1, 1] encoded (posterior mode) and decoded by ``vae``, without gradients."""
-    with torch.no_grad():
-        return vae.decode(vae.encode(pixels).latent_dist.mode()).sample
-
-
-def reconstruction_l1(vae, pixels: torch.Tensor) -> float:
-    """Mean absolute error in [-1, 1] of ``pixels`` encoded (posterior mode) and decoded by ``vae``."""
-    return (vae_round_trip(vae, pixels) - pixels).abs().mean().item()
-
-
-def vae_reconstruction_loss(
-    vae, pixels: torch.Tensor, generator: torch.Generator, kl_weight: float = 1e-6, gradient_weight: float = 0.0
-) -> torch.Tensor:
-    """L1 + L2 reconstruction through a sampled latent (as training encodes), ``kl_weight`` times the KL term and
-    ``gradient_weight`` times the L1 error of the image's horizontal and vertical differences (sharper edges:
-    the pixel losses alone average an uncertain edge into a blur, which Canny then misses)."""
-    posterior = vae.encode(pixels).latent_dist
-    latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-    decoded = vae.decode(latents).sample
-    error = decoded - pixels
-    loss = error.abs().mean() + error.pow(2).mean() + kl_weight * posterior.kl().mean()
-    if gradient_weight:
-        for dim in (-1, -2):
-            loss = loss + gradient_weight * (decoded.diff(dim=dim) - pixels.diff(dim=dim)).abs().mean()
-    return loss
-
-
 def set_unit_latent_scale(vae, pixels: torch.Tensor) -> None:
     """Set ``scaling_factor`` so the scaled latents of ``pixels`` have unit standard deviation (how SD/SDXL chose
     theirs)."""
@@ -338,6 +310,8 @@ def fit_tiny_vae(
     """
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
+
+    from .vae_fitting import reconstruction_l1, vae_reconstruction_loss
 
     if steps < 1:
         raise SkingenError(f"--vae_fit_steps must be >= 1, got {steps}")
