@@ -8,14 +8,12 @@ conditioning images load, ControlNet flags and ControlNet checkpoints are refuse
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from box_skins import write_box_skins
-from repo_scripts import REPO, load_script
+from launching import launch
+from repo_scripts import load_script
 from safetensors.torch import load_file
 
 from skingen.errors import SkingenError, run_cli
@@ -103,12 +101,7 @@ def test_two_processes_match_one_process_with_same_global_batch(request, dataset
         _train(_argv(family, base, dataset, tmp_path / f"{family}-one", *steps))
         runs.append(["train_text_to_image.py", _argv(family, base, dataset, tmp_path / f"{family}-two", *steps,
                                                      "--train_batch_size", 1)])
-    (tmp_path / "runs.json").write_text(json.dumps(runs), encoding="utf-8")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "two_process_runs.py"), str(tmp_path / "runs.json")]
-    finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finished = launch(runs, tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
     for family in families:
         subfolder = DENOISER[family][0]

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import launch
 from PIL import Image, ImageDraw
-from repo_scripts import REPO, load_script
+from repo_scripts import load_script
 from safetensors.torch import load_file
 from textimages import SKIN_TEXTS, skin_with_texts
 
@@ -365,12 +363,7 @@ def test_two_processes_match_one_process(request, dataset, tmp_path, one_torch_t
         GradientState._reset_state()
         runs.append(["train_controlnet_grpo.py",
                      _argv(base, dataset, tmp_path / f"{family}-two", *steps, "--train_batch_size", 1)])
-    (tmp_path / "runs.json").write_text(json.dumps(runs), encoding="utf-8")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "two_process_runs.py"), str(tmp_path / "runs.json")]
-    finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    finished = launch(runs, tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
     for family in FAMILIES:
         for name in (WEIGHTS, "pytorch_lora_weights.safetensors"):

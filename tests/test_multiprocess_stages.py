@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launching import LAUNCH_ENV, launch, launch_script
 from PIL import Image, ImageDraw
 from repo_scripts import REPO, load_script
 from textimages import draw_texts
@@ -32,7 +33,6 @@ elements:
   - {id: key_b, box: [136, 150, 248, 200], patterns: ["key_b*.png"]}
 """
 WORDS = ["前往", "搜索", "设置", "Hello", "OK", "返回"]
-LAUNCH_ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def make_dataset(root: Path, count: int) -> Path:
@@ -55,24 +55,6 @@ def make_dataset(root: Path, count: int) -> Path:
         rows.append({"image": f"images/skin_{i}.png", "package": f"skin_{i}", "text": "", "layout": "test_bar_and_keys"})
     data.write_rows(root, rows)
     return root
-
-
-def launch(runs: list, tmp_path: Path, processes: int = 2, name: str = "runs") -> subprocess.CompletedProcess:
-    """Run ``[script, argv(, options)]`` entries in ``processes`` processes started by torch.distributed.run."""
-    runs_file = tmp_path / f"{name}.json"
-    runs_file.write_text(json.dumps(runs), encoding="utf-8")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               str(REPO / "tests" / "two_process_runs.py"), str(runs_file)]  # fmt: skip
-    return subprocess.run(command, env={**os.environ, **LAUNCH_ENV}, cwd=REPO, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-
-
-def launch_script(script: str, argv: list[str], processes: int = 2) -> subprocess.CompletedProcess:
-    """The script itself under torch.distributed.run (its run_cli prints the error lines)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               str(REPO / script), *argv]  # fmt: skip
-    return subprocess.run(command, env={**os.environ, **LAUNCH_ENV}, cwd=REPO, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
 
 
 def file_bytes(folder: Path) -> dict[str, bytes]:

@@ -10,15 +10,13 @@ folder; the memory options fail clearly on a CPU. The 3-seed evidence is a bench
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from box_skins import write_box_skins
+from launching import launch
 from PIL import Image, ImageDraw
 from repo_scripts import REPO, load_script
 from safetensors.torch import load_file
@@ -200,12 +198,7 @@ def test_two_processes_match_one_process_with_same_global_batch(request, dataset
         _train(family, _argv(base, dataset, tmp_path / f"{family}-one", *steps))
         runs.append([f"train_controlnet_{family}.py",
                      _argv(base, dataset, tmp_path / f"{family}-two", *steps, "--train_batch_size", 1)])
-    (tmp_path / "runs.json").write_text(json.dumps(runs), encoding="utf-8")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "two_process_runs.py"), str(tmp_path / "runs.json")]
-    finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finished = launch(runs, tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
     for family in FAMILIES:
         a = load_file(tmp_path / f"{family}-two" / "diffusion_pytorch_model.safetensors")

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import launch_script
 from PIL import Image, ImageDraw
 from repo_scripts import REPO, load_script, tiny_training_argv
 from safetensors.torch import load_file
@@ -216,11 +214,8 @@ def test_two_processes_match_one_process_with_same_global_batch(tiny_sdxl_dir, s
     train(_args(tiny_sdxl_dir, skin_dataset, one, *steps))
 
     two = tmp_path / "two"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "train_controlnet_sdxl.py"),
-               *_argv(tiny_sdxl_dir, skin_dataset, two, *steps, "--train_batch_size", 1)]
-    finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    argv = _argv(tiny_sdxl_dir, skin_dataset, two, *steps, "--train_batch_size", 1)
+    finished = launch_script("train_controlnet_sdxl.py", [str(a) for a in argv])
     assert finished.returncode == 0, finished.stderr[-3000:]
     # Each of the 2 processes filled its share of the shared caches.
     assert len(list((two / "cache" / "latents").rglob("*.safetensors"))) == NUM_ROWS

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launching import launch_script
 from PIL import Image, ImageDraw
 from repo_scripts import load_script, tiny_training_argv
 from safetensors.torch import load_file
@@ -450,22 +451,15 @@ def test_a_canny_controlnet_fine_tuned_on_two_conditions_keeps_its_first_input(t
 def test_two_processes_with_buckets_lora_and_ema_train_like_one(tiny_sdxl_dir, mixed_dataset, tmp_path):
     """Bucketed global batches split across processes, the LoRA's gradients averaged across them (the UNet is not
     wrapped for DDP) and the EMA on every process: 2 processes x batch 1 train like 1 process x batch 2."""
-    import os
-    import subprocess
-    import sys
 
-    from repo_scripts import REPO
 
     options = ["--max_train_steps", 3, *BUCKETS, "--unet_lora_rank", 4, "--use_ema", "--ema_decay", 0.5,
                "--learning_rate", 1e-2]
     one = tmp_path / "one"
     train(_args(tiny_sdxl_dir, mixed_dataset, one, *options))
     two = tmp_path / "two"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "train_controlnet_sdxl.py"),
-               *tiny_training_argv(tiny_sdxl_dir, mixed_dataset, two, *options, "--train_batch_size", 1)]
-    finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    argv = tiny_training_argv(tiny_sdxl_dir, mixed_dataset, two, *options, "--train_batch_size", 1)
+    finished = launch_script("train_controlnet_sdxl.py", [str(a) for a in argv])
     assert finished.returncode == 0, finished.stderr[-3000:]
     # Same data and noise; only float summation order differs (Adam magnifies that where gradients are ~0).
     for name in (WEIGHTS, f"ema/{WEIGHTS}", "pytorch_lora_weights.safetensors"):
