@@ -171,7 +171,7 @@ def ceilings(pipeline_dir: Path, heldout_dir: Path, out_dir: Path, resolution: i
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from skingen.testing.tiny_sdxl import vae_round_trip
+    from skingen.testing.vae_fitting import vae_round_trip
     from skingen.train.batches import tensor_to_image, training_pixels
 
     vae = AutoencoderKL.from_pretrained(pipeline_dir / "vae")

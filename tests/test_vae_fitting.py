@@ -156,7 +156,7 @@ def test_committed_vae_keeps_a_held_out_skins_own_edges(tmp_path):
 
     from skingen.evaluate.metrics import edge_f1
     from skingen.prep.glyphs import canny_control
-    from skingen.testing.tiny_sdxl import vae_round_trip
+    from skingen.testing.vae_fitting import vae_round_trip
     from skingen.train.batches import image_to_tensor, tensor_to_image
 
     vae = AutoencoderKL.from_pretrained(ASSET).eval()
