@@ -32,8 +32,8 @@ from skingen.testing.vae_fitting import (  # noqa: E402
     BACKBONES,
     RECIPE_FILE,
     VaeRecipe,
+    dataset_pixels,
     fit_vae_from_scratch,
-    load_conditioning_images,
 )
 
 DEFAULTS = VaeRecipe()
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     recipe.check()
     images = [image.pixels for image in load_training_images(args.dataset_dir, args.resolution)]
     if args.conditioning_images:
-        images += load_conditioning_images(args.dataset_dir, args.resolution)
+        images += [pixels for _, pixels in dataset_pixels(args.dataset_dir, args.resolution, "conditioning_image")]
     print(f"fitting a {args.backbone} VAE (blocks {list(recipe.block_out_channels)}, {recipe.latent_channels} latent channels) "
           f"on {len(images)} images at {recipe.resolution} px for {recipe.steps} steps")
     record = fit_vae_from_scratch(args.output_dir, images, recipe, checkpoint_dir=f"{args.output_dir}.partial",

@@ -30,7 +30,6 @@ import torch
 
 from ..backbones import backbone_class
 from ..data.dataset import read_rows
-from ..data.images import open_rgb
 from ..errors import SkingenError
 from ..fileio import AtomicDirectory, atomic_write_json
 
@@ -64,18 +63,9 @@ class TrainingImage:
 
 def load_training_images(dataset_dirs: Sequence[str | os.PathLike], resolution: int) -> list[TrainingImage]:
     """Every row of each dataset folder's train split, resized and centre-cropped to ``resolution``."""
-    from ..train.batches import training_pixels
+    from .vae_fitting import dataset_pixels
 
-    images = []
-    for dataset_dir in dataset_dirs:
-        folder = Path(dataset_dir)
-        for index, row in enumerate(read_rows(folder), start=1):
-            where = f"{folder / 'train.jsonl'}:{index}"
-            image = row.get("image")
-            if not isinstance(image, str):
-                raise SkingenError(f'{where}: "image" must be a path relative to {folder}, got {image!r}')
-            pixels = training_pixels(open_rgb(folder / image, where), resolution)[0]
-            images.append(TrainingImage(pixels, str(row.get("text") or "")))
+    images = [TrainingImage(pixels, str(row.get("text") or "")) for row, pixels in dataset_pixels(dataset_dirs, resolution)]
     if not images:
         raise SkingenError(f"no training rows in {', '.join(map(str, dataset_dirs))}; pre-training needs images")
     return images

@@ -225,23 +225,25 @@ def load_fitted_vae(vae_dir: str | os.PathLike, backbone: str):
     return vae
 
 
-def load_conditioning_images(dataset_dirs: Sequence[str | os.PathLike], resolution: int) -> list[torch.Tensor]:
-    """Every train row's ``conditioning_image`` of each dataset folder as (3, R, R) in [-1, 1]: Z-Image's and
-    Qwen-Image's ControlNets take the control through the VAE, so its fit should see controls too."""
+def dataset_pixels(dataset_dirs: Sequence[str | os.PathLike], resolution: int, column: str = "image"
+                   ) -> list[tuple[dict, torch.Tensor]]:
+    """Every train row of each dataset folder with its ``column`` image as (3, R, R) in [-1, 1] (resized and
+    centre-cropped). ``conditioning_image`` too: Z-Image's and Qwen-Image's ControlNets take the control through
+    the VAE, so its fit should see controls."""
     from ..data.dataset import read_rows
     from ..data.images import open_rgb
     from ..train.batches import training_pixels
 
-    images = []
+    loaded = []
     for dataset_dir in dataset_dirs:
         folder = Path(dataset_dir)
         for index, row in enumerate(read_rows(folder), start=1):
             where = f"{folder / 'train.jsonl'}:{index}"
-            control = row.get("conditioning_image")
-            if not isinstance(control, str):
-                raise SkingenError(f'{where}: "conditioning_image" must be a path relative to {folder}, got {control!r}')
-            images.append(training_pixels(open_rgb(folder / control, where), resolution)[0])
-    return images
+            path = row.get(column)
+            if not isinstance(path, str):
+                raise SkingenError(f'{where}: "{column}" must be a path relative to {folder}, got {path!r}')
+            loaded.append((row, training_pixels(open_rgb(folder / path, where), resolution)[0]))
+    return loaded
 
 
 @dataclass
